@@ -1,0 +1,82 @@
+"""Command line: ``python -m posttrain <command> ...``.
+
+Commands:
+    compare   Compare models' response JSONL files (see `posttrain.compare`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from posttrain.compare import CompareError, check_rows, compare, format_markdown, load_responses
+from posttrain.io import write_text_atomic
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m posttrain", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser(
+        "compare",
+        help="compare models' responses (one JSONL per model; the model name is the file stem)",
+        description="Metric means with bootstrap CIs per model, and paired-bootstrap deltas vs a baseline.",
+    )
+    p.add_argument("files", nargs="+", type=Path, metavar="FILE", help="response JSONL, one per model")
+    p.add_argument("--baseline", required=True, help="stem of the baseline model's file")
+    p.add_argument("--json", type=Path, metavar="OUT", help="also write the result as JSON here")
+    p.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples (default 1000)")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    p.set_defaults(func=_cmd_compare)
+    return parser
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    """Load the files, compare, print markdown, optionally write JSON."""
+    if args.resamples < 1:
+        raise CompareError(f"--resamples must be at least 1, got {args.resamples}.")
+    stems: dict[str, Path] = {}
+    for path in args.files:
+        if path.stem in stems:
+            raise CompareError(f"{stems[path.stem]} and {path} have the same model name {path.stem!r}.")
+        stems[path.stem] = path
+    if args.baseline not in stems:
+        raise CompareError(f"--baseline {args.baseline!r} is not one of the file stems: {', '.join(stems)}.")
+    by_path = {str(path): load_responses(path) for path in stems.values()}
+    check_rows(by_path)  # same checks compare() makes, but the messages name the files
+    models = {stem: by_path[str(path)] for stem, path in stems.items()}
+    result = compare(models, args.baseline, n_resamples=args.resamples, seed=args.seed)
+    sys.stdout.write(format_markdown(result))
+    if args.json is not None:
+        write_text_atomic(args.json, json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; return the exit code (2 for bad input, with one message on stderr).
+
+    Args:
+        argv: Arguments without the program name; None reads `sys.argv`.
+
+    Returns:
+        Exit status.
+    """
+    parser = _build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # argparse has printed usage and the error already
+        return int(e.code or 0)
+    try:
+        return args.func(args)
+    except CompareError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # e.g. the --json destination is not writable
+        print(f"error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

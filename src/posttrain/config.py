@@ -1,0 +1,301 @@
+"""params.yaml as typed, validated dataclasses.
+
+Every section becomes a frozen dataclass. Unknown keys, wrong types, out-of-range values and impossible
+combinations are collected over the whole file and raised once, as a `ParamsError` that names each key, the
+value seen and the fix, before any data is read or any model is loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ParamsError(ValueError):
+    """Every problem found in a params file, one per line."""
+
+    def __init__(self, problems: list[str], source: str):
+        self.problems = problems
+        super().__init__(f"{source}: {len(problems)} problem(s):\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+class ModelKind(str, Enum):
+    """Where the base model comes from."""
+
+    TINY = "tiny"  # built and trained from scratch locally (the embedded default)
+    HUB = "hub"  # a pinned Hugging Face checkpoint (the real study)
+
+    @property
+    def trains_from_scratch(self) -> bool:
+        return self is ModelKind.TINY
+
+
+class DataSource(str, Enum):
+    """Where the examples come from."""
+
+    SYNTHETIC = "synthetic"
+    LRV_CHART = "lrv_chart"
+
+    @property
+    def has_pretrain_pool(self) -> bool:
+        return self is DataSource.SYNTHETIC
+
+
+class CriticKind(str, Enum):
+    """Who scores responses 0–100."""
+
+    REFERENCE = "reference"  # ground-truth rubric, no model
+    LLAVA_CRITIC = "llava_critic"  # a transformers-format LLaVA-Critic checkpoint
+
+    @property
+    def needs_model(self) -> bool:
+        return self is CriticKind.LLAVA_CRITIC
+
+
+@dataclass(frozen=True)
+class TinyParams:
+    image_size: int = 84  # px; must equal prepare.synthetic.image_size
+    patch_size: int = 12  # (image_size/patch_size)² image tokens per image
+    vision_hidden: int = 64
+    vision_layers: int = 2
+    vision_heads: int = 2
+    text_hidden: int = 128
+    text_layers: int = 2
+    text_heads: int = 4
+    text_intermediate: int = 344
+    vocab_size: int = 400  # byte-level BPE trained on the prepared text
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    max_steps: int = 1800
+    batch_size: int = 32
+    learning_rate: float = 2e-3
+    warmup_steps: int = 30
+    weight_decay: float = 0.0
+    save_steps: int = 300  # checkpoint every N steps so a killed run resumes; 0 disables
+
+
+@dataclass(frozen=True)
+class BaseParams:
+    seed: int = 0
+    model: ModelKind = ModelKind.TINY
+    hub_id: str = "llava-hf/llava-1.5-7b-hf"
+    revision: str = ""
+    threads: int = 2  # CPU threads for torch; 0 = torch's default
+    tiny: TinyParams = field(default_factory=TinyParams)
+    train: TrainParams = field(default_factory=TrainParams)
+
+
+@dataclass(frozen=True)
+class SyntheticParams:
+    image_size: int = 84
+    pretrain_images: int = 1500
+    pretrain_test_images: int = 150
+    study_images: int = 900
+    study_test_images: int = 150
+    questions_per_image: int = 3
+    negative_fraction: float = 0.35
+
+
+@dataclass(frozen=True)
+class LrvParams:
+    hub_id: str = "lmms-lab/LLaVA-OneVision-Data"
+    config: str = "lrv_chart"
+    split: str = "train"
+    revision: str = ""
+    local_parquet: str | None = None  # a parquet file or folder in the same schema; skips the hub
+    test_images: int = 200
+
+
+@dataclass(frozen=True)
+class PrepareParams:
+    source: DataSource = DataSource.SYNTHETIC
+    seed: int = 0
+    max_bad_fraction: float = 0.05
+    synthetic: SyntheticParams = field(default_factory=SyntheticParams)
+    lrv: LrvParams = field(default_factory=LrvParams)
+
+
+@dataclass(frozen=True)
+class CriticParams:
+    kind: CriticKind = CriticKind.REFERENCE
+    model: str = ""  # local folder or hub id of a transformers-format LLaVA-Critic
+    revision: str = ""
+    batch_size: int = 8
+    max_new_tokens: int = 256
+
+
+@dataclass(frozen=True)
+class EvaluateParams:
+    batch_size: int = 64
+    max_new_tokens: int = 24
+    resamples: int = 1000  # bootstrap resamples for the 95% CIs
+    seed: int = 0
+    critic: CriticParams = field(default_factory=CriticParams)
+
+
+@dataclass(frozen=True)
+class ReportParams:
+    baseline: str = "base"
+    examples: int = 24  # side-by-side examples in the HTML page
+    resamples: int = 1000
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Params:
+    base: BaseParams = field(default_factory=BaseParams)
+    prepare: PrepareParams = field(default_factory=PrepareParams)
+    evaluate: EvaluateParams = field(default_factory=EvaluateParams)
+    report: ReportParams = field(default_factory=ReportParams)
+
+
+def _convert(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
+    """Convert a YAML value to `tp`, appending a problem (and returning None) when it does not fit."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _convert(value, args[0], key, problems)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            problems.append(f"{key}: expected a mapping, got {value!r}")
+            return None
+        return _build(tp, value, key, problems)
+    if isinstance(tp, type) and issubclass(tp, Enum):
+        choices = [m.value for m in tp]
+        if value not in choices:
+            problems.append(f"{key}: {value!r} is not one of {choices}")
+            return None
+        return tp(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            problems.append(f"{key}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            problems.append(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            problems.append(f"{key}: expected a number, got {value!r} (write 2e-3 as 0.002 or 2.0e-3 in YAML)")
+            return value
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            problems.append(f"{key}: expected a string, got {value!r} (quote it)")
+        return value
+    raise TypeError(f"unsupported params type {tp} at {key}")
+
+
+def _build(cls: type, data: dict, prefix: str, problems: list[str]) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for unknown in sorted(set(data) - set(names)):
+        problems.append(f"{prefix}.{unknown}: unknown key (known: {', '.join(names)}); remove or rename it")
+    kwargs = {}
+    for name in names:
+        if name in data:
+            kwargs[name] = _convert(data[name], hints[name], f"{prefix}.{name}", problems)
+    try:
+        return cls(**{k: v for k, v in kwargs.items() if v is not None or _optional(hints[k])})
+    except TypeError as e:  # only reachable through earlier, already reported problems
+        problems.append(f"{prefix}: {e}")
+        return cls()
+
+
+def _optional(tp: Any) -> bool:
+    return type(None) in typing.get_args(tp)
+
+
+def _check(p: Params, problems: list[str]) -> None:
+    """Range checks and impossible combinations across sections."""
+
+    def positive(key: str, value: float, zero_ok: bool = False) -> None:
+        if value is None:
+            return
+        if value < 0 or (value == 0 and not zero_ok):
+            problems.append(f"{key}: must be {'>= 0' if zero_ok else '> 0'}, got {value}")
+
+    b, pr, ev = p.base, p.prepare, p.evaluate
+    for name in ("max_steps", "batch_size", "learning_rate"):
+        positive(f"base.train.{name}", getattr(b.train, name))
+    for name in ("warmup_steps", "save_steps"):
+        positive(f"base.train.{name}", getattr(b.train, name), zero_ok=True)
+    positive("base.threads", b.threads, zero_ok=True)
+    t = b.tiny
+    if t.image_size % t.patch_size:
+        problems.append(f"base.tiny.image_size: {t.image_size} is not a multiple of base.tiny.patch_size "
+                        f"{t.patch_size}; pick sizes that divide")
+    if t.vision_hidden % t.vision_heads or t.text_hidden % t.text_heads:
+        problems.append("base.tiny: hidden sizes must be multiples of their head counts")
+    if b.model is ModelKind.HUB and not b.revision:
+        problems.append(f"base.revision: empty; pin a commit of {b.hub_id} so the study is reproducible")
+    if b.model.trains_from_scratch and not pr.source.has_pretrain_pool:
+        problems.append(f"base.model: 'tiny' trains from scratch on the synthetic pretrain pool, but "
+                        f"prepare.source is {pr.source.value!r}; use base.model: hub or prepare.source: synthetic")
+    s = pr.synthetic
+    if b.model is ModelKind.TINY and pr.source is DataSource.SYNTHETIC and s.image_size != t.image_size:
+        problems.append(f"prepare.synthetic.image_size: {s.image_size} differs from base.tiny.image_size "
+                        f"{t.image_size}; make them equal")
+    for pool in ("pretrain", "study"):
+        n, n_test = getattr(s, f"{pool}_images"), getattr(s, f"{pool}_test_images")
+        if n is not None and n_test is not None and not 0 < n_test < n:
+            problems.append(f"prepare.synthetic.{pool}_test_images: {n_test} must be > 0 and below "
+                            f"prepare.synthetic.{pool}_images ({n})")
+    if s.negative_fraction is not None and not 0 <= s.negative_fraction <= 1:
+        problems.append(f"prepare.synthetic.negative_fraction: {s.negative_fraction} is not in [0, 1]")
+    positive("prepare.synthetic.questions_per_image", s.questions_per_image)
+    if pr.max_bad_fraction is not None and not 0 <= pr.max_bad_fraction <= 1:
+        problems.append(f"prepare.max_bad_fraction: {pr.max_bad_fraction} is not in [0, 1]")
+    if pr.source is DataSource.LRV_CHART and not pr.lrv.local_parquet and not pr.lrv.revision:
+        problems.append("prepare.lrv.revision: empty; pin a dataset commit, or set prepare.lrv.local_parquet")
+    for name in ("batch_size", "max_new_tokens", "resamples"):
+        positive(f"evaluate.{name}", getattr(ev, name))
+    if ev.critic.kind.needs_model and not ev.critic.model:
+        problems.append("evaluate.critic.model: empty; give a transformers-format LLaVA-Critic folder or hub id "
+                        "(or use evaluate.critic.kind: reference)")
+    positive("report.examples", p.report.examples, zero_ok=True)
+    positive("report.resamples", p.report.resamples)
+
+
+def parse_params(data: dict, source: str = "params") -> Params:
+    """Build and validate `Params` from a mapping; raise one `ParamsError` listing every problem."""
+    problems: list[str] = []
+    if not isinstance(data, dict):
+        raise ParamsError([f"top level: expected a mapping of sections, got {type(data).__name__}"], source)
+    params = _build(Params, data, "params", problems)
+    problems = [p.removeprefix("params.") for p in problems]
+    if not problems:
+        _check(params, problems)
+    if problems:
+        raise ParamsError(problems, source)
+    return params
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate a params file (YAML is parsed as data, never evaluated)."""
+    path = Path(path)
+    with open(path, encoding="utf-8") as f:
+        data = yaml.safe_load(f) or {}
+    return parse_params(data, str(path))
+
+
+def to_dict(obj: Any) -> Any:
+    """Plain-data view of a params dataclass (enums as their values), for provenance files."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, Enum):
+        return obj.value
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj

@@ -1,0 +1,168 @@
+"""Building, saving and loading the models: the tiny LLaVA of the embedded default, and the hub models.
+
+The tiny model is the real `LlavaForConditionalGeneration` (CLIP vision tower + Llama language model) at a
+few hundred thousand parameters, with a byte-level BPE tokenizer trained locally, so every stage runs the
+same transformers/PEFT code at both scales.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import (
+    AutoProcessor,
+    CLIPImageProcessor,
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+    PreTrainedTokenizerFast,
+)
+
+from posttrain.template import CHAT_TEMPLATE, IMAGE_TOKEN
+
+SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", IMAGE_TOKEN]
+PROVENANCE = "provenance.json"
+
+
+def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE tokenizer on `texts`; BOS is added by its post-processor.
+
+    `<image>` is a special token so that it never merges with text.
+    """
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    bos = tok.token_to_id("<s>")
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", bos)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+        extra_special_tokens={"image_token": IMAGE_TOKEN}, padding_side="right",
+    )
+
+
+@dataclass(frozen=True)
+class TinyArchitecture:
+    """Sizes of the tiny LLaVA (see DESIGN.md's calibration for why these)."""
+
+    image_size: int = 84
+    patch_size: int = 12
+    vision_hidden: int = 64
+    vision_layers: int = 2
+    vision_heads: int = 2
+    text_hidden: int = 128
+    text_layers: int = 2
+    text_heads: int = 4
+    text_intermediate: int = 344
+    vocab_size: int = 400
+
+
+def build_tiny_llava(tokenizer: PreTrainedTokenizerFast, arch: TinyArchitecture, seed: int):
+    """A randomly initialised tiny `LlavaForConditionalGeneration` and its `LlavaProcessor`.
+
+    Returns:
+        (model, processor). The image gives (image_size/patch_size)² patch tokens; with
+        ``vision_feature_select_strategy="default"`` the CLS feature is dropped, so the processor is told
+        about one additional token (CLS) to expand ``<image>`` to exactly that many tokens.
+    """
+    vision = CLIPVisionConfig(
+        hidden_size=arch.vision_hidden, intermediate_size=4 * arch.vision_hidden, num_hidden_layers=arch.vision_layers,
+        num_attention_heads=arch.vision_heads, image_size=arch.image_size, patch_size=arch.patch_size,
+        projection_dim=arch.vision_hidden,
+    )
+    text = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=arch.text_hidden, intermediate_size=arch.text_intermediate,
+        num_hidden_layers=arch.text_layers, num_attention_heads=arch.text_heads,
+        num_key_value_heads=arch.text_heads, max_position_embeddings=512,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    config = LlavaConfig(
+        vision_config=vision, text_config=text, image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-1,  # the last layer: -2 would waste half of a 2-layer tower
+        projector_hidden_act="gelu",
+    )
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": arch.image_size}, crop_size={"height": arch.image_size, "width": arch.image_size},
+        do_convert_rgb=True,
+    )
+    processor = LlavaProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, patch_size=arch.patch_size,
+        vision_feature_select_strategy="default", num_additional_image_tokens=1, chat_template=CHAT_TEMPLATE,
+    )
+    return model, processor
+
+
+def count_params(model: torch.nn.Module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def image_token_count(processor) -> int:
+    """How many tokens ``<image>`` expands to, asked of the processor itself with a blank image."""
+    size = processor.image_processor.crop_size["height"]
+    out = processor(text=IMAGE_TOKEN, images=Image.new("RGB", (size, size)), return_tensors="pt")
+    return int((out["input_ids"] == processor.image_token_id).sum())
+
+
+def write_provenance(folder: Path, **fields) -> None:
+    """Write the artifact's provenance (resolved params, what produced it) beside its weights."""
+    (folder / PROVENANCE).write_text(json.dumps(fields, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def read_provenance(folder: str | Path, stage: str) -> dict:
+    path = Path(folder) / PROVENANCE
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: {folder} was not produced by this pipeline. Run `dvc repro {stage}`.")
+    return json.loads(path.read_text())
+
+
+def load_base(folder: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32):
+    """Load the base model and processor that the `base` stage recorded in `folder`.
+
+    The tiny model is stored in the folder itself; a hub model is recorded by id and pinned revision.
+    """
+    prov = read_provenance(folder, "base")
+    source = str(folder) if prov["kind"] == "local" else prov["hub_id"]
+    revision = None if prov["kind"] == "local" else prov["revision"]
+    model = LlavaForConditionalGeneration.from_pretrained(
+        source, revision=revision, dtype=dtype, use_safetensors=True
+    ).to(device)
+    processor = AutoProcessor.from_pretrained(source, revision=revision)
+    model.eval()
+    return model, processor, prov
+
+
+def load_model(name: str, models_dir: Path, device: str = "cpu"):
+    """Load a pipeline model by name: ``base``, or an adapter stage's output applied to the base.
+
+    Returns:
+        (model, processor), the model in eval mode (dropout off).
+    """
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    model, processor, _ = load_base(models_dir / "base", device=device, dtype=dtype)
+    if name == "base":
+        return model, processor
+    from peft import PeftModel
+
+    adapter = models_dir / name
+    read_provenance(adapter, name)
+    model = PeftModel.from_pretrained(model, str(adapter)).to(device)
+    model.eval()
+    return model, processor

@@ -1,0 +1,199 @@
+"""The `report` stage's work: the comparison table with CIs, paired deltas, a plot and browsable examples."""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from posttrain.compare import compare, format_markdown  # noqa: E402
+from posttrain.io import read_json, read_jsonl, write_text_atomic  # noqa: E402
+
+PLOTTED = ("relaxed_acc", "negative_acc", "critic", "rouge_l", "bleu")
+TABLE = ("loss", "bleu", "rouge_l", "critic", "relaxed_acc", "negative_acc")
+SIGNIFICANCE = 0.05
+
+
+def _cell(m: dict, key: str) -> str:
+    v, lo, hi = m.get(key), m.get(f"{key}_ci_low"), m.get(f"{key}_ci_high")
+    if v is None:
+        return "n/a"
+    return f"{v:.2f} [{lo:.2f}, {hi:.2f}]" if lo is not None else f"{v:.2f}"
+
+
+def metrics_table(metrics: dict[str, dict], prefix: str = "") -> str:
+    """Markdown: one row per model, ``value [95% CI]`` per core metric of the split with `prefix`."""
+    lines = ["| model | n | " + " | ".join(TABLE) + " |", "|---|---:|" + "---:|" * len(TABLE)]
+    for name, m in metrics.items():
+        cells = " | ".join(_cell(m, prefix + k) for k in TABLE)
+        lines.append(f"| {name} | {m.get(prefix + 'n_items')} | {cells} |")
+    return "\n".join(lines) + "\n"
+
+
+def family_table(metrics: dict[str, dict]) -> str:
+    """Markdown: accuracy per question family for each model, beside the majority-answer baseline."""
+    families = sorted(k.removeprefix("acc_") for k in next(iter(metrics.values()))
+                      if k.startswith("acc_") and not k.endswith(("_ci_low", "_ci_high")))
+    names = list(metrics)
+    lines = ["| family | majority baseline | " + " | ".join(names) + " |", "|---|---:|" + "---:|" * len(names)]
+    for f in families:
+        first = metrics[names[0]]
+        base = first.get(f"majority_{f}")
+        cells = " | ".join(_cell(metrics[n], f"acc_{f}") for n in names)
+        lines.append(f"| {f} | {'—' if base is None else f'{base:.1f}'} | {cells} |")
+    return "\n".join(lines) + "\n"
+
+
+def significance_summary(result: dict, baseline: str) -> str:
+    """Plain sentences: which differences against the baseline are significant at 5% and which are not."""
+    lines = []
+    for name, entry in result["models"].items():
+        if name == baseline:
+            continue
+        sig = [f"{m} ({d['delta']:+.2f}, p={d['p']:.3f})" for m, d in entry["vs_baseline"].items()
+               if d["p"] is not None and d["p"] < SIGNIFICANCE]
+        not_sig = [m for m, d in entry["vs_baseline"].items() if d["p"] is None or d["p"] >= SIGNIFICANCE]
+        lines.append(f"- **{name}** vs {baseline}: significant: {', '.join(sig) or 'none'}; "
+                     f"not significant: {', '.join(not_sig) or 'none'}.")
+    return "\n".join(lines) + "\n" if lines else f"Only {baseline} has been evaluated so far.\n"
+
+
+def plot_metrics(metrics: dict[str, dict], path: Path) -> None:
+    """Grouped bars (one group per metric, one bar per model) with 95% CI error bars, study and retention."""
+    names = list(metrics)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4), sharey=True)
+    for ax, (prefix, title) in zip(axes, (("", "study test split"), ("retain_", "retention (pretrain families)"))):
+        width = 0.8 / len(names)
+        for i, name in enumerate(names):
+            m = metrics[name]
+            vals = [m.get(prefix + k) or 0.0 for k in PLOTTED]
+            err = [[max(v - (m.get(f"{prefix}{k}_ci_low") or v), 0) for k, v in zip(PLOTTED, vals)],
+                   [max((m.get(f"{prefix}{k}_ci_high") or v) - v, 0) for k, v in zip(PLOTTED, vals)]]
+            ax.bar([j + i * width for j in range(len(PLOTTED))], vals, width, yerr=err, capsize=2, label=name)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(PLOTTED))], PLOTTED, rotation=20)
+        ax.set_title(title)
+        ax.set_ylim(0, 105)
+    axes[0].set_ylabel("score (0–100), 95% bootstrap CI")
+    axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def pick_examples(rows: list[dict], n: int) -> list[int]:
+    """Indices of up to `n` items spread over the families (round-robin, in file order): deterministic."""
+    by_family: dict[str, list[int]] = {}
+    for i, r in enumerate(rows):
+        by_family.setdefault(r.get("family", ""), []).append(i)
+    picked: list[int] = []
+    while len(picked) < min(n, len(rows)):
+        for idxs in by_family.values():
+            if idxs and len(picked) < n:
+                picked.append(idxs.pop(0))
+    return picked
+
+
+def examples_page(items: dict[str, list[dict]], data_dir: Path, n: int) -> str:
+    """A standalone HTML page: image, question, reference and every model's answer, side by side."""
+    names = list(items)
+    first = items[names[0]]
+    by_id = {name: {r["id"]: r for r in rows} for name, rows in items.items()}
+    out = ["<!doctype html><meta charset='utf-8'><title>posttrain examples</title>",
+           "<style>body{font-family:sans-serif}td,th{border:1px solid #ccc;padding:4px;vertical-align:top}"
+           "table{border-collapse:collapse}.ok{background:#e6ffe6}.bad{background:#ffe6e6}</style>",
+           "<h1>Side-by-side examples (study test split)</h1><table><tr><th>image</th><th>question</th>"
+           "<th>reference</th>" + "".join(f"<th>{html.escape(n_)}</th>" for n_ in names) + "</tr>"]
+    for i in pick_examples(first, n):
+        row = first[i]
+        img = data_dir / row["image"] if row.get("image") else None
+        src = (f"data:image/png;base64,{base64.b64encode(img.read_bytes()).decode()}"
+               if img is not None and img.exists() else "")
+        cells = []
+        for name in names:
+            r = by_id[name][row["id"]]
+            cls = "ok" if r.get("correct") else "bad"
+            cells.append(f"<td class='{cls}'>{html.escape(r['response'])}</td>")
+        out.append(f"<tr><td><img src='{src}' width='168'></td><td>{html.escape(row['prompt'])}<br><small>"
+                   f"{html.escape(row.get('family', ''))}</small></td><td>{html.escape(row['reference'])}</td>"
+                   + "".join(cells) + "</tr>")
+    out.append("</table><p>Green: correct (relaxed match, or declined a negative question); red: not.</p>")
+    return "\n".join(out) + "\n"
+
+
+def build_report(
+    models: list[str], metrics_dir: Path, items_dir: Path, data_dir: Path, baseline: str, n_examples: int,
+    resamples: int, seed: int, critic_is_model: bool = False,
+) -> str:
+    """Write ``report.md``, ``report.png`` and ``examples.html`` into `metrics_dir`; return the markdown.
+
+    Args:
+        models: model names in table order (each has ``metrics/<name>.json`` and item files).
+        metrics_dir: where the per-model metrics are and the report goes.
+        items_dir: per-item rows, ``<split>/<name>.jsonl``.
+        data_dir: the prepared folder (images, report.json).
+        baseline: the model every paired delta is taken against.
+        n_examples: rows on the examples page.
+        resamples: bootstrap resamples for the paired deltas.
+        seed: bootstrap seed.
+        critic_is_model: True when the critic scores came from LLaVA-Critic (adds the contamination caveat).
+    """
+    if baseline not in models:
+        raise ValueError(f"report.baseline {baseline!r} is not among the evaluated models {models}")
+    metrics = {m: read_json(metrics_dir / f"{m}.json", produced_by=f"evaluate@{m}") for m in models}
+    study = {m: read_jsonl(items_dir / "study_test" / f"{m}.jsonl") for m in models}
+    paired = compare(study, baseline, n_resamples=resamples, seed=seed)
+    data_report = read_json(data_dir / "report.json", produced_by="prepare")
+    plot_metrics(metrics, metrics_dir / "report.png")
+    write_text_atomic(metrics_dir / "examples.html", examples_page(study, data_dir, n_examples))
+
+    critic_note = (
+        "Critic: the reference critic (ground-truth rubric, 0–100: declines negatives; else 60 for the right "
+        "value, 20 for inventing no element, 20 × ROUGE-L recall)."
+    )
+    if critic_is_model:
+        critic_note = ("Critic: LLaVA-Critic. It was trained from LLaVA-OneVision, whose data includes lrv_chart: "
+                       "its scores on this test set may be contaminated.")
+    splits = data_report["splits"]
+    md = [
+        "# posttrain report",
+        "",
+        f"Data: {data_report['source']}; study test {splits['study_test']['examples']} questions on "
+        f"{splits['study_test']['images']} images; retention test {splits['pretrain_test']['examples']} questions.",
+        "Every value is `mean [95% bootstrap CI]`; scores are 0–100, `loss` is NLL per answer token.",
+        critic_note,
+        "",
+        "## Study test split",
+        "",
+        metrics_table(metrics),
+        "## Retention (pretrain families the base was trained on)",
+        "",
+        metrics_table(metrics, "retain_"),
+        "## Accuracy per question family",
+        "",
+        "The majority baseline always gives the family's most common training answer: the chance line.",
+        "",
+        family_table(metrics),
+        f"## Paired bootstrap against {baseline} (study test split)",
+        "",
+        f"Same resampled items for both models ({resamples} resamples); two-sided p-values. "
+        f"Significant means p < {SIGNIFICANCE}.",
+        "",
+        format_markdown(paired),
+        significance_summary(paired, baseline),
+        "![metrics](report.png)",
+        "",
+        "Side-by-side examples: [examples.html](examples.html)",
+        "",
+    ]
+    text = "\n".join(md)
+    write_text_atomic(metrics_dir / "report.md", text)
+    write_text_atomic(metrics_dir / "report_compare.json", json.dumps(paired, indent=2) + "\n")
+    return text

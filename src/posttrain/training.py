@@ -1,0 +1,201 @@
+"""Teacher-forced training data and the Trainer call shared by base training and SFT."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_callback import PrinterCallback
+
+from posttrain.data import Example
+from posttrain.models import image_token_count
+from posttrain.template import IGNORE_INDEX, encode_example, pad_batch
+
+
+def load_pixels(processor, data_dir: Path, examples: list[Example], batch_size: int = 256) -> dict[str, torch.Tensor]:
+    """Preprocess every distinct image once: image_id -> pixel_values (3, H, W)."""
+    paths = {e.image_id: data_dir / e.image for e in examples}
+    ids = sorted(paths)
+    pixels = {}
+    for start in range(0, len(ids), batch_size):
+        chunk = ids[start : start + batch_size]
+        images = [Image.open(paths[i]).convert("RGB") for i in chunk]
+        values = processor.image_processor(images=images, return_tensors="pt")["pixel_values"]  # (b, 3, H, W)
+        pixels.update(zip(chunk, values))
+    return pixels
+
+
+class TeacherForcedDataset(torch.utils.data.Dataset):
+    """(input_ids, labels, pixel_values) per example; labels are -100 on prompt and image tokens."""
+
+    def __init__(self, examples: list[Example], data_dir: Path, processor):
+        self.processor = processor
+        n_image_tokens = image_token_count(processor)
+        self.encoded = [encode_example(processor.tokenizer, e.question, e.answer, n_image_tokens) for e in examples]
+        self.image_ids = [e.image_id for e in examples]
+        self.pixels = load_pixels(processor, data_dir, examples)
+
+    def __len__(self) -> int:
+        return len(self.encoded)
+
+    def __getitem__(self, i: int) -> dict:
+        ids, labels = self.encoded[i]
+        return {"input_ids": ids, "labels": labels, "pixel_values": self.pixels[self.image_ids[i]]}
+
+
+@dataclass
+class TeacherForcedCollator:
+    """Right-pads a list of `TeacherForcedDataset` items into a batch."""
+
+    pad_token_id: int
+
+    def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
+        input_ids = pad_batch([it["input_ids"] for it in items], self.pad_token_id, "right")  # (B, T)
+        labels = pad_batch([it["labels"] for it in items], IGNORE_INDEX, "right")  # (B, T)
+        attention_mask = pad_batch([[1] * len(it["input_ids"]) for it in items], 0, "right")
+        pixel_values = torch.stack([it["pixel_values"] for it in items])  # (B, 3, H, W)
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "pixel_values": pixel_values}
+
+
+class ProgressCallback(TrainerCallback):
+    """One line every `every` steps: step, loss, learning rate, samples/s, ETA."""
+
+    def __init__(self, every: int, batch_size: int):
+        self.every, self.batch_size, self.start = every, batch_size, None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start, self.first_step = time.perf_counter(), state.global_step
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not logs or "loss" not in logs or state.global_step % self.every:
+            return
+        elapsed = time.perf_counter() - self.start
+        done = max(state.global_step - self.first_step, 1)
+        eta = elapsed / done * (state.max_steps - state.global_step)
+        print(
+            f"step {state.global_step:>5}/{state.max_steps}  loss {logs['loss']:.4f}  lr {logs.get('learning_rate', 0):.2e}  "
+            f"{done * self.batch_size / elapsed:6.1f} samples/s  eta {eta:5.0f}s",
+            flush=True,
+        )
+
+
+def training_arguments(
+    output_dir: Path, *, max_steps: int, batch_size: int, learning_rate: float, warmup_steps: int,
+    weight_decay: float, seed: int, save_steps: int, bf16: bool = False, logging_steps: int = 10,
+) -> TrainingArguments:
+    """The Trainer settings every training run here shares (cosine schedule, checkpoints for resuming)."""
+    return TrainingArguments(
+        output_dir=str(output_dir),
+        max_steps=max_steps,
+        per_device_train_batch_size=batch_size,
+        learning_rate=learning_rate,
+        warmup_steps=warmup_steps,
+        lr_scheduler_type="cosine",
+        weight_decay=weight_decay,
+        seed=seed,
+        data_seed=seed,
+        logging_steps=logging_steps,
+        save_strategy="steps" if save_steps > 0 else "no",
+        save_steps=max(save_steps, 1),
+        save_total_limit=1,
+        report_to="none",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+        bf16=bf16,
+        use_cpu=not torch.cuda.is_available(),
+    )
+
+
+def run_trainer(model, args: TrainingArguments, dataset, collator, callbacks: list, resume: bool) -> dict:
+    """One Trainer call; resumes from the newest checkpoint in `args.output_dir` when `resume` and one exists."""
+    trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator, callbacks=callbacks)
+    trainer.remove_callback(PrinterCallback)  # ProgressCallback prints a shorter line
+    checkpoints = sorted(Path(args.output_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    resume_from = str(checkpoints[-1]) if resume and checkpoints else None
+    if resume_from:
+        print(f"resuming from {resume_from}", flush=True)
+    t0 = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=resume_from)
+    seconds = time.perf_counter() - t0
+    history = [h for h in trainer.state.log_history if "loss" in h]
+    return {
+        "steps": trainer.state.global_step,
+        "train_seconds": round(seconds, 2),
+        "final_loss": history[-1]["loss"] if history else math.nan,
+        "train_loss": result.training_loss,
+        "resumed_from": resume_from,
+    }
+
+
+def train_tiny_base(
+    params, data_dir: Path, out_dir: Path, checkpoint_dir: Path, live_dir: Path | None,
+) -> dict:
+    """Build the tiny LLaVA, train every weight from scratch on the pretrain pool, save it to `out_dir`.
+
+    Args:
+        params: the validated ``base`` section (`posttrain.config.BaseParams`).
+        data_dir: the prepared folder.
+        out_dir: where the model, processor and provenance go (written atomically).
+        checkpoint_dir: Trainer checkpoints; a rerun after a kill resumes from the newest one.
+        live_dir: DVCLive folder for the training curves, or None.
+
+    Returns:
+        Training summary (steps, seconds, losses, parameter count).
+    """
+    from posttrain.config import to_dict
+    from posttrain.data import load_split
+    from posttrain.io import atomic_dir
+    from posttrain.models import TinyArchitecture, build_tiny_llava, count_params, train_tokenizer, write_provenance
+    from posttrain.template import completion_text, prompt_text
+
+    train = load_split(data_dir, "pretrain_train")
+    if not train:
+        raise ValueError(f"{data_dir}/pretrain_train.jsonl is empty: the tiny base needs the synthetic pretrain pool")
+    # The tokenizer sees the text of both train splits (never a test split) so study words are single tokens too.
+    corpus = train + load_split(data_dir, "study_train")
+    tokenizer = train_tokenizer([prompt_text(e.question) + completion_text(e.answer) for e in corpus],
+                                params.tiny.vocab_size)
+    arch = TinyArchitecture(**to_dict(params.tiny))
+    model, processor = build_tiny_llava(tokenizer, arch, params.seed)
+    dataset = TeacherForcedDataset(train, data_dir, processor)
+    t = params.train
+    print(f"tiny LLaVA: {count_params(model) / 1e6:.2f} M params, all trainable; {len(dataset)} examples; "
+          f"{t.max_steps} steps × batch {t.batch_size} = {t.max_steps * t.batch_size / len(dataset):.1f} epochs",
+          flush=True)
+    args = training_arguments(
+        checkpoint_dir, max_steps=t.max_steps, batch_size=t.batch_size, learning_rate=t.learning_rate,
+        warmup_steps=t.warmup_steps, weight_decay=t.weight_decay, seed=params.seed, save_steps=t.save_steps,
+    )
+    callbacks = [ProgressCallback(every=100, batch_size=t.batch_size)]
+    live = _live(live_dir)
+    if live is not None:
+        from transformers.integrations import DVCLiveCallback
+
+        callbacks.append(DVCLiveCallback(live=live))
+    summary = run_trainer(model, args, dataset, TeacherForcedCollator(tokenizer.pad_token_id), callbacks, resume=True)
+    if live is not None:
+        live.end()
+    summary["params"] = count_params(model)
+    with atomic_dir(out_dir) as tmp:
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        write_provenance(
+            tmp, kind="local", produced_by="stages/base.py", architecture="LlavaForConditionalGeneration",
+            params=to_dict(params), training=summary, train_examples=len(dataset),
+        )
+    return summary
+
+
+def _live(live_dir: Path | None):
+    """A DVCLive logger that writes only its own folder (the default `Live()` would rewrite dvc.yaml)."""
+    if live_dir is None:
+        return None
+    from dvclive import Live
+
+    return Live(dir=str(live_dir), dvcyaml=False, save_dvc_exp=False, report=None)

@@ -1,0 +1,47 @@
+"""The base model: the "already post-trained" VLM every later stage starts from.
+
+    dvc repro base
+
+Embedded default (`base.model: tiny`): build a tiny LLaVA and train it from scratch on the synthetic
+pretrain pool, so it genuinely reads charts. Real study (`base.model: hub`): record the hub id and pinned
+revision instead of copying 14 GB into the DVC cache.
+"""
+
+import argparse
+import shutil
+from pathlib import Path
+
+import torch
+
+from posttrain.config import ModelKind, load_params, to_dict
+from posttrain.io import atomic_dir
+from posttrain.models import write_provenance
+from posttrain.training import train_tiny_base
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--data", default="data/prepared")
+    ap.add_argument("--out", default="models/base")
+    ap.add_argument("--checkpoints", default="checkpoints/base")
+    ap.add_argument("--live", default="dvclive/base")
+    args = ap.parse_args()
+
+    params = load_params(args.params).base
+    if params.threads:
+        torch.set_num_threads(params.threads)
+    if params.model is ModelKind.HUB:
+        with atomic_dir(args.out) as tmp:
+            write_provenance(tmp, kind="hub", hub_id=params.hub_id, revision=params.revision,
+                             produced_by="stages/base.py", params=to_dict(params))
+        print(f"base: {params.hub_id}@{params.revision} recorded in {args.out}")
+        return
+    summary = train_tiny_base(params, Path(args.data), Path(args.out), Path(args.checkpoints), Path(args.live))
+    shutil.rmtree(args.checkpoints, ignore_errors=True)  # the model is saved; checkpoints only served resuming
+    print(f"base: {summary['steps']} steps in {summary['train_seconds']:.0f}s, final loss {summary['final_loss']:.4f}"
+          f" -> {args.out}")
+
+
+if __name__ == "__main__":
+    main()

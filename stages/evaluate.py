@@ -1,0 +1,43 @@
+"""Evaluate one model on the study test split and the retention split.
+
+    dvc repro evaluate@base          # one model
+    dvc repro evaluate               # all of them
+
+Writes per-item rows to data/eval/{study_test,pretrain_test}/<model>.jsonl and the flat metrics
+(each with a 95% bootstrap CI) to metrics/<model>.json.
+"""
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from posttrain.config import load_params
+from posttrain.evaluation import evaluate_model
+from posttrain.models import load_model
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True, help="model name: base, or an adapter folder's name under models/")
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--data", default="data/prepared")
+    ap.add_argument("--models", default="models")
+    ap.add_argument("--items", default="data/eval")
+    ap.add_argument("--metrics", default="metrics")
+    args = ap.parse_args()
+
+    params = load_params(args.params)
+    if params.base.threads:
+        torch.set_num_threads(params.base.threads)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, processor = load_model(args.model, Path(args.models), device)
+    metrics = evaluate_model(args.model, model, processor, Path(args.data), params.evaluate, Path(args.items),
+                             Path(args.metrics) / f"{args.model}.json")
+    shown = ("relaxed_acc", "negative_acc", "critic", "rouge_l", "bleu", "loss")
+    print("  ".join(f"{k} {metrics[k]:.2f}" for k in shown if metrics.get(k) is not None))
+    print("  ".join(f"retain_{k} {metrics['retain_' + k]:.2f}" for k in shown if metrics.get("retain_" + k) is not None))
+
+
+if __name__ == "__main__":
+    main()

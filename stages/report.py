@@ -1,0 +1,30 @@
+"""The comparison of every evaluated model: metrics/report.md, report.png and examples.html.
+
+    dvc repro report
+"""
+
+import argparse
+from pathlib import Path
+
+from posttrain.config import load_params
+from posttrain.report import build_report
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", required=True, help="model names in table order")
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--data", default="data/prepared")
+    ap.add_argument("--items", default="data/eval")
+    ap.add_argument("--metrics", default="metrics")
+    args = ap.parse_args()
+
+    params = load_params(args.params)
+    r = params.report
+    build_report(args.models, Path(args.metrics), Path(args.items), Path(args.data), r.baseline, r.examples,
+                 r.resamples, r.seed, critic_is_model=params.evaluate.critic.kind.needs_model)
+    print(f"wrote {args.metrics}/report.md, report.png, examples.html for {', '.join(args.models)}")
+
+
+if __name__ == "__main__":
+    main()

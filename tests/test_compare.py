@@ -1,0 +1,306 @@
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from posttrain.__main__ import main
+from posttrain.compare import CompareError, compare, format_markdown, load_responses
+
+REFS = [
+    "The highest bar is 2019 with 45 units.",
+    "Sales fell by 12% between March and April.",
+    "There is no line for Germany in this chart.",
+    "The total is 1,234 across all regions.",
+    "Blue represents the revenue of the northern division.",
+    "The chart shows a steady increase over five years.",
+]
+SHORT = ["45", "12%", None, "1,234", "Blue", None]
+
+
+def _rows(responses: list[str], **extra_per_row) -> list[dict]:
+    rows = []
+    for i, (ref, resp) in enumerate(zip(REFS, responses, strict=True)):
+        row = {"id": f"q{i}", "prompt": f"question {i}", "reference": ref, "response": resp}
+        row["image"] = f"{i}.png"
+        for key, values in extra_per_row.items():
+            row[key] = values[i]
+        rows.append(row)
+    return rows
+
+
+def _write(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+WEAK = [
+    "45",
+    "It fell by 10 percent.",
+    "Germany is at the top.",
+    "1234",
+    "red",
+    "The chart shows an increase.",
+]
+
+
+@pytest.fixture
+def files(tmp_path):
+    """base = weak responses, perfect = the references, clone = a copy of base."""
+    base = _write(tmp_path / "base.jsonl", _rows(WEAK))
+    perfect = _write(tmp_path / "perfect.jsonl", _rows(REFS))
+    clone = _write(tmp_path / "clone.jsonl", _rows(WEAK))
+    return base, perfect, clone
+
+
+def _run(argv, capsys):
+    code = main(argv)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+# ------------------------------------------------------------------ CLI in process
+
+
+def test_cli_json_structure(files, tmp_path, capsys):
+    base, perfect, clone = files
+    out_json = tmp_path / "out" / "cmp.json"
+    code, out, err = _run(
+        ["compare", "--baseline", "base", "--json", str(out_json), "--resamples", "200"]
+        + [str(base), str(perfect), str(clone)],
+        capsys,
+    )
+    assert code == 0, err
+    result = json.loads(out_json.read_text())
+    assert set(result) == {"models"}
+    assert list(result["models"]) == ["base", "perfect", "clone"]
+    for name, entry in result["models"].items():
+        assert set(entry) == {"n", "metrics", "vs_baseline"}
+        assert entry["n"] == 6
+        assert list(entry["metrics"]) == ["bleu", "rouge_l"]  # no critic, short_answer, negative fields
+        for m in entry["metrics"].values():
+            assert set(m) == {"mean", "ci"}
+            assert len(m["ci"]) == 2
+            assert m["ci"][0] <= m["mean"] + 1e-9 and m["mean"] <= m["ci"][1] + 1e-9
+        if name == "base":
+            assert entry["vs_baseline"] == {}
+        else:
+            assert list(entry["vs_baseline"]) == ["bleu", "rouge_l"]
+            for d in entry["vs_baseline"].values():
+                assert set(d) == {"delta", "ci", "p"}
+                assert len(d["ci"]) == 2
+                assert 0 <= d["p"] <= 1
+    # markdown: both tables
+    assert "| model | n | bleu | rouge_l |" in out
+    assert "vs base" in out
+    assert "| perfect |" in out
+
+
+def test_identical_models_have_zero_delta(files, tmp_path, capsys):
+    base, _, clone = files
+    out_json = tmp_path / "cmp.json"
+    code, _, err = _run(["compare", "--baseline", "base", "--json", str(out_json), str(base), str(clone)],
+                        capsys)
+    assert code == 0, err
+    vs = json.loads(out_json.read_text())["models"]["clone"]["vs_baseline"]
+    for d in vs.values():
+        assert d["delta"] == 0.0
+        assert d["ci"] == [0.0, 0.0]
+        assert d["p"] == 1.0
+
+
+def test_responses_equal_to_references_score_100(files, tmp_path, capsys):
+    base, perfect, _ = files
+    out_json = tmp_path / "cmp.json"
+    code, _, err = _run(["compare", "--baseline", "base", "--json", str(out_json), str(base), str(perfect)],
+                        capsys)
+    assert code == 0, err
+    metrics = json.loads(out_json.read_text())["models"]["perfect"]["metrics"]
+    assert metrics["bleu"]["mean"] == pytest.approx(100.0)
+    assert metrics["rouge_l"]["mean"] == pytest.approx(100.0)
+    assert metrics["bleu"]["ci"] == [pytest.approx(100.0), pytest.approx(100.0)]
+
+
+def test_critic_only_when_present_everywhere(tmp_path, capsys):
+    scores = [80, 70, 60, 50, 40, 30]
+    a = _write(tmp_path / "a.jsonl", _rows(WEAK, critic_score=scores))
+    b = _write(tmp_path / "b.jsonl", _rows(REFS, critic_score=[90] * 6))
+    out_json = tmp_path / "cmp.json"
+    assert main(["compare", "--baseline", "a", "--json", str(out_json), str(a), str(b)]) == 0
+    result = json.loads(out_json.read_text())
+    assert list(result["models"]["a"]["metrics"]) == ["bleu", "rouge_l", "critic"]
+    assert result["models"]["a"]["metrics"]["critic"]["mean"] == pytest.approx(55.0)
+    assert result["models"]["b"]["vs_baseline"]["critic"]["delta"] == pytest.approx(35.0)
+
+    # one row of b without a critic score: critic disappears for every model
+    rows = _rows(REFS, critic_score=[90] * 6)
+    del rows[3]["critic_score"]
+    _write(b, rows)
+    assert main(["compare", "--baseline", "a", "--json", str(out_json), str(a), str(b)]) == 0
+    result = json.loads(out_json.read_text())
+    for entry in result["models"].values():
+        assert "critic" not in entry["metrics"]
+    capsys.readouterr()
+
+
+def test_relaxed_and_negative_metrics(tmp_path):
+    """Relaxed accuracy on the 4 rows with a short answer (45, 12%, 1,234, Blue).
+
+    WEAK: "45" ok; "It fell by 10 percent." -> 10 vs 12 is 17% off, wrong; "1234" ok; "red" wrong -> 50.
+    PERFECT (whole reference sentences): "The highest bar is 2019 with 45 units." -> first number 2019,
+    wrong; "Sales fell by 12% ..." -> 12 ok; "The total is 1,234 ..." -> 1234 ok; "Blue represents ..."
+    is not "Blue" as text, wrong -> 50. With `extracted` answers ("45", "12", "1234", "blue") -> 100.
+    Negative rows q2 and q5: base declined q2 only -> 50; perfect declined both -> 100.
+    """
+    neg = [False, False, True, False, False, True]
+    base = _rows(WEAK, short_answer=SHORT, negative=neg, declined=[False, False, True, False, False, False])
+    perfect = _rows(REFS, short_answer=SHORT, negative=neg, declined=[False, False, True, False, False, True])
+    result = compare({"base": base, "perfect": perfect}, "base", n_resamples=200, seed=0)
+    m = result["models"]
+    assert list(m["base"]["metrics"]) == ["bleu", "rouge_l", "relaxed_acc", "negative_acc"]
+    assert m["base"]["metrics"]["relaxed_acc"]["mean"] == pytest.approx(50.0)
+    assert m["perfect"]["metrics"]["relaxed_acc"]["mean"] == pytest.approx(50.0)
+    assert m["base"]["metrics"]["negative_acc"]["mean"] == pytest.approx(50.0)
+    assert m["perfect"]["metrics"]["negative_acc"]["mean"] == pytest.approx(100.0)
+    assert m["perfect"]["vs_baseline"]["relaxed_acc"]["delta"] == pytest.approx(0.0)
+    assert m["perfect"]["vs_baseline"]["negative_acc"]["delta"] == pytest.approx(50.0)
+
+    extracted = ["45", "12", None, "1234", "blue", None]
+    perfect_x = _rows(REFS, short_answer=SHORT, extracted=extracted)
+    base_x = _rows(WEAK, short_answer=SHORT, extracted=[None] * 6)  # nothing extracted: all wrong
+    result = compare({"base": base_x, "perfect": perfect_x}, "base", n_resamples=50)
+    assert result["models"]["perfect"]["metrics"]["relaxed_acc"]["mean"] == pytest.approx(100.0)
+    assert result["models"]["base"]["metrics"]["relaxed_acc"]["mean"] == pytest.approx(0.0)
+    assert "negative_acc" not in result["models"]["base"]["metrics"]
+
+
+def test_compare_pairs_rows_by_id_not_order():
+    base = _rows(WEAK)
+    perfect = list(reversed(_rows(REFS)))
+    result = compare({"base": base, "perfect": perfect}, "base", n_resamples=50)
+    assert result["models"]["perfect"]["metrics"]["bleu"]["mean"] == pytest.approx(100.0)
+    same = compare({"base": base, "shuffled": list(reversed(_rows(WEAK)))}, "base", n_resamples=50)
+    assert same["models"]["shuffled"]["vs_baseline"]["bleu"]["delta"] == 0.0
+
+
+def test_compare_in_memory_errors():
+    with pytest.raises(CompareError, match="baseline 'nope'.*base, other"):
+        compare({"base": _rows(WEAK), "other": _rows(WEAK)}, "nope")
+    with pytest.raises(CompareError, match="other.*'q5'"):
+        compare({"base": _rows(WEAK), "other": _rows(WEAK)[:5]}, "base")
+
+
+def test_format_markdown_from_result():
+    result = compare({"base": _rows(WEAK), "perfect": _rows(REFS)}, "base", n_resamples=50)
+    md = format_markdown(result)
+    lines = md.splitlines()
+    assert lines[0] == "| model | n | bleu | rouge_l |"
+    assert lines[2].startswith("| base | 6 | ")
+    assert "vs base" in lines
+    row = next(line for line in lines if line.startswith("| perfect |") and "(p=" in line)
+    assert row.count("(p=") == 2
+
+
+# ------------------------------------------------------------------ errors
+
+
+def test_mismatched_ids(files, tmp_path, capsys):
+    base, _, _ = files
+    rows = _rows(REFS)
+    rows[1]["id"] = "zz-extra"
+    other = _write(tmp_path / "other.jsonl", rows)
+    code, out, err = _run(["compare", "--baseline", "base", str(base), str(other)], capsys)
+    assert code == 2
+    assert "other.jsonl" in err and "base.jsonl" in err
+    assert "'q1'" in err and "'zz-extra'" in err
+    assert "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_duplicate_ids(files, tmp_path, capsys):
+    base, _, _ = files
+    rows = _rows(REFS)
+    rows[4]["id"] = "q2"
+    dup = _write(tmp_path / "dup.jsonl", rows)
+    code, _, err = _run(["compare", "--baseline", "base", str(base), str(dup)], capsys)
+    assert code == 2
+    assert "duplicate id 'q2'" in err and "dup.jsonl" in err and "line 3" in err and "line 5" in err
+
+
+def test_unknown_baseline(files, capsys):
+    base, perfect, _ = files
+    code, _, err = _run(["compare", "--baseline", "gpt", str(base), str(perfect)], capsys)
+    assert code == 2
+    assert "'gpt'" in err and "base" in err and "perfect" in err
+
+
+def test_missing_field(files, tmp_path, capsys):
+    base, _, _ = files
+    rows = _rows(REFS)
+    del rows[2]["response"]
+    bad = _write(tmp_path / "bad.jsonl", rows)
+    code, _, err = _run(["compare", "--baseline", "base", str(base), str(bad)], capsys)
+    assert code == 2
+    assert "bad.jsonl:3" in err and "'response'" in err
+
+
+def test_bad_optional_field_type(files, tmp_path, capsys):
+    base, _, _ = files
+    rows = _rows(REFS, critic_score=[1, 2, "high", 4, 5, 6])
+    bad = _write(tmp_path / "bad.jsonl", rows)
+    code, _, err = _run(["compare", "--baseline", "base", str(base), str(bad)], capsys)
+    assert code == 2
+    assert "bad.jsonl:3" in err and "'critic_score'" in err
+
+
+def test_invalid_json_and_missing_file(files, tmp_path, capsys):
+    base, _, _ = files
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": "q0"}\n{not json\n', encoding="utf-8")
+    code, _, err = _run(["compare", "--baseline", "base", str(base), str(bad)], capsys)
+    assert code == 2 and "bad.jsonl" in err
+    code, _, err = _run(["compare", "--baseline", "base", str(base), str(tmp_path / "missing.jsonl")], capsys)
+    assert code == 2 and "missing.jsonl" in err
+
+
+def test_load_responses_skips_blank_lines(tmp_path):
+    path = tmp_path / "m.jsonl"
+    path.write_text(json.dumps(_rows(REFS)[0]) + "\n\n" + json.dumps(_rows(REFS)[1]) + "\n", encoding="utf-8")
+    assert [r["id"] for r in load_responses(path)] == ["q0", "q1"]
+
+
+def test_usage_error_exit_code(capsys):
+    assert main(["compare"]) == 2
+    assert main([]) == 2
+    capsys.readouterr()
+
+
+# ------------------------------------------------------------------ subprocess
+
+
+def test_cli_subprocess(files, tmp_path):
+    base, perfect, _ = files
+    out_json = tmp_path / "cmp.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "posttrain", "compare", "--baseline", "base", "--json", str(out_json),
+         "--resamples", "100", "--seed", "3", str(base), str(perfect)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "vs base" in proc.stdout
+    result = json.loads(out_json.read_text())
+    assert set(result["models"]) == {"base", "perfect"}
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "posttrain", "compare", "--baseline", "nope", str(base), str(perfect)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr

@@ -1,0 +1,273 @@
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from posttrain import lrv
+from posttrain.data import AnswerType, split_by_image
+from posttrain.lrv import DECLINE_PATTERN, check_bad_fraction, flatten_rows, load_lrv_rows
+
+SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("image", pa.struct([("bytes", pa.binary()), ("path", pa.string())])),
+        ("conversations", pa.list_(pa.struct([("from", pa.string()), ("value", pa.string())]))),
+        ("data_source", pa.string()),
+    ]
+)
+
+
+def png_bytes(color: str, size: tuple[int, int] = (12, 8), mode: str = "RGB") -> bytes:
+    buf = io.BytesIO()
+    Image.new(mode, size, color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def conv(*turns: tuple[str, str]) -> list[dict]:
+    return [{"from": who, "value": value} for who, value in turns]
+
+
+def row(id_: str, image: bytes | None, conversations: list[dict]) -> dict:
+    return {
+        "id": id_,
+        "image": None if image is None else {"bytes": image, "path": f"{id_}.png"},
+        "conversations": conversations,
+        "data_source": "lrv_chart",
+    }
+
+
+def good_rows() -> list[dict]:
+    return [
+        row(
+            "chart/001", png_bytes("red"), conv(("human", "<image>\nWhat is the value of A?"), ("gpt", "42."))
+        ),
+        row(
+            "chart 002",
+            png_bytes("blue", mode="RGBA"),
+            conv(
+                ("human", "<image>\n  Which bar is tallest?  "),
+                ("gpt", "The tallest bar is B, at about 30 units."),
+                ("human", "Is there a purple bar?"),
+                ("gpt", "There is no purple bar in the chart."),
+            ),
+        ),
+        row(
+            "003",
+            png_bytes("green", mode="L"),
+            conv(("human", "How many bars?\n<image>"), ("gpt", "Three bars")),
+        ),
+        # same sanitised id as "chart/001" -> disambiguated
+        row("chart_001", png_bytes("white"), conv(("human", "<image> Title?"), ("gpt", "Sales by region"))),
+    ]
+
+
+def bad_rows() -> list[dict]:
+    return [
+        row("bad-img", b"not a png at all", conv(("human", "<image>\nQ?"), ("gpt", "A."))),
+        row("no-bytes", None, conv(("human", "<image>\nQ?"), ("gpt", "A."))),
+        row("no-placeholder", png_bytes("red"), conv(("human", "What is shown?"), ("gpt", "A chart."))),
+        row("empty-answer", png_bytes("red"), conv(("human", "<image>\nQ?"), ("gpt", "   "))),
+        row("no-pair", png_bytes("red"), conv(("human", "<image>\nQ?"))),
+        row(
+            "not-alternating",
+            png_bytes("red"),
+            conv(("human", "<image>\nQ1?"), ("human", "Q2?"), ("gpt", "A."), ("gpt", "B.")),
+        ),
+    ]
+
+
+def write_parquet(path: Path, rows: list[dict]) -> Path:
+    pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), path)
+    return path
+
+
+def test_flatten_examples_and_images(tmp_path: Path) -> None:
+    src = write_parquet(tmp_path / "lrv.parquet", good_rows() + bad_rows())
+    rows = list(load_lrv_rows(str(src), "unused/hub", "lrv_chart", "", "train"))
+    assert len(rows) == 10 and rows[0]["image"]["bytes"][:4] == b"\x89PNG"
+
+    image_dir = tmp_path / "images"
+    examples, report = flatten_rows(rows, image_dir)
+
+    assert [e.id for e in examples] == ["chart_001-0", "chart_002-0", "chart_002-1", "003-0", "chart_001_2-0"]
+    by_id = {e.id: e for e in examples}
+
+    e = by_id["chart_001-0"]
+    assert (e.question, e.answer, e.short_answer) == ("What is the value of A?", "42.", "42")
+    assert e.image == "images/chart_001.png" and e.image_id == "chart_001"
+    assert (e.answer_type, e.family, e.negative, e.chart_type, e.elements, e.source) == (
+        AnswerType.TEXT,
+        "lrv",
+        False,
+        "unknown",
+        (),
+        "lrv_chart",
+    )
+
+    long = by_id["chart_002-0"]
+    assert long.question == "Which bar is tallest?"
+    assert long.short_answer is None  # more than 3 words
+    neg = by_id["chart_002-1"]
+    assert neg.question == "Is there a purple bar?"
+    assert (neg.negative, neg.answer_type, neg.family, neg.short_answer) == (
+        True,
+        AnswerType.DECLINE,
+        "lrv_negative",
+        None,
+    )
+    assert by_id["003-0"].question == "How many bars?" and by_id["003-0"].short_answer == "Three bars"
+    assert by_id["chart_001_2-0"].question == "Title?" and by_id["chart_001_2-0"].image_id == "chart_001_2"
+
+    # one PNG per kept row, RGB, readable, with the row's pixels
+    pngs = sorted(p.name for p in image_dir.iterdir())
+    assert pngs == ["003.png", "chart_001.png", "chart_001_2.png", "chart_002.png"]
+    for e in examples:
+        with Image.open(tmp_path / e.image) as img:
+            assert img.mode == "RGB" and img.size == (12, 8)
+    with Image.open(image_dir / "chart_001.png") as img:
+        assert img.getpixel((0, 0)) == (255, 0, 0)
+
+    assert report["rows_read"] == 10
+    assert report["rows_kept"] == 4
+    assert report["examples"] == 5
+    assert report["skipped"] == {
+        "empty_answer": 1,
+        "missing_image": 1,
+        "no_image_placeholder": 1,
+        "no_qa_pair": 1,
+        "turns_not_alternating": 1,
+        "unreadable_image": 1,
+    }
+    assert report["skipped_ids"]["unreadable_image"] == ["bad-img"]
+    assert report["skipped_ids"]["missing_image"] == ["no-bytes"]
+    assert report["skipped_ids"]["no_image_placeholder"] == ["no-placeholder"]
+
+
+def test_skipped_ids_capped_at_20(tmp_path: Path) -> None:
+    rows = [
+        row(f"r{i}", png_bytes("red"), conv(("human", "no placeholder"), ("gpt", "x"))) for i in range(25)
+    ]
+    _, report = flatten_rows(rows, tmp_path / "images")
+    assert report["skipped"] == {"no_image_placeholder": 25}
+    assert report["skipped_ids"]["no_image_placeholder"] == [f"r{i}" for i in range(20)]
+
+
+def test_multi_turn_row_stays_on_one_side_of_split(tmp_path: Path) -> None:
+    rows = [
+        row(
+            f"img{i}",
+            png_bytes("red"),
+            conv(("human", "<image>\nQ1?"), ("gpt", f"A{i}"), ("human", "Q2?"), ("gpt", f"B{i}")),
+        )
+        for i in range(10)
+    ]
+    examples, _ = flatten_rows(rows, tmp_path / "images")
+    assert len(examples) == 20
+    assert examples[0].image_id == examples[1].image_id == "img0"
+    assert examples[0].image == examples[1].image
+    for seed in range(5):
+        train, test = split_by_image(examples, n_test_images=3, seed=seed)
+        assert len(test) == 6 and len(train) == 14
+        assert not {e.image_id for e in train} & {e.image_id for e in test}
+        for part in (train, test):
+            ids = [e.image_id for e in part]
+            assert all(ids.count(i) == 2 for i in ids)
+
+
+def test_folder_of_shards_is_read_in_sorted_order(tmp_path: Path) -> None:
+    rows = good_rows()
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    write_parquet(folder / "train-00001-of-00002.parquet", rows[2:])
+    write_parquet(folder / "train-00000-of-00002.parquet", rows[:2])
+    (folder / "README.md").write_text("not parquet")
+    read = list(load_lrv_rows(str(folder), "unused/hub", "lrv_chart", "", "train"))
+    assert [r["id"] for r in read] == [r["id"] for r in rows]
+    examples, report = flatten_rows(read, tmp_path / "images")
+    assert report["rows_kept"] == 4 and report["skipped"] == {}
+    assert len(examples) == 5
+
+
+def test_missing_local_source_and_bad_schema(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError):
+        list(load_lrv_rows(str(tmp_path / "nope.parquet"), "h", "lrv_chart", "", "train"))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match="no \\*.parquet"):
+        list(load_lrv_rows(str(empty), "h", "lrv_chart", "", "train"))
+    pq.write_table(pa.table({"id": ["a"], "text": ["b"]}), tmp_path / "wrong.parquet")
+    with pytest.raises(ValueError, match="missing columns"):
+        list(load_lrv_rows(str(tmp_path / "wrong.parquet"), "h", "lrv_chart", "", "train"))
+
+
+def test_hub_download_only_fetches_the_config_parquet(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import huggingface_hub
+
+    snapshot = tmp_path / "snapshot"
+    (snapshot / "lrv_chart").mkdir(parents=True)
+    write_parquet(snapshot / "lrv_chart" / "train-00000-of-00001.parquet", good_rows())
+    calls = []
+
+    def fake_snapshot_download(repo_id, **kwargs):
+        calls.append((repo_id, kwargs))
+        return str(snapshot)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    rows = list(load_lrv_rows(None, "lmms-lab/LLaVA-OneVision-Data", "lrv_chart", "abc123", "train"))
+    assert len(rows) == 4
+    ((repo_id, kwargs),) = calls
+    assert repo_id == "lmms-lab/LLaVA-OneVision-Data"
+    assert kwargs["repo_type"] == "dataset" and kwargs["revision"] == "abc123"
+    assert all(p.startswith("lrv_chart/") and p.endswith(".parquet") for p in kwargs["allow_patterns"])
+
+    with pytest.raises(ValueError, match="pinned revision"):
+        list(load_lrv_rows(None, "lmms-lab/LLaVA-OneVision-Data", "lrv_chart", "", "train"))
+
+
+def test_check_bad_fraction(tmp_path: Path) -> None:
+    _, report = flatten_rows(good_rows() + bad_rows(), tmp_path / "images")
+    check_bad_fraction(report, max_bad_fraction=0.6)  # 6/10 skipped: allowed
+    with pytest.raises(ValueError) as err:
+        check_bad_fraction(report, max_bad_fraction=0.5)
+    msg = str(err.value)
+    assert "6 of 10 rows" in msg
+    assert "prepare.max_bad_fraction=0.5" in msg
+    assert "unreadable_image=1" in msg and "empty_answer=1" in msg
+    assert "bad-img" in msg
+    assert "Check the source" in msg
+    with pytest.raises(ValueError, match="no rows"):
+        check_bad_fraction({"rows_read": 0, "skipped": {}}, 0.1)
+
+
+@pytest.mark.parametrize(
+    ("text", "declines"),
+    [
+        ("There is no purple bar in the chart.", True),
+        ("There are no values for 2020.", True),
+        ("The chart does not show any data about France.", True),
+        ("The legend doesn't include a category named Other.", True),
+        ("That label is not present in the figure.", True),
+        ("No such category exists.", True),
+        ("The exact value cannot be determined from the chart.", True),
+        ("The tallest bar is B.", False),
+        ("42", False),
+        ("Sales rose notably in 2020.", False),
+    ],
+)
+def test_decline_pattern(text: str, declines: bool) -> None:
+    assert (DECLINE_PATTERN.search(text) is not None) is declines
+    assert lrv.is_decline(text) is declines
+
+
+def test_short_answer_rule() -> None:
+    assert lrv.short_answer_of("Yes.") == "Yes"
+    assert lrv.short_answer_of(" 12.5% ") == "12.5%"
+    assert lrv.short_answer_of("one two three.") == "one two three"
+    assert lrv.short_answer_of("one two three four") is None
