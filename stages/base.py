@@ -33,14 +33,27 @@ def main() -> None:
         torch.set_num_threads(params.threads)
     if params.model is ModelKind.HUB:
         with atomic_dir(args.out) as tmp:
-            write_provenance(tmp, kind="hub", hub_id=params.hub_id, revision=params.revision,
-                             produced_by="stages/base.py", params=to_dict(params))
+            write_provenance(
+                tmp,
+                kind="hub",
+                hub_id=params.hub_id,
+                revision=params.revision,
+                produced_by="stages/base.py",
+                params=to_dict(params),
+            )
         print(f"base: {params.hub_id}@{params.revision} recorded in {args.out}")
         return
-    summary = train_tiny_base(params, Path(args.data), Path(args.out), Path(args.checkpoints), Path(args.live))
-    shutil.rmtree(args.checkpoints, ignore_errors=True)  # the model is saved; checkpoints only served resuming
-    print(f"base: {summary['steps']} steps in {summary['train_seconds']:.0f}s, final loss {summary['final_loss']:.4f}"
-          f" -> {args.out}")
+    summary = train_tiny_base(
+        params, Path(args.data), Path(args.out), Path(args.checkpoints), Path(args.live)
+    )
+    shutil.rmtree(
+        args.checkpoints, ignore_errors=True
+    )  # the model is saved; checkpoints only served resuming
+    print(
+        f"base: {summary['steps']} steps in {summary['train_seconds']:.0f}s, "
+        f"final loss {summary['final_loss']:.4f}"
+        f" -> {args.out}"
+    )
 
 
 if __name__ == "__main__":

@@ -19,7 +19,9 @@ from posttrain.models import load_model
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", required=True, help="model name: base, or an adapter folder's name under models/")
+    ap.add_argument(
+        "--model", required=True, help="model name: base, or an adapter folder's name under models/"
+    )
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--data", default="data/prepared")
     ap.add_argument("--models", default="models")
@@ -32,11 +34,24 @@ def main() -> None:
         torch.set_num_threads(params.base.threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, processor = load_model(args.model, Path(args.models), device)
-    metrics = evaluate_model(args.model, model, processor, Path(args.data), params.evaluate, Path(args.items),
-                             Path(args.metrics) / f"{args.model}.json")
+    metrics = evaluate_model(
+        args.model,
+        model,
+        processor,
+        Path(args.data),
+        params.evaluate,
+        Path(args.items),
+        Path(args.metrics) / f"{args.model}.json",
+    )
     shown = ("relaxed_acc", "negative_acc", "critic", "rouge_l", "bleu", "loss")
     print("  ".join(f"{k} {metrics[k]:.2f}" for k in shown if metrics.get(k) is not None))
-    print("  ".join(f"retain_{k} {metrics['retain_' + k]:.2f}" for k in shown if metrics.get("retain_" + k) is not None))
+    print(
+        "  ".join(
+            f"retain_{k} {metrics['retain_' + k]:.2f}"
+            for k in shown
+            if metrics.get("retain_" + k) is not None
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -23,7 +23,10 @@ def main() -> None:
     t0 = time.perf_counter()
     report = prepare_data(params, args.out)
     for name, split in report["splits"].items():
-        print(f"{name:>15}: {split['examples']:>5} examples, {split['images']:>5} images, {split['negatives']:>4} negative")
+        print(
+            f"{name:>15}: {split['examples']:>5} examples, {split['images']:>5} images, "
+            f"{split['negatives']:>4} negative"
+        )
     skipped = report["load"].get("skipped") or {}
     if skipped:
         print("skipped rows:", ", ".join(f"{k}={v}" for k, v in skipped.items()))

@@ -1,6 +1,6 @@
 """The comparison of every evaluated model: metrics/report.md, report.png and examples.html.
 
-    dvc repro report
+dvc repro report
 """
 
 import argparse
@@ -21,8 +21,17 @@ def main() -> None:
 
     params = load_params(args.params)
     r = params.report
-    build_report(args.models, Path(args.metrics), Path(args.items), Path(args.data), r.baseline, r.examples,
-                 r.resamples, r.seed, critic_is_model=params.evaluate.critic.kind.needs_model)
+    build_report(
+        args.models,
+        Path(args.metrics),
+        Path(args.items),
+        Path(args.data),
+        r.baseline,
+        r.examples,
+        r.resamples,
+        r.seed,
+        critic_is_model=params.evaluate.critic.kind.needs_model,
+    )
     print(f"wrote {args.metrics}/report.md, report.png, examples.html for {', '.join(args.models)}")
 
 

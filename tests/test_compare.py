@@ -102,8 +102,9 @@ def test_cli_json_structure(files, tmp_path, capsys):
 def test_identical_models_have_zero_delta(files, tmp_path, capsys):
     base, _, clone = files
     out_json = tmp_path / "cmp.json"
-    code, _, err = _run(["compare", "--baseline", "base", "--json", str(out_json), str(base), str(clone)],
-                        capsys)
+    code, _, err = _run(
+        ["compare", "--baseline", "base", "--json", str(out_json), str(base), str(clone)], capsys
+    )
     assert code == 0, err
     vs = json.loads(out_json.read_text())["models"]["clone"]["vs_baseline"]
     for d in vs.values():
@@ -115,8 +116,9 @@ def test_identical_models_have_zero_delta(files, tmp_path, capsys):
 def test_responses_equal_to_references_score_100(files, tmp_path, capsys):
     base, perfect, _ = files
     out_json = tmp_path / "cmp.json"
-    code, _, err = _run(["compare", "--baseline", "base", "--json", str(out_json), str(base), str(perfect)],
-                        capsys)
+    code, _, err = _run(
+        ["compare", "--baseline", "base", "--json", str(out_json), str(base), str(perfect)], capsys
+    )
     assert code == 0, err
     metrics = json.loads(out_json.read_text())["models"]["perfect"]["metrics"]
     assert metrics["bleu"]["mean"] == pytest.approx(100.0)
@@ -285,8 +287,22 @@ def test_cli_subprocess(files, tmp_path):
     base, perfect, _ = files
     out_json = tmp_path / "cmp.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "posttrain", "compare", "--baseline", "base", "--json", str(out_json),
-         "--resamples", "100", "--seed", "3", str(base), str(perfect)],
+        [
+            sys.executable,
+            "-m",
+            "posttrain",
+            "compare",
+            "--baseline",
+            "base",
+            "--json",
+            str(out_json),
+            "--resamples",
+            "100",
+            "--seed",
+            "3",
+            str(base),
+            str(perfect),
+        ],
         capture_output=True,
         text=True,
         check=False,

@@ -193,8 +193,8 @@ def build_tiny_onevision(folder: Path, seed: int = 0) -> Path:
     """Save a random tiny LLaVA-OneVision model + processor in transformers format to `folder`, offline.
 
     - Tokenizer: byte-level BPE trained with `tokenizers` on a few sentences, wrapped in
-      `Qwen2TokenizerFast` with specials ``<|endoftext|>`` (pad, id 0), ``<|im_start|>``, ``<|im_end|>`` (eos),
-      ``<image>``, ``<video>``.
+      `Qwen2TokenizerFast` with specials ``<|endoftext|>`` (pad, id 0), ``<|im_start|>``,
+      ``<|im_end|>`` (eos), ``<image>``, ``<video>``.
     - Image processor: `LlavaOnevisionImageProcessorPil` (no torchvision needed) with size 32x32 and
       grid pinpoints that are multiples of 32.
     - processor_config.json: ``num_image_tokens = (32 / 8)^2 = 16`` and
@@ -231,7 +231,11 @@ def build_tiny_onevision(folder: Path, seed: int = 0) -> Path:
     corpus += ["Final Score: 85. The first response is better. The second response is better."]
     bpe.train_from_iterator(corpus * 5, trainer)
     tokenizer = Qwen2TokenizerFast(
-        tokenizer_object=bpe, unk_token=None, bos_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>"
+        tokenizer_object=bpe,
+        unk_token=None,
+        bos_token=None,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
     )
     tokenizer.save_pretrained(folder)
 
@@ -324,9 +328,9 @@ def test_tiny_critic_end_to_end(tiny_critic_dir: Path) -> None:
     )
     assert len(verdicts) == len(pairs) == 2
     assert verdicts == [combine_orders(parse_verdict(ab), parse_verdict(ba)) for ab, ba in pairs]
-    assert judge.judge_pairs(images()[:2], questions[:2], ["a1", "b1"], ["a2", "b2 longer"], max_new_tokens=5) == (
-        verdicts
-    )
+    assert judge.judge_pairs(
+        images()[:2], questions[:2], ["a1", "b1"], ["a2", "b2 longer"], max_new_tokens=5
+    ) == (verdicts)
 
     # zero the final norm: all logits are 0, greedy picks token 0 (the pad token) -> empty, unparsable replies
     import torch
@@ -335,7 +339,10 @@ def test_tiny_critic_end_to_end(tiny_critic_dir: Path) -> None:
         judge.model.model.language_model.norm.weight.zero_()
     scores, raw = judge.score(images(), questions, responses, batch_size=3, max_new_tokens=4)
     assert raw == ["", "", ""] and scores == [None, None, None]
-    assert judge.judge_pairs(images()[:2], questions[:2], ["a", "b"], ["c", "d"], max_new_tokens=3) == [None, None]
+    assert judge.judge_pairs(images()[:2], questions[:2], ["a", "b"], ["c", "d"], max_new_tokens=3) == [
+        None,
+        None,
+    ]
 
     with pytest.raises(ValueError, match="same length"):
         judge.score(images(), questions[:2], responses)
@@ -399,7 +406,9 @@ def test_onevision_config_with_next_weight_names_rejected(tmp_path: Path, no_wei
     with pytest.raises(ValueError, match="LlavaOnevisionForConditionalGeneration"):
         LlavaCriticJudge(folder, device="cpu")
     # missing vision_config alone is enough
-    folder2 = write_next_layout(tmp_path / "novision", {"model_type": "llava_onevision", "text_config": {}}, [])
+    folder2 = write_next_layout(
+        tmp_path / "novision", {"model_type": "llava_onevision", "text_config": {}}, []
+    )
     assert not is_transformers_onevision(folder2)
     assert not is_transformers_onevision(tmp_path / "does-not-exist")
 
@@ -423,3 +432,24 @@ def test_hub_next_layout_rejected_before_weights_download(
         LlavaCriticJudge("lmms-lab/llava-critic-7b", revision="abc", device="cpu")
     assert len(calls) == 1 and calls[0]["revision"] == "abc"
     assert not any("safetensors" in p for p in calls[0]["allow_patterns"])
+
+
+def test_hub_onevision_fetches_configs_then_safetensors(
+    tiny_critic_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import huggingface_hub
+
+    calls = []
+
+    def fake_snapshot_download(repo_id, **kwargs):
+        calls.append((repo_id, kwargs))
+        return str(tiny_critic_dir)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    judge = LlavaCriticJudge("someone/tiny-critic-ov", revision="0123abc", dtype="float32", device="cpu")
+    assert judge.model.config.model_type == "llava_onevision"
+    assert [c[0] for c in calls] == ["someone/tiny-critic-ov"] * 2
+    assert all(c[1]["revision"] == "0123abc" for c in calls)
+    first, second = (c[1]["allow_patterns"] for c in calls)
+    assert not any("safetensors" in p for p in first)
+    assert "*.safetensors" in second and not any(p.endswith((".bin", ".pt", ".pth")) for p in second)

@@ -27,7 +27,8 @@ COLORS: dict[str, tuple[int, int, int]] = {
 }
 Y_MAX = 10  # bar values are integers 1..9 on a fixed 0..10 axis
 
-# Families each pool asks, by chart type. Negative variants ask a colour-referent family about an absent colour.
+# Families each pool asks, by chart type. Negative variants ask a colour-referent family about an
+# absent colour.
 POOL_FAMILIES: dict[str, dict[str, tuple[str, ...]]] = {
     "pretrain": {
         "bar": ("bar_count", "bar_tallest", "bar_compare"),
@@ -62,7 +63,9 @@ def random_chart(rng: random.Random, kind: str) -> Chart:
     if kind == "line":
         n = 5
         increasing = rng.random() < 0.5
-        start, end = (rng.randint(1, 4), rng.randint(6, 9)) if increasing else (rng.randint(6, 9), rng.randint(1, 4))
+        start, end = (
+            (rng.randint(1, 4), rng.randint(6, 9)) if increasing else (rng.randint(6, 9), rng.randint(1, 4))
+        )
         values = [round(start + (end - start) * i / (n - 1) + rng.uniform(-0.8, 0.8)) for i in range(n)]
         values = [min(max(v, 1), Y_MAX - 1) for v in values]
         values[0], values[-1] = start, end
@@ -72,7 +75,9 @@ def random_chart(rng: random.Random, kind: str) -> Chart:
         colors = tuple(rng.sample(list(COLORS), n))
         while True:
             values = [rng.randint(1, 9) for _ in range(n)]
-            if values.count(max(values)) == 1 and values.count(min(values)) == 1:  # unique largest and smallest
+            if (
+                values.count(max(values)) == 1 and values.count(min(values)) == 1
+            ):  # unique largest and smallest
                 return Chart(kind, colors, tuple(values))
     raise ValueError(f"unknown chart type {kind!r}")
 
@@ -96,8 +101,11 @@ def draw_chart(chart: Chart, size: int) -> Image.Image:
             d.rectangle([x0, bottom - height * v / Y_MAX, x0 + slot * 0.7, bottom - 1], fill=COLORS[c])
     elif chart.kind == "line":
         n = len(chart.values)
-        pts = [(left + 2 + (right - left - 4) * i / (n - 1), bottom - height * v / Y_MAX) for i, v in enumerate(chart.values)]
-        d.line(pts, fill=COLORS[chart.colors[0]], width=max(size // 40, 2))
+        pts = [
+            (left + 2 + (right - left - 4) * i / (n - 1), bottom - height * v / Y_MAX)
+            for i, v in enumerate(chart.values)
+        ]
+        d.line(pts, fill=COLORS[chart.colors[0]], width=max(size // 20, 2))
     elif chart.kind == "pie":
         total = sum(chart.values)
         angle = -90.0
@@ -113,7 +121,12 @@ def _qa(family: str, chart: Chart, rng: random.Random) -> tuple[str, str, str, A
     """(question, answer sentence, short answer, answer type) for a positive question."""
     c, v = chart.colors, chart.values
     if family == "bar_count":
-        return "How many bars are in the chart?", f"There are {len(v)} bars in the chart.", str(len(v)), AnswerType.NUMBER
+        return (
+            "How many bars are in the chart?",
+            f"There are {len(v)} bars in the chart.",
+            str(len(v)),
+            AnswerType.NUMBER,
+        )
     if family == "bar_tallest":
         top = c[v.index(max(v))]
         return "What colour is the tallest bar?", f"The tallest bar is {top}.", top, AnswerType.COLOR
@@ -124,24 +137,53 @@ def _qa(family: str, chart: Chart, rng: random.Random) -> tuple[str, str, str, A
         i, j = rng.sample(range(len(c)), 2)
         yes = v[i] > v[j]
         q = f"Is the {c[i]} bar taller than the {c[j]} bar?"
-        a = f"Yes, the {c[i]} bar is taller than the {c[j]} bar." if yes else f"No, the {c[i]} bar is shorter than the {c[j]} bar."
+        a = (
+            f"Yes, the {c[i]} bar is taller than the {c[j]} bar."
+            if yes
+            else f"No, the {c[i]} bar is shorter than the {c[j]} bar."
+        )
         return q, a, "yes" if yes else "no", AnswerType.YES_NO
     if family == "bar_value":
         i = rng.randrange(len(c))
-        return f"What is the value of the {c[i]} bar?", f"The {c[i]} bar has a value of {v[i]}.", str(v[i]), AnswerType.NUMBER
+        return (
+            f"What is the value of the {c[i]} bar?",
+            f"The {c[i]} bar has a value of {v[i]}.",
+            str(v[i]),
+            AnswerType.NUMBER,
+        )
     if family == "line_color":
         return "What colour is the line?", f"The line is {c[0]}.", c[0], AnswerType.COLOR
     if family == "line_trend":
         trend = "increasing" if v[-1] > v[0] else "decreasing"
-        return f"Is the {c[0]} line increasing or decreasing?", f"The {c[0]} line is {trend}.", trend, AnswerType.TREND
+        return (
+            f"Is the {c[0]} line increasing or decreasing?",
+            f"The {c[0]} line is {trend}.",
+            trend,
+            AnswerType.TREND,
+        )
     if family == "pie_largest":
         top = c[v.index(max(v))]
-        return "Which colour is the largest slice of the pie?", f"The largest slice is {top}.", top, AnswerType.COLOR
+        return (
+            "Which colour is the largest slice of the pie?",
+            f"The largest slice is {top}.",
+            top,
+            AnswerType.COLOR,
+        )
     if family == "pie_smallest":
         low = c[v.index(min(v))]
-        return "Which colour is the smallest slice of the pie?", f"The smallest slice is {low}.", low, AnswerType.COLOR
+        return (
+            "Which colour is the smallest slice of the pie?",
+            f"The smallest slice is {low}.",
+            low,
+            AnswerType.COLOR,
+        )
     if family == "pie_count":
-        return "How many slices does the pie chart have?", f"The pie chart has {len(v)} slices.", str(len(v)), AnswerType.NUMBER
+        return (
+            "How many slices does the pie chart have?",
+            f"The pie chart has {len(v)} slices.",
+            str(len(v)),
+            AnswerType.NUMBER,
+        )
     raise ValueError(f"unknown family {family!r}")
 
 
@@ -159,7 +201,12 @@ def _negative_qa(family: str, chart: Chart, rng: random.Random) -> tuple[str, st
 
 
 def generate_pool(
-    pool: str, n_images: int, image_size: int, questions_per_image: int, negative_fraction: float, seed: int,
+    pool: str,
+    n_images: int,
+    image_size: int,
+    questions_per_image: int,
+    negative_fraction: float,
+    seed: int,
     image_dir: Path,
 ) -> list[Example]:
     """Draw `n_images` charts of one pool into `image_dir` and ask questions about each.
@@ -186,9 +233,20 @@ def generate_pool(
             else:
                 q, a, short, atype = _qa(family, chart, rng)
                 fam = family
-            examples.append(Example(
-                id=f"{image_id}-{turn}", image=rel, image_id=image_id, question=q, answer=a,
-                short_answer=short, answer_type=atype, chart_type=kind, family=fam, negative=negative,
-                elements=chart.colors, source="synthetic",
-            ))
+            examples.append(
+                Example(
+                    id=f"{image_id}-{turn}",
+                    image=rel,
+                    image_id=image_id,
+                    question=q,
+                    answer=a,
+                    short_answer=short,
+                    answer_type=atype,
+                    chart_type=kind,
+                    family=fam,
+                    negative=negative,
+                    elements=chart.colors,
+                    source="synthetic",
+                )
+            )
     return examples

@@ -242,9 +242,7 @@ def _num(x: float) -> float | None:
     return None if math.isnan(x) else x
 
 
-def compare(
-    models: dict[str, list[dict]], baseline: str, n_resamples: int = 1000, seed: int = 0
-) -> dict:
+def compare(models: dict[str, list[dict]], baseline: str, n_resamples: int = 1000, seed: int = 0) -> dict:
     """Score every model, with bootstrap CIs and paired-bootstrap deltas against the baseline.
 
     Rows are paired by ``id``; every model must have the same ids (order may differ). CIs are

@@ -8,6 +8,7 @@ value seen and the fix, before any data is read or any model is loaded.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -75,12 +76,12 @@ class TinyParams:
 
 @dataclass(frozen=True)
 class TrainParams:
-    max_steps: int = 1800
+    max_steps: int = 2100
     batch_size: int = 32
     learning_rate: float = 2e-3
     warmup_steps: int = 30
     weight_decay: float = 0.0
-    save_steps: int = 300  # checkpoint every N steps so a killed run resumes; 0 disables
+    save_steps: int = 400  # checkpoint every N steps so a killed run resumes; 0 disables
 
 
 @dataclass(frozen=True)
@@ -97,7 +98,7 @@ class BaseParams:
 @dataclass(frozen=True)
 class SyntheticParams:
     image_size: int = 84
-    pretrain_images: int = 1500
+    pretrain_images: int = 3000
     pretrain_test_images: int = 150
     study_images: int = 900
     study_test_images: int = 150
@@ -122,6 +123,75 @@ class PrepareParams:
     max_bad_fraction: float = 0.05
     synthetic: SyntheticParams = field(default_factory=SyntheticParams)
     lrv: LrvParams = field(default_factory=LrvParams)
+
+
+class Quantization(str, Enum):
+    """How the frozen base weights are held during LoRA training."""
+
+    NONE = "none"  # full precision on CPU, bf16 on CUDA
+    NF4 = "nf4"  # QLoRA: 4-bit NormalFloat through bitsandbytes (the study's setting)
+
+    @property
+    def needs_cuda(self) -> bool:
+        return self is Quantization.NF4
+
+
+class EnsembleMethod(str, Enum):
+    """How the SFT adapters are combined into one (PEFT `add_weighted_adapter`)."""
+
+    CAT = "cat"  # concatenated ranks, weights 1/N: exactly the average of the merged models
+    SVD = "svd"  # SVD of the averaged delta: exact when svd_rank >= the sum of ranks
+    LINEAR = "linear"  # the study's naive average of A and B matrices: NOT the average model
+    TIES = "ties"  # TIES merging (trim, elect sign, merge)
+
+    @property
+    def exact(self) -> bool:
+        return self is EnsembleMethod.CAT
+
+    @property
+    def needs_equal_ranks(self) -> bool:
+        return self is EnsembleMethod.LINEAR
+
+
+@dataclass(frozen=True)
+class SftCommon:
+    rank: int = 16  # LoRA r, shared so the adapters have the same shapes
+    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    quantization: Quantization = Quantization.NONE
+    max_steps: int = 220
+    batch_size: int = 32
+    learning_rate: float = 5e-3
+    warmup_steps: int = 20
+    weight_decay: float = 0.0
+    save_steps: int = 100
+
+
+@dataclass(frozen=True)
+class SftVariant:
+    alpha: float = 16.0
+    dropout: float = 0.05
+
+
+def _default_variants() -> dict[str, SftVariant]:
+    return {
+        "sft1": SftVariant(alpha=16.0, dropout=0.05),
+        "sft2": SftVariant(alpha=8.0, dropout=0.05),
+        "sft3": SftVariant(alpha=16.0, dropout=0.10),
+        "sft4": SftVariant(alpha=8.0, dropout=0.10),
+    }
+
+
+@dataclass(frozen=True)
+class SftParams:
+    common: SftCommon = field(default_factory=SftCommon)
+    variants: dict[str, SftVariant] = field(default_factory=_default_variants)
+
+
+@dataclass(frozen=True)
+class EnsembleParams:
+    method: EnsembleMethod = EnsembleMethod.CAT
+    svd_rank: int = 0  # svd only; 0 = the sum of the members' ranks (exact)
+    density: float = 0.5  # ties only: share of each delta kept
 
 
 @dataclass(frozen=True)
@@ -154,6 +224,8 @@ class ReportParams:
 class Params:
     base: BaseParams = field(default_factory=BaseParams)
     prepare: PrepareParams = field(default_factory=PrepareParams)
+    sft: SftParams = field(default_factory=SftParams)
+    ensemble: EnsembleParams = field(default_factory=EnsembleParams)
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
     report: ReportParams = field(default_factory=ReportParams)
 
@@ -166,6 +238,18 @@ def _convert(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
         if value is None:
             return None
         return _convert(value, args[0], key, problems)
+    if origin is dict:
+        value_type = typing.get_args(tp)[1]
+        if not isinstance(value, dict):
+            problems.append(f"{key}: expected a mapping, got {value!r}")
+            return None
+        return {str(k): _convert(v, value_type, f"{key}.{k}", problems) for k, v in value.items()}
+    if origin is tuple:
+        item_type = typing.get_args(tp)[0]
+        if not isinstance(value, list):
+            problems.append(f"{key}: expected a list, got {value!r}")
+            return None
+        return tuple(_convert(v, item_type, f"{key}[{i}]", problems) for i, v in enumerate(value))
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             problems.append(f"{key}: expected a mapping, got {value!r}")
@@ -187,7 +271,9 @@ def _convert(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            problems.append(f"{key}: expected a number, got {value!r} (write 2e-3 as 0.002 or 2.0e-3 in YAML)")
+            problems.append(
+                f"{key}: expected a number, got {value!r} (write 2e-3 as 0.002 or 2.0e-3 in YAML)"
+            )
             return value
         return float(value)
     if tp is str:
@@ -234,24 +320,32 @@ def _check(p: Params, problems: list[str]) -> None:
     positive("base.threads", b.threads, zero_ok=True)
     t = b.tiny
     if t.image_size % t.patch_size:
-        problems.append(f"base.tiny.image_size: {t.image_size} is not a multiple of base.tiny.patch_size "
-                        f"{t.patch_size}; pick sizes that divide")
+        problems.append(
+            f"base.tiny.image_size: {t.image_size} is not a multiple of base.tiny.patch_size "
+            f"{t.patch_size}; pick sizes that divide"
+        )
     if t.vision_hidden % t.vision_heads or t.text_hidden % t.text_heads:
         problems.append("base.tiny: hidden sizes must be multiples of their head counts")
     if b.model is ModelKind.HUB and not b.revision:
         problems.append(f"base.revision: empty; pin a commit of {b.hub_id} so the study is reproducible")
     if b.model.trains_from_scratch and not pr.source.has_pretrain_pool:
-        problems.append(f"base.model: 'tiny' trains from scratch on the synthetic pretrain pool, but "
-                        f"prepare.source is {pr.source.value!r}; use base.model: hub or prepare.source: synthetic")
+        problems.append(
+            f"base.model: 'tiny' trains from scratch on the synthetic pretrain pool, but "
+            f"prepare.source is {pr.source.value!r}; use base.model: hub or prepare.source: synthetic"
+        )
     s = pr.synthetic
     if b.model is ModelKind.TINY and pr.source is DataSource.SYNTHETIC and s.image_size != t.image_size:
-        problems.append(f"prepare.synthetic.image_size: {s.image_size} differs from base.tiny.image_size "
-                        f"{t.image_size}; make them equal")
+        problems.append(
+            f"prepare.synthetic.image_size: {s.image_size} differs from base.tiny.image_size "
+            f"{t.image_size}; make them equal"
+        )
     for pool in ("pretrain", "study"):
         n, n_test = getattr(s, f"{pool}_images"), getattr(s, f"{pool}_test_images")
         if n is not None and n_test is not None and not 0 < n_test < n:
-            problems.append(f"prepare.synthetic.{pool}_test_images: {n_test} must be > 0 and below "
-                            f"prepare.synthetic.{pool}_images ({n})")
+            problems.append(
+                f"prepare.synthetic.{pool}_test_images: {n_test} must be > 0 and below "
+                f"prepare.synthetic.{pool}_images ({n})"
+            )
     if s.negative_fraction is not None and not 0 <= s.negative_fraction <= 1:
         problems.append(f"prepare.synthetic.negative_fraction: {s.negative_fraction} is not in [0, 1]")
     positive("prepare.synthetic.questions_per_image", s.questions_per_image)
@@ -259,11 +353,37 @@ def _check(p: Params, problems: list[str]) -> None:
         problems.append(f"prepare.max_bad_fraction: {pr.max_bad_fraction} is not in [0, 1]")
     if pr.source is DataSource.LRV_CHART and not pr.lrv.local_parquet and not pr.lrv.revision:
         problems.append("prepare.lrv.revision: empty; pin a dataset commit, or set prepare.lrv.local_parquet")
+    sc = p.sft.common
+    for name in ("rank", "max_steps", "batch_size", "learning_rate"):
+        positive(f"sft.common.{name}", getattr(sc, name))
+    for name in ("warmup_steps", "save_steps"):
+        positive(f"sft.common.{name}", getattr(sc, name), zero_ok=True)
+    if not sc.target_modules:
+        problems.append("sft.common.target_modules: empty; name the language-model layers to adapt, e.g. q_proj")
+    if not p.sft.variants:
+        problems.append("sft.variants: empty; define at least one variant (e.g. sft1: {alpha: 16, dropout: 0.05})")
+    reserved = {"base", "sfte", "sfte_dpo"}
+    for name, v in p.sft.variants.items():
+        if not re.fullmatch(r"[a-z][a-z0-9_]*", name) or name in reserved:
+            problems.append(f"sft.variants.{name}: variant names must match [a-z][a-z0-9_]* (no dots: PEFT adapter "
+                            f"names) and not be one of {sorted(reserved)}")
+        positive(f"sft.variants.{name}.alpha", v.alpha)
+        if v.dropout is not None and not 0 <= v.dropout < 1:
+            problems.append(f"sft.variants.{name}.dropout: {v.dropout} is not in [0, 1)")
+    if sc.quantization.needs_cuda and b.model is ModelKind.TINY:
+        problems.append("sft.common.quantization: nf4 quantizes a hub model on CUDA; the tiny model trains in full "
+                        "precision (use quantization: none)")
+    en = p.ensemble
+    positive("ensemble.svd_rank", en.svd_rank, zero_ok=True)
+    if en.density is not None and not 0 < en.density <= 1:
+        problems.append(f"ensemble.density: {en.density} is not in (0, 1]")
     for name in ("batch_size", "max_new_tokens", "resamples"):
         positive(f"evaluate.{name}", getattr(ev, name))
     if ev.critic.kind.needs_model and not ev.critic.model:
-        problems.append("evaluate.critic.model: empty; give a transformers-format LLaVA-Critic folder or hub id "
-                        "(or use evaluate.critic.kind: reference)")
+        problems.append(
+            "evaluate.critic.model: empty; give a transformers-format LLaVA-Critic folder or hub id "
+            "(or use evaluate.critic.kind: reference)"
+        )
     positive("report.examples", p.report.examples, zero_ok=True)
     positive("report.resamples", p.report.resamples)
 

@@ -39,14 +39,14 @@ Winner = Literal["a", "b", "tie"]
 POINTWISE = (
     "Given an image and a corresponding question, please serve as an unbiased and fair judge to evaluate the "
     "quality of answer answers provided by a Large Multimodal Model (LMM). Score the response out of 100 and "
-    "explain your reasoning with specific details. Your task is provided as follows:\nQuestion: [{question}]\n"
-    "The LMM response: [{response}]\nASSISTANT:\n "
+    "explain your reasoning with specific details. Your task is provided as follows:\n"
+    "Question: [{question}]\nThe LMM response: [{response}]\nASSISTANT:\n "
 )
 PAIRWISE = (
     "Given an image and a corresponding question, please serve as an unbiased and fair judge to evaluate the "
     "quality of the answers provided by a Large Multimodal Model (LMM). Determine which answer is better and "
-    "explain your reasoning with specific details. Your task is provided as follows:\nQuestion: [{question}]\n"
-    "The first response: [{r1}]\nThe second response: [{r2}]\nASSISTANT:\n"
+    "explain your reasoning with specific details. Your task is provided as follows:\n"
+    "Question: [{question}]\nThe first response: [{r1}]\nThe second response: [{r2}]\nASSISTANT:\n"
 )
 QWEN_TEMPLATE = (
     "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
@@ -336,7 +336,9 @@ def _resolve_checkpoint(model: str | Path, revision: str | None) -> Path:
     from huggingface_hub import snapshot_download
 
     if not revision:
-        logger.warning("critic %s is loaded without a pinned revision; results may not be reproducible", model)
+        logger.warning(
+            "critic %s is loaded without a pinned revision; results may not be reproducible", model
+        )
     folder = Path(snapshot_download(repo_id=str(model), revision=revision, allow_patterns=_CONFIG_PATTERNS))
     _require_onevision(folder, f"{model}@{revision}")
     folder = Path(
@@ -355,7 +357,7 @@ def _resolve_checkpoint(model: str | Path, revision: str | None) -> Path:
 
 @functools.lru_cache(maxsize=1)
 def _image_only_processor_class() -> type:
-    """A `LlavaOnevisionProcessor` without the video processor.
+    """Return a `LlavaOnevisionProcessor` subclass without the video processor.
 
     `AutoProcessor` builds LLaVA-OneVision's video processor too, which needs torchvision even when no
     video is ever passed. Without torchvision this subclass loads the same files (image processor,
@@ -378,9 +380,9 @@ def _image_only_processor_class() -> type:
             self.num_image_tokens = num_image_tokens
             self.vision_feature_select_strategy = vision_feature_select_strategy
             self.image_token = getattr(tokenizer, "image_token", None) or image_token
-            self.image_token_id = getattr(tokenizer, "image_token_id", None) or tokenizer.convert_tokens_to_ids(
-                self.image_token
-            )
+            self.image_token_id = getattr(
+                tokenizer, "image_token_id", None
+            ) or tokenizer.convert_tokens_to_ids(self.image_token)
             self.video_token = None
             self.video_token_id = None
             self.vision_aspect_ratio = vision_aspect_ratio
@@ -449,7 +451,9 @@ class LlavaCriticJudge:
 
         folder = _resolve_checkpoint(model, revision)
         if not any(folder.glob("*.safetensors")):
-            raise ValueError(f"{model}: no *.safetensors weights found; only safetensors checkpoints are loaded")
+            raise ValueError(
+                f"{model}: no *.safetensors weights found; only safetensors checkpoints are loaded"
+            )
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if dtype == "auto":
             dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
@@ -484,7 +488,11 @@ class LlavaCriticJudge:
         return config
 
     def generate(
-        self, images: Sequence[Image.Image], prompts: Sequence[str], batch_size: int = 8, max_new_tokens: int = 512
+        self,
+        images: Sequence[Image.Image],
+        prompts: Sequence[str],
+        batch_size: int = 8,
+        max_new_tokens: int = 512,
     ) -> list[str]:
         """Generate the critic's reply to each (image, prompt); prompts are rendered with `qwen_render`.
 
@@ -504,7 +512,9 @@ class LlavaCriticJudge:
         texts = [qwen_render(p) for p in prompts]
         replies: list[str] = []
         for start in range(0, len(texts), batch_size):
-            batch_images = [im if im.mode == "RGB" else im.convert("RGB") for im in images[start : start + batch_size]]
+            batch_images = [
+                im if im.mode == "RGB" else im.convert("RGB") for im in images[start : start + batch_size]
+            ]
             inputs = self.processor(
                 images=batch_images, text=texts[start : start + batch_size], return_tensors="pt", padding=True
             )
@@ -538,7 +548,7 @@ class LlavaCriticJudge:
             ``(scores, raw_texts)``: the `parse_score` of each reply (None when unparsable) and the replies.
         """
         _check_lengths(images=images, questions=questions, responses=responses)
-        prompts = [pointwise_prompt(_clean(q), _clean(r)) for q, r in zip(questions, responses)]
+        prompts = [pointwise_prompt(_clean(q), _clean(r)) for q, r in zip(questions, responses, strict=True)]
         raw = self.generate(images, prompts, batch_size=batch_size, max_new_tokens=max_new_tokens)
         scores = [parse_score(text) for text in raw]
         n_bad = sum(s is None for s in scores)
@@ -558,7 +568,7 @@ class LlavaCriticJudge:
         """Like `judge_pairs`, also returning each pair's two replies (A first, B first)."""
         n = _check_lengths(images=images, questions=questions, r1s=r1s, r2s=r2s)
         prompts = []
-        for q, a, b in zip(questions, r1s, r2s):
+        for q, a, b in zip(questions, r1s, r2s, strict=True):
             q, a, b = _clean(q), _clean(a), _clean(b)
             prompts += [pairwise_prompt(q, a, b), pairwise_prompt(q, b, a)]
         doubled = [im for im in images for _ in range(2)]

@@ -16,12 +16,20 @@ import numpy as np
 from PIL import Image
 
 from posttrain.charts import COLORS
-from posttrain.config import CriticKind, EvaluateParams
+from posttrain.config import EvaluateParams
 from posttrain.data import AnswerType, Example, load_split
 from posttrain.generation import answer_nll, generate
 from posttrain.io import write_json_atomic, write_jsonl
 from posttrain.lrv import is_decline
-from posttrain.metrics import ItemStats, bleu_item_stats, bootstrap_ci, mean_stats, parse_number, relaxed_match, rouge_l
+from posttrain.metrics import (
+    ItemStats,
+    bleu_item_stats,
+    bootstrap_ci,
+    mean_stats,
+    parse_number,
+    relaxed_match,
+    rouge_l,
+)
 from posttrain.models import image_token_count
 from posttrain.training import load_pixels
 
@@ -63,7 +71,10 @@ def is_correct(example: Example, response: str, extracted: str | None) -> bool:
 
 
 def score_items(
-    examples: list[Example], responses: list[str], nll_sums: list[float], token_counts: list[int],
+    examples: list[Example],
+    responses: list[str],
+    nll_sums: list[float],
+    token_counts: list[int],
     critic_scores: list[float | None],
 ) -> list[dict]:
     """One row per item, in the `compare` schema plus the per-item numbers the metrics need."""
@@ -71,12 +82,24 @@ def score_items(
     for e, response, nll, n_tok, critic in zip(examples, responses, nll_sums, token_counts, critic_scores):
         # a declined positive question commits to no answer ("There is no red bar" does not answer "red")
         extracted = None if is_decline(response) else extract_short_answer(response, e.answer_type)
-        rows.append({
-            "id": e.id, "image": e.image, "prompt": e.question, "reference": e.answer, "response": response,
-            "short_answer": e.short_answer, "extracted": extracted, "negative": e.negative,
-            "declined": is_decline(response), "correct": is_correct(e, response, extracted),
-            "critic_score": critic, "family": e.family, "nll": nll, "n_tokens": n_tok,
-        })
+        rows.append(
+            {
+                "id": e.id,
+                "image": e.image,
+                "prompt": e.question,
+                "reference": e.answer,
+                "response": response,
+                "short_answer": e.short_answer,
+                "extracted": extracted,
+                "negative": e.negative,
+                "declined": is_decline(response),
+                "correct": is_correct(e, response, extracted),
+                "critic_score": critic,
+                "family": e.family,
+                "nll": nll,
+                "n_tokens": n_tok,
+            }
+        )
     return rows
 
 
@@ -122,13 +145,20 @@ def aggregate(rows: list[dict], prefix: str, resamples: int, seed: int) -> dict:
     loss = ItemStats("loss", np.array([[r["nll"], r["n_tokens"]] for r in rows], dtype=float), "mean")
     _with_ci(out, f"{prefix}loss", loss, resamples, seed)
     _with_ci(out, f"{prefix}perplexity", loss, resamples, seed, transform=math.exp)
-    _with_ci(out, f"{prefix}bleu", bleu_item_stats("bleu", [r["response"] for r in rows],
-                                                   [r["reference"] for r in rows]), resamples, seed)
+    _with_ci(
+        out,
+        f"{prefix}bleu",
+        bleu_item_stats("bleu", [r["response"] for r in rows], [r["reference"] for r in rows]),
+        resamples,
+        seed,
+    )
     per_item = {
         "rouge_l": [rouge_l(r["response"], r["reference"]) for r in rows],
         "critic": [r["critic_score"] for r in rows],
-        "relaxed_acc": [100.0 * r["correct"] if not r["negative"] and r["short_answer"] is not None else None
-                        for r in rows],
+        "relaxed_acc": [
+            100.0 * r["correct"] if not r["negative"] and r["short_answer"] is not None else None
+            for r in rows
+        ],
         "negative_acc": [100.0 * r["declined"] if r["negative"] else None for r in rows],
     }
     for name, values in per_item.items():
@@ -141,8 +171,13 @@ def family_accuracy(rows: list[dict], families: list[str], resamples: int, seed:
     """``acc_<family>``: share of correct answers (0–100) per question family, with 95% CIs."""
     out: dict = {}
     for f in families:
-        _with_ci(out, f"acc_{f}", mean_stats(f, [100.0 * r["correct"] if r["family"] == f else None for r in rows]),
-                 resamples, seed)
+        _with_ci(
+            out,
+            f"acc_{f}",
+            mean_stats(f, [100.0 * r["correct"] if r["family"] == f else None for r in rows]),
+            resamples,
+            seed,
+        )
     return out
 
 
@@ -150,7 +185,10 @@ def reference_critic(examples: list[Example], responses: list[str]) -> list[floa
     """The embedded default's critic: the ground-truth rubric of `posttrain.critic.reference_score`."""
     from posttrain.critic import reference_score
 
-    return [reference_score(e, r, extract_short_answer(r, e.answer_type), COLORS) for e, r in zip(examples, responses)]
+    return [
+        reference_score(e, r, extract_short_answer(r, e.answer_type), COLORS)
+        for e, r in zip(examples, responses)
+    ]
 
 
 def load_critic(params: EvaluateParams):
@@ -163,7 +201,13 @@ def load_critic(params: EvaluateParams):
 
 
 def evaluate_model(
-    name: str, model, processor, data_dir: Path, params: EvaluateParams, items_dir: Path, metrics_path: Path,
+    name: str,
+    model,
+    processor,
+    data_dir: Path,
+    params: EvaluateParams,
+    items_dir: Path,
+    metrics_path: Path,
 ) -> dict:
     """Evaluate one model on the study test split and the retention split; write items and metrics.
 
@@ -191,16 +235,44 @@ def evaluate_model(
         pixel_map = load_pixels(processor, data_dir, examples)
         pixels = [pixel_map[e.image_id] for e in examples]
         questions = [e.question for e in examples]
-        responses = generate(model, tokenizer, pixels, questions, n_image_tokens, batch_size=params.batch_size,
-                             max_new_tokens=params.max_new_tokens, progress=f"{name}/{split}") if examples else []
-        nll, counts = answer_nll(model, tokenizer, pixels, questions, [e.answer for e in examples], n_image_tokens,
-                                 batch_size=params.batch_size) if examples else ([], [])
+        responses = (
+            generate(
+                model,
+                tokenizer,
+                pixels,
+                questions,
+                n_image_tokens,
+                batch_size=params.batch_size,
+                max_new_tokens=params.max_new_tokens,
+                progress=f"{name}/{split}",
+            )
+            if examples
+            else []
+        )
+        nll, counts = (
+            answer_nll(
+                model,
+                tokenizer,
+                pixels,
+                questions,
+                [e.answer for e in examples],
+                n_image_tokens,
+                batch_size=params.batch_size,
+            )
+            if examples
+            else ([], [])
+        )
         if critic is None:
             scores = reference_critic(examples, responses)
         else:
             images = [Image.open(data_dir / e.image).convert("RGB") for e in examples]
-            scores, _ = critic.score(images, questions, responses, batch_size=params.critic.batch_size,
-                                     max_new_tokens=params.critic.max_new_tokens)
+            scores, _ = critic.score(
+                images,
+                questions,
+                responses,
+                batch_size=params.critic.batch_size,
+                max_new_tokens=params.critic.max_new_tokens,
+            )
         rows = score_items(examples, responses, nll, counts, scores)
         write_jsonl(items_dir / split / f"{name}.jsonl", rows)
         all_rows += rows

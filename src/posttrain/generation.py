@@ -10,9 +10,19 @@ from posttrain.template import IGNORE_INDEX, encode_example, encode_prompt, pad_
 
 @torch.no_grad()
 def generate(
-    model, tokenizer, pixels: list[torch.Tensor], questions: list[str], n_image_tokens: int, *,
-    batch_size: int, max_new_tokens: int, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
-    seed: int = 0, progress: str | None = None,
+    model,
+    tokenizer,
+    pixels: list[torch.Tensor],
+    questions: list[str],
+    n_image_tokens: int,
+    *,
+    batch_size: int,
+    max_new_tokens: int,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    progress: str | None = None,
 ) -> list[str]:
     """Answer each (image, question) with the model, batched with left padding.
 
@@ -30,12 +40,20 @@ def generate(
         if do_sample:
             torch.manual_seed(seed + start)
         out = model.generate(
-            input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
-            max_new_tokens=max_new_tokens, do_sample=do_sample,
-            **({"temperature": temperature, "top_p": top_p} if do_sample else {"temperature": None, "top_p": None}),
-            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            pixel_values=pixel_values,
+            max_new_tokens=max_new_tokens,
+            do_sample=do_sample,
+            **(
+                {"temperature": temperature, "top_p": top_p}
+                if do_sample
+                else {"temperature": None, "top_p": None}
+            ),
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
         )
-        new_tokens = out[:, input_ids.shape[1]:]
+        new_tokens = out[:, input_ids.shape[1] :]
         outputs.extend(t.strip() for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
         if progress:
             print(f"{progress}: generated {len(outputs)}/{len(questions)}", flush=True)
@@ -44,8 +62,14 @@ def generate(
 
 @torch.no_grad()
 def answer_nll(
-    model, tokenizer, pixels: list[torch.Tensor], questions: list[str], answers: list[str], n_image_tokens: int,
-    *, batch_size: int,
+    model,
+    tokenizer,
+    pixels: list[torch.Tensor],
+    questions: list[str],
+    answers: list[str],
+    n_image_tokens: int,
+    *,
+    batch_size: int,
 ) -> tuple[list[float], list[int]]:
     """Teacher-forced negative log-likelihood of each reference answer (answer tokens and EOS only).
 

@@ -40,15 +40,24 @@ def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFas
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator(texts, trainer=trainer)
     bos = tok.token_to_id("<s>")
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", bos)])
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", bos)]
+    )
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
-        extra_special_tokens={"image_token": IMAGE_TOKEN}, padding_side="right",
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        extra_special_tokens={"image_token": IMAGE_TOKEN},
+        padding_side="right",
     )
 
 
@@ -77,19 +86,31 @@ def build_tiny_llava(tokenizer: PreTrainedTokenizerFast, arch: TinyArchitecture,
         about one additional token (CLS) to expand ``<image>`` to exactly that many tokens.
     """
     vision = CLIPVisionConfig(
-        hidden_size=arch.vision_hidden, intermediate_size=4 * arch.vision_hidden, num_hidden_layers=arch.vision_layers,
-        num_attention_heads=arch.vision_heads, image_size=arch.image_size, patch_size=arch.patch_size,
+        hidden_size=arch.vision_hidden,
+        intermediate_size=4 * arch.vision_hidden,
+        num_hidden_layers=arch.vision_layers,
+        num_attention_heads=arch.vision_heads,
+        image_size=arch.image_size,
+        patch_size=arch.patch_size,
         projection_dim=arch.vision_hidden,
     )
     text = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=arch.text_hidden, intermediate_size=arch.text_intermediate,
-        num_hidden_layers=arch.text_layers, num_attention_heads=arch.text_heads,
-        num_key_value_heads=arch.text_heads, max_position_embeddings=512,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=arch.text_hidden,
+        intermediate_size=arch.text_intermediate,
+        num_hidden_layers=arch.text_layers,
+        num_attention_heads=arch.text_heads,
+        num_key_value_heads=arch.text_heads,
+        max_position_embeddings=512,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
     )
     config = LlavaConfig(
-        vision_config=vision, text_config=text, image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        vision_config=vision,
+        text_config=text,
+        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
         vision_feature_select_strategy="default",
         vision_feature_layer=-1,  # the last layer: -2 would waste half of a 2-layer tower
         projector_hidden_act="gelu",
@@ -100,12 +121,17 @@ def build_tiny_llava(tokenizer: PreTrainedTokenizerFast, arch: TinyArchitecture,
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.bos_token_id = tokenizer.bos_token_id
     image_processor = CLIPImageProcessor(
-        size={"shortest_edge": arch.image_size}, crop_size={"height": arch.image_size, "width": arch.image_size},
+        size={"shortest_edge": arch.image_size},
+        crop_size={"height": arch.image_size, "width": arch.image_size},
         do_convert_rgb=True,
     )
     processor = LlavaProcessor(
-        image_processor=image_processor, tokenizer=tokenizer, patch_size=arch.patch_size,
-        vision_feature_select_strategy="default", num_additional_image_tokens=1, chat_template=CHAT_TEMPLATE,
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=arch.patch_size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=CHAT_TEMPLATE,
     )
     return model, processor
 
@@ -129,24 +155,48 @@ def write_provenance(folder: Path, **fields) -> None:
 def read_provenance(folder: str | Path, stage: str) -> dict:
     path = Path(folder) / PROVENANCE
     if not path.exists():
-        raise FileNotFoundError(f"{path} is missing: {folder} was not produced by this pipeline. Run `dvc repro {stage}`.")
+        raise FileNotFoundError(
+            f"{path} is missing: {folder} was not produced by this pipeline. Run `dvc repro {stage}`."
+        )
     return json.loads(path.read_text())
 
 
-def load_base(folder: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32):
+def load_base(
+    folder: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32, quantization_config=None
+):
     """Load the base model and processor that the `base` stage recorded in `folder`.
 
     The tiny model is stored in the folder itself; a hub model is recorded by id and pinned revision.
+    With a bitsandbytes `quantization_config` the weights are quantized as they load (CUDA only).
     """
     prov = read_provenance(folder, "base")
     source = str(folder) if prov["kind"] == "local" else prov["hub_id"]
     revision = None if prov["kind"] == "local" else prov["revision"]
     model = LlavaForConditionalGeneration.from_pretrained(
-        source, revision=revision, dtype=dtype, use_safetensors=True
-    ).to(device)
+        source, revision=revision, dtype=dtype, use_safetensors=True, quantization_config=quantization_config,
+        **({"device_map": {"": device}} if quantization_config is not None else {}),
+    )
+    if quantization_config is None:
+        model = model.to(device)
     processor = AutoProcessor.from_pretrained(source, revision=revision)
     model.eval()
     return model, processor, prov
+
+
+def base_fingerprint(folder: str | Path) -> str:
+    """Identity of a base model: hub id@revision, or the SHA-256 of the local weights.
+
+    Adapters record it; the ensemble refuses members trained on different bases.
+    """
+    import hashlib
+
+    prov = read_provenance(folder, "base")
+    if prov["kind"] != "local":
+        return f"{prov['hub_id']}@{prov['revision']}"
+    h = hashlib.sha256()
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        h.update(f.read_bytes())
+    return f"sha256:{h.hexdigest()}"
 
 
 def load_model(name: str, models_dir: Path, device: str = "cpu"):

@@ -15,8 +15,13 @@ def _synthetic(params: PrepareParams, image_dir: Path) -> tuple[dict[str, list[E
     splits = {}
     for pool in ("pretrain", "study"):
         examples = generate_pool(
-            pool, getattr(s, f"{pool}_images"), s.image_size, s.questions_per_image, s.negative_fraction,
-            params.seed, image_dir,
+            pool,
+            getattr(s, f"{pool}_images"),
+            s.image_size,
+            s.questions_per_image,
+            s.negative_fraction,
+            params.seed,
+            image_dir,
         )
         train, test = split_by_image(examples, getattr(s, f"{pool}_test_images"), params.seed)
         splits[f"{pool}_train"], splits[f"{pool}_test"] = train, test

@@ -38,10 +38,16 @@ def metrics_table(metrics: dict[str, dict], prefix: str = "") -> str:
 
 def family_table(metrics: dict[str, dict]) -> str:
     """Markdown: accuracy per question family for each model, beside the majority-answer baseline."""
-    families = sorted(k.removeprefix("acc_") for k in next(iter(metrics.values()))
-                      if k.startswith("acc_") and not k.endswith(("_ci_low", "_ci_high")))
+    families = sorted(
+        k.removeprefix("acc_")
+        for k in next(iter(metrics.values()))
+        if k.startswith("acc_") and not k.endswith(("_ci_low", "_ci_high"))
+    )
     names = list(metrics)
-    lines = ["| family | majority baseline | " + " | ".join(names) + " |", "|---|---:|" + "---:|" * len(names)]
+    lines = [
+        "| family | majority baseline | " + " | ".join(names) + " |",
+        "|---|---:|" + "---:|" * len(names),
+    ]
     for f in families:
         first = metrics[names[0]]
         base = first.get(f"majority_{f}")
@@ -56,11 +62,16 @@ def significance_summary(result: dict, baseline: str) -> str:
     for name, entry in result["models"].items():
         if name == baseline:
             continue
-        sig = [f"{m} ({d['delta']:+.2f}, p={d['p']:.3f})" for m, d in entry["vs_baseline"].items()
-               if d["p"] is not None and d["p"] < SIGNIFICANCE]
+        sig = [
+            f"{m} ({d['delta']:+.2f}, p={d['p']:.3f})"
+            for m, d in entry["vs_baseline"].items()
+            if d["p"] is not None and d["p"] < SIGNIFICANCE
+        ]
         not_sig = [m for m, d in entry["vs_baseline"].items() if d["p"] is None or d["p"] >= SIGNIFICANCE]
-        lines.append(f"- **{name}** vs {baseline}: significant: {', '.join(sig) or 'none'}; "
-                     f"not significant: {', '.join(not_sig) or 'none'}.")
+        lines.append(
+            f"- **{name}** vs {baseline}: significant: {', '.join(sig) or 'none'}; "
+            f"not significant: {', '.join(not_sig) or 'none'}."
+        )
     return "\n".join(lines) + "\n" if lines else f"Only {baseline} has been evaluated so far.\n"
 
 
@@ -68,13 +79,17 @@ def plot_metrics(metrics: dict[str, dict], path: Path) -> None:
     """Grouped bars (one group per metric, one bar per model) with 95% CI error bars, study and retention."""
     names = list(metrics)
     fig, axes = plt.subplots(1, 2, figsize=(12, 4), sharey=True)
-    for ax, (prefix, title) in zip(axes, (("", "study test split"), ("retain_", "retention (pretrain families)"))):
+    for ax, (prefix, title) in zip(
+        axes, (("", "study test split"), ("retain_", "retention (pretrain families)"))
+    ):
         width = 0.8 / len(names)
         for i, name in enumerate(names):
             m = metrics[name]
             vals = [m.get(prefix + k) or 0.0 for k in PLOTTED]
-            err = [[max(v - (m.get(f"{prefix}{k}_ci_low") or v), 0) for k, v in zip(PLOTTED, vals)],
-                   [max((m.get(f"{prefix}{k}_ci_high") or v) - v, 0) for k, v in zip(PLOTTED, vals)]]
+            err = [
+                [max(v - (m.get(f"{prefix}{k}_ci_low") or v), 0) for k, v in zip(PLOTTED, vals)],
+                [max((m.get(f"{prefix}{k}_ci_high") or v) - v, 0) for k, v in zip(PLOTTED, vals)],
+            ]
             ax.bar([j + i * width for j in range(len(PLOTTED))], vals, width, yerr=err, capsize=2, label=name)
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(PLOTTED))], PLOTTED, rotation=20)
         ax.set_title(title)
@@ -106,31 +121,46 @@ def examples_page(items: dict[str, list[dict]], data_dir: Path, n: int) -> str:
     names = list(items)
     first = items[names[0]]
     by_id = {name: {r["id"]: r for r in rows} for name, rows in items.items()}
-    out = ["<!doctype html><meta charset='utf-8'><title>posttrain examples</title>",
-           "<style>body{font-family:sans-serif}td,th{border:1px solid #ccc;padding:4px;vertical-align:top}"
-           "table{border-collapse:collapse}.ok{background:#e6ffe6}.bad{background:#ffe6e6}</style>",
-           "<h1>Side-by-side examples (study test split)</h1><table><tr><th>image</th><th>question</th>"
-           "<th>reference</th>" + "".join(f"<th>{html.escape(n_)}</th>" for n_ in names) + "</tr>"]
+    out = [
+        "<!doctype html><meta charset='utf-8'><title>posttrain examples</title>",
+        "<style>body{font-family:sans-serif}td,th{border:1px solid #ccc;padding:4px;vertical-align:top}"
+        "table{border-collapse:collapse}.ok{background:#e6ffe6}.bad{background:#ffe6e6}</style>",
+        "<h1>Side-by-side examples (study test split)</h1><table><tr><th>image</th><th>question</th>"
+        "<th>reference</th>" + "".join(f"<th>{html.escape(n_)}</th>" for n_ in names) + "</tr>",
+    ]
     for i in pick_examples(first, n):
         row = first[i]
         img = data_dir / row["image"] if row.get("image") else None
-        src = (f"data:image/png;base64,{base64.b64encode(img.read_bytes()).decode()}"
-               if img is not None and img.exists() else "")
+        src = (
+            f"data:image/png;base64,{base64.b64encode(img.read_bytes()).decode()}"
+            if img is not None and img.exists()
+            else ""
+        )
         cells = []
         for name in names:
             r = by_id[name][row["id"]]
             cls = "ok" if r.get("correct") else "bad"
             cells.append(f"<td class='{cls}'>{html.escape(r['response'])}</td>")
-        out.append(f"<tr><td><img src='{src}' width='168'></td><td>{html.escape(row['prompt'])}<br><small>"
-                   f"{html.escape(row.get('family', ''))}</small></td><td>{html.escape(row['reference'])}</td>"
-                   + "".join(cells) + "</tr>")
+        out.append(
+            f"<tr><td><img src='{src}' width='168'></td><td>{html.escape(row['prompt'])}<br><small>"
+            f"{html.escape(row.get('family', ''))}</small></td><td>{html.escape(row['reference'])}</td>"
+            + "".join(cells)
+            + "</tr>"
+        )
     out.append("</table><p>Green: correct (relaxed match, or declined a negative question); red: not.</p>")
     return "\n".join(out) + "\n"
 
 
 def build_report(
-    models: list[str], metrics_dir: Path, items_dir: Path, data_dir: Path, baseline: str, n_examples: int,
-    resamples: int, seed: int, critic_is_model: bool = False,
+    models: list[str],
+    metrics_dir: Path,
+    items_dir: Path,
+    data_dir: Path,
+    baseline: str,
+    n_examples: int,
+    resamples: int,
+    seed: int,
+    critic_is_model: bool = False,
 ) -> str:
     """Write ``report.md``, ``report.png`` and ``examples.html`` into `metrics_dir`; return the markdown.
 
@@ -159,14 +189,17 @@ def build_report(
         "value, 20 for inventing no element, 20 × ROUGE-L recall)."
     )
     if critic_is_model:
-        critic_note = ("Critic: LLaVA-Critic. It was trained from LLaVA-OneVision, whose data includes lrv_chart: "
-                       "its scores on this test set may be contaminated.")
+        critic_note = (
+            "Critic: LLaVA-Critic. It was trained from LLaVA-OneVision, whose data includes lrv_chart: "
+            "its scores on this test set may be contaminated."
+        )
     splits = data_report["splits"]
     md = [
         "# posttrain report",
         "",
         f"Data: {data_report['source']}; study test {splits['study_test']['examples']} questions on "
-        f"{splits['study_test']['images']} images; retention test {splits['pretrain_test']['examples']} questions.",
+        f"{splits['study_test']['images']} images; "
+        f"retention test {splits['pretrain_test']['examples']} questions.",
         "Every value is `mean [95% bootstrap CI]`; scores are 0–100, `loss` is NLL per answer token.",
         critic_note,
         "",

@@ -1,4 +1,4 @@
-"""The one chat template: training, generation, loss and judging all build prompts here.
+r"""The one chat template: training, generation, loss and judging all build prompts here.
 
 LLaVA-1.5's conversation format (``USER: <image>\\n{question} ASSISTANT: {answer}</s>``), rendered the same
 way at both scales. Prompt and completion are tokenized separately and concatenated, so the prompt tokens
@@ -21,7 +21,9 @@ CHAT_TEMPLATE = (
     "{% if item['type'] == 'image' %}<image>\n{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
     "{% endfor %} "
     "{% else %}ASSISTANT: "
-    "{% for item in message['content'] %}{% if item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}"
+    "{% for item in message['content'] %}"
+    "{% if item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
+    "{% endfor %}"
     "{{ eos_token }}"
     "{% endif %}"
     "{% endfor %}"
@@ -50,7 +52,9 @@ def encode_prompt(tokenizer, question: str, n_image_tokens: int) -> list[int]:
 
 def encode_completion(tokenizer, answer: str) -> list[int]:
     """Token ids of the answer followed by EOS; no BOS (it was in the prompt)."""
-    return tokenizer(completion_text(answer), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    return tokenizer(completion_text(answer), add_special_tokens=False)["input_ids"] + [
+        tokenizer.eos_token_id
+    ]
 
 
 def encode_example(tokenizer, question: str, answer: str, n_image_tokens: int) -> tuple[list[int], list[int]]:
@@ -66,7 +70,7 @@ def pad_batch(sequences: list[list[int]], pad_value: int, side: str) -> torch.Te
     out = torch.full((len(sequences), width), pad_value, dtype=torch.long)
     for i, s in enumerate(sequences):
         if side == "left":
-            out[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
+            out[i, width - len(s) :] = torch.tensor(s, dtype=torch.long)
         else:
             out[i, : len(s)] = torch.tensor(s, dtype=torch.long)
     return out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,12 +13,15 @@ from PIL import Image
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import PrinterCallback
 
+from posttrain.config import Quantization
 from posttrain.data import Example
 from posttrain.models import image_token_count
 from posttrain.template import IGNORE_INDEX, encode_example, pad_batch
 
 
-def load_pixels(processor, data_dir: Path, examples: list[Example], batch_size: int = 256) -> dict[str, torch.Tensor]:
+def load_pixels(
+    processor, data_dir: Path, examples: list[Example], batch_size: int = 256
+) -> dict[str, torch.Tensor]:
     """Preprocess every distinct image once: image_id -> pixel_values (3, H, W)."""
     paths = {e.image_id: data_dir / e.image for e in examples}
     ids = sorted(paths)
@@ -36,7 +40,9 @@ class TeacherForcedDataset(torch.utils.data.Dataset):
     def __init__(self, examples: list[Example], data_dir: Path, processor):
         self.processor = processor
         n_image_tokens = image_token_count(processor)
-        self.encoded = [encode_example(processor.tokenizer, e.question, e.answer, n_image_tokens) for e in examples]
+        self.encoded = [
+            encode_example(processor.tokenizer, e.question, e.answer, n_image_tokens) for e in examples
+        ]
         self.image_ids = [e.image_id for e in examples]
         self.pixels = load_pixels(processor, data_dir, examples)
 
@@ -59,7 +65,12 @@ class TeacherForcedCollator:
         labels = pad_batch([it["labels"] for it in items], IGNORE_INDEX, "right")  # (B, T)
         attention_mask = pad_batch([[1] * len(it["input_ids"]) for it in items], 0, "right")
         pixel_values = torch.stack([it["pixel_values"] for it in items])  # (B, 3, H, W)
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "pixel_values": pixel_values}
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "labels": labels,
+            "pixel_values": pixel_values,
+        }
 
 
 class ProgressCallback(TrainerCallback):
@@ -78,15 +89,25 @@ class ProgressCallback(TrainerCallback):
         done = max(state.global_step - self.first_step, 1)
         eta = elapsed / done * (state.max_steps - state.global_step)
         print(
-            f"step {state.global_step:>5}/{state.max_steps}  loss {logs['loss']:.4f}  lr {logs.get('learning_rate', 0):.2e}  "
+            f"step {state.global_step:>5}/{state.max_steps}  loss {logs['loss']:.4f}  "
+            f"lr {logs.get('learning_rate', 0):.2e}  "
             f"{done * self.batch_size / elapsed:6.1f} samples/s  eta {eta:5.0f}s",
             flush=True,
         )
 
 
 def training_arguments(
-    output_dir: Path, *, max_steps: int, batch_size: int, learning_rate: float, warmup_steps: int,
-    weight_decay: float, seed: int, save_steps: int, bf16: bool = False, logging_steps: int = 10,
+    output_dir: Path,
+    *,
+    max_steps: int,
+    batch_size: int,
+    learning_rate: float,
+    warmup_steps: int,
+    weight_decay: float,
+    seed: int,
+    save_steps: int,
+    bf16: bool = False,
+    logging_steps: int = 10,
 ) -> TrainingArguments:
     """The Trainer settings every training run here shares (cosine schedule, checkpoints for resuming)."""
     return TrainingArguments(
@@ -113,8 +134,10 @@ def training_arguments(
 
 
 def run_trainer(model, args: TrainingArguments, dataset, collator, callbacks: list, resume: bool) -> dict:
-    """One Trainer call; resumes from the newest checkpoint in `args.output_dir` when `resume` and one exists."""
-    trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator, callbacks=callbacks)
+    """One Trainer call; resumes from the newest checkpoint in `args.output_dir` if asked and one exists."""
+    trainer = Trainer(
+        model=model, args=args, train_dataset=dataset, data_collator=collator, callbacks=callbacks
+    )
     trainer.remove_callback(PrinterCallback)  # ProgressCallback prints a shorter line
     checkpoints = sorted(Path(args.output_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
     resume_from = str(checkpoints[-1]) if resume and checkpoints else None
@@ -134,7 +157,11 @@ def run_trainer(model, args: TrainingArguments, dataset, collator, callbacks: li
 
 
 def train_tiny_base(
-    params, data_dir: Path, out_dir: Path, checkpoint_dir: Path, live_dir: Path | None,
+    params,
+    data_dir: Path,
+    out_dir: Path,
+    checkpoint_dir: Path,
+    live_dir: Path | None,
 ) -> dict:
     """Build the tiny LLaVA, train every weight from scratch on the pretrain pool, save it to `out_dir`.
 
@@ -151,26 +178,44 @@ def train_tiny_base(
     from posttrain.config import to_dict
     from posttrain.data import load_split
     from posttrain.io import atomic_dir
-    from posttrain.models import TinyArchitecture, build_tiny_llava, count_params, train_tokenizer, write_provenance
+    from posttrain.models import (
+        TinyArchitecture,
+        build_tiny_llava,
+        count_params,
+        train_tokenizer,
+        write_provenance,
+    )
     from posttrain.template import completion_text, prompt_text
 
     train = load_split(data_dir, "pretrain_train")
     if not train:
-        raise ValueError(f"{data_dir}/pretrain_train.jsonl is empty: the tiny base needs the synthetic pretrain pool")
-    # The tokenizer sees the text of both train splits (never a test split) so study words are single tokens too.
+        raise ValueError(
+            f"{data_dir}/pretrain_train.jsonl is empty: the tiny base needs the synthetic pretrain pool"
+        )
+    # The tokenizer sees the text of both train splits (never a test split): study words get tokens too.
     corpus = train + load_split(data_dir, "study_train")
-    tokenizer = train_tokenizer([prompt_text(e.question) + completion_text(e.answer) for e in corpus],
-                                params.tiny.vocab_size)
+    tokenizer = train_tokenizer(
+        [prompt_text(e.question) + completion_text(e.answer) for e in corpus], params.tiny.vocab_size
+    )
     arch = TinyArchitecture(**to_dict(params.tiny))
     model, processor = build_tiny_llava(tokenizer, arch, params.seed)
     dataset = TeacherForcedDataset(train, data_dir, processor)
     t = params.train
-    print(f"tiny LLaVA: {count_params(model) / 1e6:.2f} M params, all trainable; {len(dataset)} examples; "
-          f"{t.max_steps} steps × batch {t.batch_size} = {t.max_steps * t.batch_size / len(dataset):.1f} epochs",
-          flush=True)
+    print(
+        f"tiny LLaVA: {count_params(model) / 1e6:.2f} M params, all trainable; {len(dataset)} examples; "
+        f"{t.max_steps} steps × batch {t.batch_size} = "
+        f"{t.max_steps * t.batch_size / len(dataset):.1f} epochs",
+        flush=True,
+    )
     args = training_arguments(
-        checkpoint_dir, max_steps=t.max_steps, batch_size=t.batch_size, learning_rate=t.learning_rate,
-        warmup_steps=t.warmup_steps, weight_decay=t.weight_decay, seed=params.seed, save_steps=t.save_steps,
+        checkpoint_dir,
+        max_steps=t.max_steps,
+        batch_size=t.batch_size,
+        learning_rate=t.learning_rate,
+        warmup_steps=t.warmup_steps,
+        weight_decay=t.weight_decay,
+        seed=params.seed,
+        save_steps=t.save_steps,
     )
     callbacks = [ProgressCallback(every=100, batch_size=t.batch_size)]
     live = _live(live_dir)
@@ -178,7 +223,9 @@ def train_tiny_base(
         from transformers.integrations import DVCLiveCallback
 
         callbacks.append(DVCLiveCallback(live=live))
-    summary = run_trainer(model, args, dataset, TeacherForcedCollator(tokenizer.pad_token_id), callbacks, resume=True)
+    summary = run_trainer(
+        model, args, dataset, TeacherForcedCollator(tokenizer.pad_token_id), callbacks, resume=True
+    )
     if live is not None:
         live.end()
     summary["params"] = count_params(model)
@@ -186,8 +233,13 @@ def train_tiny_base(
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
         write_provenance(
-            tmp, kind="local", produced_by="stages/base.py", architecture="LlavaForConditionalGeneration",
-            params=to_dict(params), training=summary, train_examples=len(dataset),
+            tmp,
+            kind="local",
+            produced_by="stages/base.py",
+            architecture="LlavaForConditionalGeneration",
+            params=to_dict(params),
+            training=summary,
+            train_examples=len(dataset),
         )
     return summary
 
@@ -199,3 +251,111 @@ def _live(live_dir: Path | None):
     from dvclive import Live
 
     return Live(dir=str(live_dir), dvcyaml=False, save_dvc_exp=False, report=None)
+
+
+def language_model_regex(target_modules: tuple[str, ...]) -> str:
+    """PEFT `target_modules` regex: the named layers of the language model only.
+
+    CLIP's attention layers share the names (``q_proj`` ...), so matching by name alone would also adapt
+    the vision tower.
+    """
+    names = "|".join(re.escape(m) for m in target_modules)
+    return rf"(.*\.)?language_model\..*\.({names})"
+
+
+def quantization_config(quantization: Quantization):
+    """bitsandbytes settings for QLoRA nf4, or None; nf4 without CUDA is an error before anything loads."""
+    if quantization is Quantization.NONE:
+        return None
+    if not torch.cuda.is_available():
+        raise RuntimeError(
+            "sft.common.quantization is 'nf4', which needs a CUDA GPU (bitsandbytes 4-bit); none is visible. "
+            "Use quantization: none on this machine."
+        )
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_compute_dtype=torch.bfloat16,
+        bnb_4bit_use_double_quant=True,
+        # skip lists match full module names: the vision tower and projector stay in bf16
+        llm_int8_skip_modules=["model.vision_tower", "model.multi_modal_projector", "lm_head"],
+    )
+
+
+def train_sft_variant(
+    name: str, common, variant, seed: int, base_dir: Path, data_dir: Path, out_dir: Path, checkpoint_dir: Path,
+    live_dir: Path | None,
+) -> dict:
+    """Train one LoRA (or QLoRA) adapter on the study train split and save it with its provenance.
+
+    Args:
+        name: the variant's name (``sft1`` ...), also the adapter's folder name.
+        common: `posttrain.config.SftCommon`, the settings every variant shares.
+        variant: `posttrain.config.SftVariant`, this variant's alpha and dropout.
+        seed: the shared seed.
+        base_dir: the `base` stage's folder.
+        data_dir: the prepared folder.
+        out_dir: the adapter folder, written atomically.
+        checkpoint_dir: Trainer checkpoints; a rerun after a kill resumes from the newest.
+        live_dir: DVCLive folder for the curves, or None.
+
+    Returns:
+        Training summary.
+    """
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    from posttrain.config import to_dict
+    from posttrain.data import load_split
+    from posttrain.io import atomic_dir
+    from posttrain.models import base_fingerprint, count_params, load_base, write_provenance
+
+    qconfig = quantization_config(common.quantization)  # fails before loading anything if impossible
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    model, processor, base_prov = load_base(base_dir, device=device, dtype=dtype, quantization_config=qconfig)
+    if qconfig is not None:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    lora = LoraConfig(
+        r=common.rank,
+        lora_alpha=variant.alpha,
+        lora_dropout=variant.dropout,
+        target_modules=language_model_regex(common.target_modules),
+        bias="none",
+    )
+    torch.manual_seed(seed)
+    model = get_peft_model(model, lora)
+    train = load_split(data_dir, "study_train")
+    dataset = TeacherForcedDataset(train, data_dir, processor)
+    print(
+        f"{name}: LoRA r={common.rank} alpha={variant.alpha} dropout={variant.dropout}; "
+        f"{count_params(model, trainable_only=True):,} trainable of {count_params(model):,} params; "
+        f"{len(dataset)} examples, {common.max_steps} steps × batch {common.batch_size} = "
+        f"{common.max_steps * common.batch_size / len(dataset):.1f} epochs",
+        flush=True,
+    )
+    args = training_arguments(
+        checkpoint_dir, max_steps=common.max_steps, batch_size=common.batch_size,
+        learning_rate=common.learning_rate, warmup_steps=common.warmup_steps, weight_decay=common.weight_decay,
+        seed=seed, save_steps=common.save_steps, bf16=device == "cuda",
+    )
+    callbacks = [ProgressCallback(every=50, batch_size=common.batch_size)]
+    live = _live(live_dir)
+    if live is not None:
+        from transformers.integrations import DVCLiveCallback
+
+        callbacks.append(DVCLiveCallback(live=live))
+    collator = TeacherForcedCollator(processor.tokenizer.pad_token_id)
+    summary = run_trainer(model, args, dataset, collator, callbacks, resume=True)
+    if live is not None:
+        live.end()
+    with atomic_dir(out_dir) as tmp:
+        model.save_pretrained(tmp)
+        write_provenance(
+            tmp, kind="adapter", name=name, produced_by="stages/sft.py", base=str(base_dir),
+            base_fingerprint=base_fingerprint(base_dir), base_provenance=base_prov,
+            params={"common": to_dict(common), "variant": to_dict(variant), "seed": seed},
+            training=summary, train_examples=len(dataset),
+        )
+    return summary

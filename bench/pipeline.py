@@ -1,0 +1,75 @@
+"""Wall-clock of the default pipeline from a fresh clone, and of a no-op `dvc repro`.
+
+    python bench/pipeline.py [--json bench/results/cpu.json]
+
+Clones the current commit into a temporary folder, runs `dvc repro` there with this interpreter's venv on
+PATH, and prints the seconds each stage took (from DVC's own output), the total, and the seconds of a second
+`dvc repro` that has nothing to do. Numbers are only meaningful on a quiet machine.
+"""
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_timed(cmd: list[str], cwd: Path, env: dict) -> tuple[float, dict[str, float]]:
+    """Run `cmd`, echoing its output; return total seconds and seconds per DVC stage."""
+    stages: dict[str, float] = {}
+    current, started = None, time.perf_counter()
+    t0 = started
+    proc = subprocess.Popen(
+        cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    for line in proc.stdout:
+        sys.stdout.write(line)
+        if line.startswith("Running stage '"):
+            now = time.perf_counter()
+            if current:
+                stages[current] = round(now - started, 1)
+            current, started = line.split("'")[1], now
+    if proc.wait():
+        raise SystemExit(f"{' '.join(cmd)} failed")
+    end = time.perf_counter()
+    if current:
+        stages[current] = round(end - started, 1)
+    return round(end - t0, 1), stages
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--json", help="also write the figures here")
+    args = ap.parse_args()
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    with tempfile.TemporaryDirectory() as tmp:
+        clone = Path(tmp) / "clone"
+        subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True)
+        env["PYTHONPATH"] = str(clone / "src")  # the clone's code, not the editable install's
+        total, stages = run_timed(["dvc", "repro", "--force"], clone, env)
+        noop, _ = run_timed(["dvc", "repro"], clone, env)
+        same = subprocess.run(
+            ["git", "diff", "--stat", "--", "metrics/"], cwd=clone, capture_output=True, text=True
+        )
+    result = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}",
+        "fresh_clone_repro_seconds": total,
+        "stage_seconds": stages,
+        "noop_repro_seconds": noop,
+        "metrics_reproduced_exactly": same.stdout.strip() == "",
+        "metrics_diff": same.stdout.strip(),
+    }
+    print(json.dumps(result, indent=2))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

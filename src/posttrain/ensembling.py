@@ -1,0 +1,119 @@
+"""The `ensemble` stage's work: combine the SFT adapters into one adapter (SFTe).
+
+With PEFT's `add_weighted_adapter`, only some combinations are the average *model*. LoRA variant i adds
+ΔW_i = s_i·B_i·A_i (s_i = alpha_i / r_i). The average model adds mean_i ΔW_i. `cat` stacks the ranks,
+A = [w·s_1·A_1; …; w·s_N·A_N], B = [B_1 … B_N], so B·A = Σ w·s_i·B_i·A_i exactly (rank Σ r_i, scaling 1).
+`linear` averages A and B separately, (Σ w·√s_i·B_i)(Σ w·√s_i·A_i), which has cross terms B_i·A_j: not the
+average model (kept for the study's ablation). `svd` factorises the averaged delta, exact when its rank is at
+least Σ r_i. `ties` trims and sign-elects the deltas (Yadav et al. 2023, TIES-Merging) before an SVD.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from posttrain.config import EnsembleMethod, EnsembleParams, to_dict
+from posttrain.io import atomic_dir
+from posttrain.models import base_fingerprint, load_base, read_provenance, write_provenance
+
+ENSEMBLE = "ensemble"
+_PEFT_COMBINATION = {
+    EnsembleMethod.CAT: "cat",
+    EnsembleMethod.SVD: "svd",
+    EnsembleMethod.LINEAR: "linear",
+    EnsembleMethod.TIES: "ties_svd",
+}
+
+
+def adapter_rank(folder: Path) -> int:
+    return int(json.loads((Path(folder) / "adapter_config.json").read_text())["r"])
+
+
+def check_members(base_dir: Path, members: dict[str, Path], method: EnsembleMethod) -> None:
+    """Refuse members that cannot be averaged: trained on another base, or unequal ranks for `linear`."""
+    if not members:
+        raise ValueError("the ensemble needs at least one member adapter")
+    fingerprint = base_fingerprint(base_dir)
+    wrong = {
+        n: read_provenance(d, f"sft@{n}").get("base_fingerprint")
+        for n, d in members.items()
+        if read_provenance(d, f"sft@{n}").get("base_fingerprint") != fingerprint
+    }
+    if wrong:
+        raise ValueError(
+            f"members {sorted(wrong)} were trained on a different base model than {base_dir} "
+            f"({fingerprint}); rerun `dvc repro sft` so every variant starts from the same base"
+        )
+    ranks = {n: adapter_rank(d) for n, d in members.items()}
+    if method.needs_equal_ranks and len(set(ranks.values())) > 1:
+        raise ValueError(
+            f"ensemble.method 'linear' averages A and B matrices and needs equal ranks, got {ranks}; "
+            "use method: cat (exact for any ranks) or give every variant the same sft.common.rank"
+        )
+
+
+def combine(model, members: dict[str, Path], params: EnsembleParams):
+    """Load every member into `model` (a plain base model) and combine them into the one adapter `ensemble`.
+
+    Returns:
+        The `PeftModel` holding only the combined adapter, active, in eval mode.
+    """
+    from peft import PeftModel
+
+    names = list(members)
+    model = PeftModel.from_pretrained(model, str(members[names[0]]), adapter_name=names[0])
+    for n in names[1:]:
+        model.load_adapter(str(members[n]), adapter_name=n)
+    total_rank = sum(adapter_rank(d) for d in members.values())
+    kwargs = {}
+    if params.method in (EnsembleMethod.SVD, EnsembleMethod.TIES):
+        kwargs["svd_rank"] = params.svd_rank or total_rank
+    if params.method is EnsembleMethod.TIES:
+        kwargs["density"] = params.density
+    weights = [1.0 / len(names)] * len(names)
+    with torch.no_grad():
+        model.add_weighted_adapter(
+            names, weights, ENSEMBLE, combination_type=_PEFT_COMBINATION[params.method], **kwargs
+        )
+    model.set_adapter(ENSEMBLE)
+    for n in names:
+        model.delete_adapter(n)
+    return model.eval()  # merged adapters keep dropout modules: off for evaluation
+
+
+def build_ensemble(base_dir: Path, members: dict[str, Path], params: EnsembleParams, out_dir: Path) -> dict:
+    """Combine the member adapters and save the result as a single adapter that reloads as ``default``.
+
+    Args:
+        base_dir: the `base` stage's folder.
+        members: variant name -> adapter folder, in a fixed order.
+        params: the ``ensemble`` section.
+        out_dir: the ensemble adapter folder, written atomically.
+
+    Returns:
+        A summary: method, members, rank, exactness.
+    """
+    check_members(base_dir, members, params.method)
+    model, _, _ = load_base(base_dir)
+    model = combine(model, members, params)
+    rank = model.peft_config[ENSEMBLE].r
+    exact = params.method.exact or (
+        params.method is EnsembleMethod.SVD and rank >= sum(adapter_rank(d) for d in members.values())
+    )
+    summary = {"method": params.method.value, "members": list(members), "rank": rank, "exact_average": exact}
+    with atomic_dir(out_dir) as tmp:
+        model.save_pretrained(tmp / "peft", selected_adapters=[ENSEMBLE])
+        saved = tmp / "peft" / ENSEMBLE  # PEFT nests adapters that are not named "default"
+        for f in saved.iterdir():
+            shutil.move(str(f), tmp / f.name)
+        shutil.rmtree(tmp / "peft")
+        write_provenance(
+            tmp, kind="adapter", name="sfte", produced_by="stages/ensemble.py", base=str(base_dir),
+            base_fingerprint=base_fingerprint(base_dir), params=to_dict(params), ensemble=summary,
+            member_provenance={n: read_provenance(d, f"sft@{n}") for n, d in members.items()},
+        )
+    return summary

@@ -1,0 +1,48 @@
+"""One LoRA/QLoRA SFT variant of the base model on the study train split.
+
+    dvc repro sft@sft1        # one variant
+    dvc repro sft             # all of them
+
+Reads `sft.common` and `sft.variants.<name>`; writes the adapter to models/<name>/ (adapter_config.json,
+adapter_model.safetensors, provenance.json) and the curves to dvclive/<name>/. A run killed mid-training
+resumes from checkpoints/<name>/ when rerun.
+"""
+
+import argparse
+import shutil
+from pathlib import Path
+
+import torch
+
+from posttrain.config import load_params
+from posttrain.training import train_sft_variant
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--variant", required=True, help="a key of sft.variants, e.g. sft1")
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--data", default="data/prepared")
+    ap.add_argument("--models", default="models")
+    ap.add_argument("--checkpoints", default="checkpoints")
+    ap.add_argument("--live", default="dvclive")
+    args = ap.parse_args()
+
+    params = load_params(args.params)
+    if args.variant not in params.sft.variants:
+        raise SystemExit(f"unknown variant {args.variant!r}; sft.variants has {sorted(params.sft.variants)}")
+    if params.base.threads:
+        torch.set_num_threads(params.base.threads)
+    checkpoints = Path(args.checkpoints) / args.variant
+    summary = train_sft_variant(
+        args.variant, params.sft.common, params.sft.variants[args.variant], params.base.seed,
+        Path(args.models) / "base", Path(args.data), Path(args.models) / args.variant, checkpoints,
+        Path(args.live) / args.variant,
+    )
+    shutil.rmtree(checkpoints, ignore_errors=True)
+    print(f"{args.variant}: {summary['steps']} steps in {summary['train_seconds']:.0f}s, "
+          f"final loss {summary['final_loss']:.4f} -> {args.models}/{args.variant}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+"""Shared fixtures: a micro params file, prepared micro data and a tiny model, built once per session."""
+
+from __future__ import annotations
+
+import copy
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(2)
+
+
+def micro_params() -> dict:
+    """The shipped params.yaml shrunk to seconds of work (same keys, same code paths)."""
+    p = yaml.safe_load((ROOT / "params.yaml").read_text())
+    p = copy.deepcopy(p)
+    p["base"]["train"].update(max_steps=12, save_steps=6, batch_size=8, warmup_steps=2)
+    p["prepare"]["synthetic"].update(
+        pretrain_images=36, pretrain_test_images=9, study_images=36, study_test_images=9
+    )
+    p["evaluate"].update(resamples=50, batch_size=16, max_new_tokens=12)
+    p["report"].update(resamples=50, examples=4)
+    return p
+
+
+def write_params(path: Path, params: dict) -> Path:
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="session")
+def micro_params_file(tmp_path_factory) -> Path:
+    return write_params(tmp_path_factory.mktemp("params") / "params.yaml", micro_params())
+
+
+@pytest.fixture(scope="session")
+def prepared(tmp_path_factory, micro_params_file) -> Path:
+    from posttrain.config import load_params
+    from posttrain.preparation import prepare_data
+
+    out = tmp_path_factory.mktemp("data") / "prepared"
+    prepare_data(load_params(micro_params_file).prepare, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny(prepared):
+    """(model, processor) of a randomly initialised tiny LLaVA with a tokenizer trained on the micro data."""
+    from posttrain.config import load_params, to_dict
+    from posttrain.data import load_split
+    from posttrain.models import TinyArchitecture, build_tiny_llava, train_tokenizer
+    from posttrain.template import completion_text, prompt_text
+
+    params = load_params(ROOT / "params.yaml").base
+    examples = load_split(prepared, "pretrain_train") + load_split(prepared, "study_train")
+    tok = train_tokenizer([prompt_text(e.question) + completion_text(e.answer) for e in examples], 400)
+    model, processor = build_tiny_llava(tok, TinyArchitecture(**to_dict(params.tiny)), seed=0)
+    return model.eval(), processor
+
+
+def run_stage(script: str, *args: str, cwd: Path = ROOT) -> str:
+    """Run a stage script as DVC would, returning its output; fail the test with the output on error."""
+    import subprocess
+
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "stages" / script), *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    if proc.returncode:
+        pytest.fail(f"{script} {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
+    return proc.stdout

@@ -1,0 +1,129 @@
+import json
+import random
+
+import pytest
+from PIL import Image
+
+from posttrain.charts import COLORS, POOL_FAMILIES, draw_chart, generate_pool, random_chart
+from posttrain.config import load_params
+from posttrain.data import (
+    SPLITS,
+    AnswerType,
+    Example,
+    load_split,
+    read_examples,
+    split_by_image,
+    write_examples,
+)
+from posttrain.preparation import prepare_data
+
+
+def test_generation_is_deterministic_by_seed(tmp_path):
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir(), (tmp_path / "c").mkdir()
+    a = generate_pool("study", 12, 84, 3, 0.3, seed=1, image_dir=tmp_path / "a")
+    b = generate_pool("study", 12, 84, 3, 0.3, seed=1, image_dir=tmp_path / "b")
+    c = generate_pool("study", 12, 84, 3, 0.3, seed=2, image_dir=tmp_path / "c")
+    assert a == b and a != c
+    assert (tmp_path / "a/study-00003.png").read_bytes() == (tmp_path / "b/study-00003.png").read_bytes()
+
+
+def test_pools_ask_disjoint_families(tmp_path):
+    pre = generate_pool("pretrain", 30, 84, 3, 0.3, 0, tmp_path)
+    study = generate_pool("study", 30, 84, 3, 0.3, 0, tmp_path)
+    assert {e.family for e in pre}.isdisjoint({e.family for e in study})
+    assert {e.chart_type for e in pre} == {e.chart_type for e in study} == {"bar", "line", "pie"}
+    for pool in POOL_FAMILIES.values():
+        assert set(pool) == {"bar", "line", "pie"}
+
+
+def test_answers_match_the_drawn_ground_truth(tmp_path):
+    examples = generate_pool("study", 60, 84, 3, 0.0, 0, tmp_path)
+    for e in examples:
+        assert e.short_answer is not None and not e.negative
+        if e.answer_type is AnswerType.COLOR:
+            assert e.short_answer in e.elements
+        if e.family == "pie_count":
+            assert e.short_answer == str(len(e.elements))
+        assert e.short_answer.lower() in e.answer.lower()
+
+
+def test_negative_questions_ask_about_absent_colours(tmp_path):
+    examples = generate_pool("study", 90, 84, 3, 1.0, 0, tmp_path)
+    negatives = [e for e in examples if e.negative]
+    assert negatives, "negative_fraction=1 must produce negatives"
+    for e in negatives:
+        asked = [c for c in COLORS if c in e.question.split()]
+        assert asked and asked[0] not in e.elements
+        assert e.answer.startswith("There is no") and e.short_answer is None
+        assert e.answer_type is AnswerType.DECLINE and e.family.endswith("_negative")
+
+
+def test_bar_heights_encode_values():
+    """A taller value draws more coloured pixels in its column: the chart carries the answer."""
+    chart = random_chart(random.Random(0), "bar")
+    img = draw_chart(chart, 84).convert("RGB")
+    counts = {c: sum(1 for px in img.getdata() if px == COLORS[c]) for c in chart.colors}
+    order_by_pixels = sorted(chart.colors, key=counts.get)
+    order_by_value = sorted(chart.colors, key=lambda c: chart.values[chart.colors.index(c)])
+    assert order_by_pixels == order_by_value
+
+
+def _ex(image_id, turn):
+    return Example(
+        id=f"{image_id}-{turn}",
+        image=f"images/{image_id}.png",
+        image_id=image_id,
+        question="q?",
+        answer="a.",
+        short_answer="a",
+        answer_type=AnswerType.TEXT,
+        chart_type="bar",
+        family="f",
+        negative=False,
+    )
+
+
+def test_split_by_image_never_separates_turns():
+    examples = [_ex(f"img{i}", t) for i in range(20) for t in range(3)]
+    train, test = split_by_image(examples, 5, seed=0)
+    assert len({e.image_id for e in test}) == 5 and len(test) == 15
+    assert {e.image_id for e in train}.isdisjoint({e.image_id for e in test})
+    assert split_by_image(examples, 5, seed=0) == (train, test)
+    assert split_by_image(examples, 5, seed=1) != (train, test)
+    with pytest.raises(ValueError, match="only 20 exist"):
+        split_by_image(examples, 20, seed=0)
+
+
+def test_example_roundtrip_and_bad_row(tmp_path):
+    ex = [_ex("a", 0), _ex("a", 1)]
+    write_examples(tmp_path / "x.jsonl", ex)
+    assert read_examples(tmp_path / "x.jsonl") == ex
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"id": "z"}) + "\n")
+    with pytest.raises(ValueError, match="lacks fields"):
+        read_examples(tmp_path / "bad.jsonl")
+    with pytest.raises(FileNotFoundError, match="dvc repro prepare"):
+        read_examples(tmp_path / "missing.jsonl")
+
+
+def test_prepare_writes_every_split_and_report(prepared):
+    report = json.loads((prepared / "report.json").read_text())
+    for split in SPLITS:
+        examples = load_split(prepared, split)
+        assert report["splits"][split]["examples"] == len(examples) > 0
+        for e in examples[:5]:
+            assert Image.open(prepared / e.image).size == (84, 84)
+    train_imgs = {e.image_id for e in load_split(prepared, "study_train")}
+    assert train_imgs.isdisjoint({e.image_id for e in load_split(prepared, "study_test")})
+
+
+def test_prepare_failure_leaves_no_half_written_folder(tmp_path, micro_params_file, monkeypatch):
+    import posttrain.preparation as prep
+
+    def boom(*a, **k):
+        raise RuntimeError("disk full")
+
+    out = tmp_path / "prepared"
+    monkeypatch.setattr(prep, "write_json_atomic", boom)
+    with pytest.raises(RuntimeError):
+        prepare_data(load_params(micro_params_file).prepare, out)
+    assert not out.exists() and list(tmp_path.iterdir()) == []

@@ -1,0 +1,130 @@
+"""SFTe is the average of the SFT models: `cat` is exact, the study's `linear` is not (DESIGN trap 3)."""
+
+import copy
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+
+from posttrain.config import EnsembleMethod, EnsembleParams
+from posttrain.ensembling import build_ensemble, combine
+from posttrain.models import base_fingerprint, load_base, write_provenance
+from posttrain.training import language_model_regex
+
+MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@pytest.fixture(scope="module")
+def base_dir(tiny, tmp_path_factory):
+    model, processor = tiny
+    out = tmp_path_factory.mktemp("ens") / "base"
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    write_provenance(out, kind="local")
+    return out
+
+
+def make_adapter(base_dir, out, alpha, rank=16, seed=0, fingerprint=None):
+    """A LoRA adapter with random (non-zero) A and B, as if trained."""
+    model, _, _ = load_base(base_dir)
+    torch.manual_seed(seed)
+    cfg = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.1, target_modules=language_model_regex(MODULES))
+    peft = get_peft_model(model, cfg)
+    with torch.no_grad():
+        for name, p in peft.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn_like(p) * 0.05)
+    peft.save_pretrained(out)
+    write_provenance(out, kind="adapter", base_fingerprint=fingerprint or base_fingerprint(base_dir))
+    return out
+
+
+@pytest.fixture(scope="module")
+def members(base_dir):
+    root = base_dir.parent
+    return {f"sft{i + 1}": make_adapter(base_dir, root / f"sft{i + 1}", alpha=a, seed=i)
+            for i, a in enumerate((16, 8, 16, 8))}
+
+
+def merged_weights(base_dir, adapter):
+    model, _, _ = load_base(base_dir)
+    return PeftModel.from_pretrained(model, str(adapter)).merge_and_unload().state_dict()
+
+
+def deltas(base_dir, state):
+    base = load_base(base_dir)[0].state_dict()
+    return {k: state[k] - base[k] for k in base if not torch.equal(state[k], base[k])}
+
+
+def relative_error(a: dict, b: dict) -> float:
+    num = sum(((a[k] - b[k]) ** 2).sum() for k in b)
+    return float(torch.sqrt(num / sum((b[k] ** 2).sum() for k in b)))
+
+
+@pytest.fixture(scope="module")
+def mean_delta(base_dir, members):
+    per_member = [deltas(base_dir, merged_weights(base_dir, d)) for d in members.values()]
+    assert per_member[0] and all(not any("vision_tower" in k for k in d) for d in per_member)
+    return {k: sum(d[k] for d in per_member) / len(per_member) for k in per_member[0]}
+
+
+def ensemble_delta(base_dir, members, method, **kw):
+    model, _, _ = load_base(base_dir)
+    peft = combine(model, members, EnsembleParams(method=method, **kw))
+    assert list(peft.peft_config) == ["ensemble"]
+    return deltas(base_dir, peft.merge_and_unload().state_dict())
+
+
+def test_cat_is_the_exact_average_of_the_models(base_dir, members, mean_delta):
+    assert relative_error(ensemble_delta(base_dir, members, EnsembleMethod.CAT), mean_delta) < 1e-5
+
+
+def test_svd_at_full_rank_is_exact(base_dir, members, mean_delta):
+    assert relative_error(ensemble_delta(base_dir, members, EnsembleMethod.SVD), mean_delta) < 1e-4
+
+
+def test_linear_is_not_the_average_model(base_dir, members, mean_delta):
+    assert relative_error(ensemble_delta(base_dir, members, EnsembleMethod.LINEAR), mean_delta) > 0.1
+
+
+def test_cat_logits_equal_the_averaged_merged_model(base_dir, members, mean_delta, prepared):
+    from posttrain.data import load_split
+    from posttrain.models import image_token_count
+    from posttrain.template import encode_prompt
+    from posttrain.training import load_pixels
+
+    out = base_dir.parent / "sfte"
+    summary = build_ensemble(base_dir, members, EnsembleParams(), out)
+    assert summary["exact_average"] and summary["rank"] == 64
+    model, processor, _ = load_base(base_dir)
+    ensemble = PeftModel.from_pretrained(model, str(out)).eval()
+    assert list(ensemble.peft_config) == ["default"]  # reloads as the only adapter
+    averaged, _, _ = load_base(base_dir)
+    state = averaged.state_dict()
+    averaged.load_state_dict({k: v + mean_delta[k] if k in mean_delta else v for k, v in state.items()})
+    e = load_split(prepared, "study_test")[0]
+    ids = torch.tensor([encode_prompt(processor.tokenizer, e.question, image_token_count(processor))])
+    pixels = load_pixels(processor, prepared, [e])[e.image_id][None]
+    with torch.no_grad():
+        a = ensemble(input_ids=ids, pixel_values=pixels).logits
+        b = averaged.eval()(input_ids=ids, pixel_values=pixels).logits
+        a2 = ensemble(input_ids=ids, pixel_values=pixels).logits
+    assert torch.allclose(a, b, atol=1e-4)
+    assert torch.equal(a, a2), "dropout must be off at evaluation"
+
+
+def test_members_from_another_base_are_refused(base_dir, members, tmp_path):
+    alien = make_adapter(base_dir, tmp_path / "alien", alpha=16, fingerprint="sha256:other")
+    with pytest.raises(ValueError, match=r"\['alien'\] were trained on a different base"):
+        build_ensemble(base_dir, {**members, "alien": alien}, EnsembleParams(), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_linear_with_unequal_ranks_is_refused(base_dir, members, tmp_path):
+    small = make_adapter(base_dir, tmp_path / "small", alpha=8, rank=8)
+    with pytest.raises(ValueError, match="needs equal ranks"):
+        build_ensemble(base_dir, {"sft1": members["sft1"], "small": small},
+                       EnsembleParams(method=EnsembleMethod.LINEAR), tmp_path / "out")
+    # cat handles unequal ranks exactly
+    summary = build_ensemble(base_dir, {"sft1": members["sft1"], "small": small}, EnsembleParams(), tmp_path / "o2")
+    assert summary["rank"] == 24 and copy.deepcopy(summary)["exact_average"]
