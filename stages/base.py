@@ -11,11 +11,10 @@ import argparse
 import shutil
 from pathlib import Path
 
-import torch
-
 from posttrain.config import ModelKind, load_params, to_dict
 from posttrain.io import atomic_dir
 from posttrain.models import write_provenance
+from posttrain.runtime import setup
 from posttrain.training import train_tiny_base
 
 
@@ -29,8 +28,7 @@ def main() -> None:
     args = ap.parse_args()
 
     params = load_params(args.params).base
-    if params.threads:
-        torch.set_num_threads(params.threads)
+    setup(params.threads)
     if params.model is ModelKind.HUB:
         with atomic_dir(args.out) as tmp:
             write_provenance(

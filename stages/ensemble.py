@@ -9,26 +9,29 @@ A/B averaging, kept for the ablation. Writes models/sfte/ as a single adapter th
 import argparse
 from pathlib import Path
 
-import torch
-
 from posttrain.config import load_params
 from posttrain.ensembling import build_ensemble
+from posttrain.runtime import setup
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument(
+        "--members", nargs="+", required=True, help="the variants to combine (dvc.yaml lists them)"
+    )
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--models", default="models")
     ap.add_argument("--out", default="models/sfte")
     args = ap.parse_args()
 
     params = load_params(args.params)
-    if params.base.threads:
-        torch.set_num_threads(params.base.threads)
+    setup(params.base.threads)
     models = Path(args.models)
-    members = {name: models / name for name in params.sft.variants}
+    members = {name: models / name for name in args.members}
     summary = build_ensemble(models / "base", members, params.ensemble, Path(args.out))
-    note = "exact average of the members" if summary["exact_average"] else "NOT the average model (approximate)"
+    note = (
+        "exact average of the members" if summary["exact_average"] else "NOT the average model (approximate)"
+    )
     print(f"sfte: {summary['method']} of {', '.join(summary['members'])}, rank {summary['rank']}: {note}")
 
 

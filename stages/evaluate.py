@@ -10,11 +10,10 @@ Writes per-item rows to data/eval/{study_test,pretrain_test}/<model>.jsonl and t
 import argparse
 from pathlib import Path
 
-import torch
-
 from posttrain.config import load_params
 from posttrain.evaluation import evaluate_model
 from posttrain.models import load_model
+from posttrain.runtime import setup
 
 
 def main() -> None:
@@ -30,9 +29,7 @@ def main() -> None:
     args = ap.parse_args()
 
     params = load_params(args.params)
-    if params.base.threads:
-        torch.set_num_threads(params.base.threads)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = setup(params.base.threads)
     model, processor = load_model(args.model, Path(args.models), device)
     metrics = evaluate_model(
         args.model,

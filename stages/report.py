@@ -4,6 +4,7 @@ dvc repro report
 """
 
 import argparse
+import json
 from pathlib import Path
 
 from posttrain.config import load_params
@@ -21,6 +22,7 @@ def main() -> None:
 
     params = load_params(args.params)
     r = params.report
+    prefs = Path(args.metrics) / "preferences.json"
     build_report(
         args.models,
         Path(args.metrics),
@@ -31,6 +33,8 @@ def main() -> None:
         r.resamples,
         r.seed,
         critic_is_model=params.evaluate.critic.kind.needs_model,
+        ensemble_method=params.ensemble.method.value if "sfte" in args.models else None,
+        preferences=json.loads(prefs.read_text()) if prefs.exists() else None,
     )
     print(f"wrote {args.metrics}/report.md, report.png, examples.html for {', '.join(args.models)}")
 

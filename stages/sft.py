@@ -12,9 +12,8 @@ import argparse
 import shutil
 from pathlib import Path
 
-import torch
-
 from posttrain.config import load_params
+from posttrain.runtime import setup
 from posttrain.training import train_sft_variant
 
 
@@ -31,17 +30,24 @@ def main() -> None:
     params = load_params(args.params)
     if args.variant not in params.sft.variants:
         raise SystemExit(f"unknown variant {args.variant!r}; sft.variants has {sorted(params.sft.variants)}")
-    if params.base.threads:
-        torch.set_num_threads(params.base.threads)
+    setup(params.base.threads)
     checkpoints = Path(args.checkpoints) / args.variant
     summary = train_sft_variant(
-        args.variant, params.sft.common, params.sft.variants[args.variant], params.base.seed,
-        Path(args.models) / "base", Path(args.data), Path(args.models) / args.variant, checkpoints,
+        args.variant,
+        params.sft.common,
+        params.sft.variants[args.variant],
+        params.base.seed,
+        Path(args.models) / "base",
+        Path(args.data),
+        Path(args.models) / args.variant,
+        checkpoints,
         Path(args.live) / args.variant,
     )
     shutil.rmtree(checkpoints, ignore_errors=True)
-    print(f"{args.variant}: {summary['steps']} steps in {summary['train_seconds']:.0f}s, "
-          f"final loss {summary['final_loss']:.4f} -> {args.models}/{args.variant}")
+    print(
+        f"{args.variant}: {summary['steps']} steps in {summary['train_seconds']:.0f}s, "
+        f"final loss {summary['final_loss']:.4f} -> {args.models}/{args.variant}"
+    )
 
 
 if __name__ == "__main__":

@@ -64,6 +64,55 @@ def tiny(prepared):
     return model.eval(), processor
 
 
+@pytest.fixture(scope="session")
+def base_dir(tiny, tmp_path_factory):
+    """The tiny model saved as the `base` stage saves it."""
+    from posttrain.models import write_provenance
+
+    model, processor = tiny
+    out = tmp_path_factory.mktemp("models") / "base"
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    write_provenance(out, kind="local")
+    return out
+
+
+LM_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def make_adapter(
+    base_dir: Path,
+    out: Path,
+    alpha: float,
+    rank: int = 16,
+    seed: int = 0,
+    fingerprint=None,
+    scale: float | None = 0.05,
+) -> Path:
+    """A LoRA adapter with random non-zero A and B (as if trained), saved with provenance.
+
+    ``scale=None`` keeps PEFT's fresh initialisation (B = 0: the adapter starts as the base model).
+    """
+    from peft import LoraConfig, get_peft_model
+
+    from posttrain.models import base_fingerprint, load_base, write_provenance
+    from posttrain.training import language_model_regex
+
+    model, _, _ = load_base(base_dir)
+    torch.manual_seed(seed)
+    cfg = LoraConfig(
+        r=rank, lora_alpha=alpha, lora_dropout=0.1, target_modules=language_model_regex(LM_MODULES)
+    )
+    peft = get_peft_model(model, cfg)
+    with torch.no_grad():
+        for name, p in peft.named_parameters():
+            if "lora_" in name and scale is not None:
+                p.copy_(torch.randn_like(p) * scale)
+    peft.save_pretrained(out)
+    write_provenance(out, kind="adapter", base_fingerprint=fingerprint or base_fingerprint(base_dir))
+    return out
+
+
 def run_stage(script: str, *args: str, cwd: Path = ROOT) -> str:
     """Run a stage script as DVC would, returning its output; fail the test with the output on error."""
     import subprocess

@@ -4,46 +4,21 @@ import copy
 
 import pytest
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from conftest import make_adapter
+from peft import PeftModel
 
 from posttrain.config import EnsembleMethod, EnsembleParams
 from posttrain.ensembling import build_ensemble, combine
-from posttrain.models import base_fingerprint, load_base, write_provenance
-from posttrain.training import language_model_regex
-
-MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-@pytest.fixture(scope="module")
-def base_dir(tiny, tmp_path_factory):
-    model, processor = tiny
-    out = tmp_path_factory.mktemp("ens") / "base"
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
-    write_provenance(out, kind="local")
-    return out
-
-
-def make_adapter(base_dir, out, alpha, rank=16, seed=0, fingerprint=None):
-    """A LoRA adapter with random (non-zero) A and B, as if trained."""
-    model, _, _ = load_base(base_dir)
-    torch.manual_seed(seed)
-    cfg = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.1, target_modules=language_model_regex(MODULES))
-    peft = get_peft_model(model, cfg)
-    with torch.no_grad():
-        for name, p in peft.named_parameters():
-            if "lora_" in name:
-                p.copy_(torch.randn_like(p) * 0.05)
-    peft.save_pretrained(out)
-    write_provenance(out, kind="adapter", base_fingerprint=fingerprint or base_fingerprint(base_dir))
-    return out
+from posttrain.models import load_base
 
 
 @pytest.fixture(scope="module")
 def members(base_dir):
     root = base_dir.parent
-    return {f"sft{i + 1}": make_adapter(base_dir, root / f"sft{i + 1}", alpha=a, seed=i)
-            for i, a in enumerate((16, 8, 16, 8))}
+    return {
+        f"sft{i + 1}": make_adapter(base_dir, root / f"sft{i + 1}", alpha=a, seed=i)
+        for i, a in enumerate((16, 8, 16, 8))
+    }
 
 
 def merged_weights(base_dir, adapter):
@@ -123,8 +98,14 @@ def test_members_from_another_base_are_refused(base_dir, members, tmp_path):
 def test_linear_with_unequal_ranks_is_refused(base_dir, members, tmp_path):
     small = make_adapter(base_dir, tmp_path / "small", alpha=8, rank=8)
     with pytest.raises(ValueError, match="needs equal ranks"):
-        build_ensemble(base_dir, {"sft1": members["sft1"], "small": small},
-                       EnsembleParams(method=EnsembleMethod.LINEAR), tmp_path / "out")
+        build_ensemble(
+            base_dir,
+            {"sft1": members["sft1"], "small": small},
+            EnsembleParams(method=EnsembleMethod.LINEAR),
+            tmp_path / "out",
+        )
     # cat handles unequal ranks exactly
-    summary = build_ensemble(base_dir, {"sft1": members["sft1"], "small": small}, EnsembleParams(), tmp_path / "o2")
+    summary = build_ensemble(
+        base_dir, {"sft1": members["sft1"], "small": small}, EnsembleParams(), tmp_path / "o2"
+    )
     assert summary["rank"] == 24 and copy.deepcopy(summary)["exact_average"]

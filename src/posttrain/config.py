@@ -156,7 +156,15 @@ class EnsembleMethod(str, Enum):
 @dataclass(frozen=True)
 class SftCommon:
     rank: int = 16  # LoRA r, shared so the adapters have the same shapes
-    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    target_modules: tuple[str, ...] = (
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    )
     quantization: Quantization = Quantization.NONE
     max_steps: int = 220
     batch_size: int = 32
@@ -194,6 +202,50 @@ class EnsembleParams:
     density: float = 0.5  # ties only: share of each delta kept
 
 
+class Judge(str, Enum):
+    """Who picks the better of two sampled answers."""
+
+    SELF = "self"  # the policy itself (the study's self-critique)
+    CRITIC = "critic"  # LLaVA-Critic (evaluate.critic.model)
+    REFERENCE = "reference"  # ground truth: rejection sampling with a known answer
+
+    @property
+    def needs_critic_model(self) -> bool:
+        return self is Judge.CRITIC
+
+
+class DpoLoss(str, Enum):
+    """TRL DPO loss types offered here."""
+
+    SIGMOID = "sigmoid"  # the DPO paper's loss
+    IPO = "ipo"
+    HINGE = "hinge"
+    ROBUST = "robust"
+
+
+@dataclass(frozen=True)
+class PreferencesParams:
+    judge: Judge = Judge.SELF
+    max_prompts: int = 0  # 0 = every study-train prompt
+    temperature: float = 1.0
+    top_p: float = 0.95
+    max_new_tokens: int = 24
+    batch_size: int = 64
+    seed: int = 0
+    min_pairs: int = 8  # fewer surviving pairs is an error
+
+
+@dataclass(frozen=True)
+class DpoParams:
+    beta: float = 0.1
+    loss_type: DpoLoss = DpoLoss.SIGMOID
+    learning_rate: float = 5e-4
+    epochs: float = 2.0
+    batch_size: int = 16
+    warmup_steps: int = 5
+    rounds: int = 1  # each extra round samples from the last round's model, judges and trains again
+
+
 @dataclass(frozen=True)
 class CriticParams:
     kind: CriticKind = CriticKind.REFERENCE
@@ -226,6 +278,8 @@ class Params:
     prepare: PrepareParams = field(default_factory=PrepareParams)
     sft: SftParams = field(default_factory=SftParams)
     ensemble: EnsembleParams = field(default_factory=EnsembleParams)
+    preferences: PreferencesParams = field(default_factory=PreferencesParams)
+    dpo: DpoParams = field(default_factory=DpoParams)
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
     report: ReportParams = field(default_factory=ReportParams)
 
@@ -359,24 +413,46 @@ def _check(p: Params, problems: list[str]) -> None:
     for name in ("warmup_steps", "save_steps"):
         positive(f"sft.common.{name}", getattr(sc, name), zero_ok=True)
     if not sc.target_modules:
-        problems.append("sft.common.target_modules: empty; name the language-model layers to adapt, e.g. q_proj")
+        problems.append(
+            "sft.common.target_modules: empty; name the language-model layers to adapt, e.g. q_proj"
+        )
     if not p.sft.variants:
-        problems.append("sft.variants: empty; define at least one variant (e.g. sft1: {alpha: 16, dropout: 0.05})")
+        problems.append(
+            "sft.variants: empty; define at least one variant (e.g. sft1: {alpha: 16, dropout: 0.05})"
+        )
     reserved = {"base", "sfte", "sfte_dpo"}
     for name, v in p.sft.variants.items():
         if not re.fullmatch(r"[a-z][a-z0-9_]*", name) or name in reserved:
-            problems.append(f"sft.variants.{name}: variant names must match [a-z][a-z0-9_]* (no dots: PEFT adapter "
-                            f"names) and not be one of {sorted(reserved)}")
+            problems.append(
+                f"sft.variants.{name}: variant names must match [a-z][a-z0-9_]* (no dots: PEFT adapter "
+                f"names) and not be one of {sorted(reserved)}"
+            )
         positive(f"sft.variants.{name}.alpha", v.alpha)
         if v.dropout is not None and not 0 <= v.dropout < 1:
             problems.append(f"sft.variants.{name}.dropout: {v.dropout} is not in [0, 1)")
     if sc.quantization.needs_cuda and b.model is ModelKind.TINY:
-        problems.append("sft.common.quantization: nf4 quantizes a hub model on CUDA; the tiny model trains in full "
-                        "precision (use quantization: none)")
+        problems.append(
+            "sft.common.quantization: nf4 quantizes a hub model on CUDA; the tiny model trains in full "
+            "precision (use quantization: none)"
+        )
     en = p.ensemble
     positive("ensemble.svd_rank", en.svd_rank, zero_ok=True)
     if en.density is not None and not 0 < en.density <= 1:
         problems.append(f"ensemble.density: {en.density} is not in (0, 1]")
+    pf, dp = p.preferences, p.dpo
+    for name in ("temperature", "max_new_tokens", "batch_size", "min_pairs"):
+        positive(f"preferences.{name}", getattr(pf, name))
+    positive("preferences.max_prompts", pf.max_prompts, zero_ok=True)
+    if pf.top_p is not None and not 0 < pf.top_p <= 1:
+        problems.append(f"preferences.top_p: {pf.top_p} is not in (0, 1]")
+    if pf.judge.needs_critic_model and not ev.critic.model:
+        problems.append(
+            "preferences.judge: 'critic' needs evaluate.critic.model (a transformers-format "
+            "LLaVA-Critic); set it or use judge: self / reference"
+        )
+    for name in ("beta", "learning_rate", "epochs", "batch_size", "rounds"):
+        positive(f"dpo.{name}", getattr(dp, name))
+    positive("dpo.warmup_steps", dp.warmup_steps, zero_ok=True)
     for name in ("batch_size", "max_new_tokens", "resamples"):
         positive(f"evaluate.{name}", getattr(ev, name))
     if ev.critic.kind.needs_model and not ev.critic.model:

@@ -112,8 +112,14 @@ def build_ensemble(base_dir: Path, members: dict[str, Path], params: EnsemblePar
             shutil.move(str(f), tmp / f.name)
         shutil.rmtree(tmp / "peft")
         write_provenance(
-            tmp, kind="adapter", name="sfte", produced_by="stages/ensemble.py", base=str(base_dir),
-            base_fingerprint=base_fingerprint(base_dir), params=to_dict(params), ensemble=summary,
+            tmp,
+            kind="adapter",
+            name="sfte",
+            produced_by="stages/ensemble.py",
+            base=str(base_dir),
+            base_fingerprint=base_fingerprint(base_dir),
+            params=to_dict(params),
+            ensemble=summary,
             member_provenance={n: read_provenance(d, f"sft@{n}") for n, d in members.items()},
         )
     return summary

@@ -173,7 +173,11 @@ def load_base(
     source = str(folder) if prov["kind"] == "local" else prov["hub_id"]
     revision = None if prov["kind"] == "local" else prov["revision"]
     model = LlavaForConditionalGeneration.from_pretrained(
-        source, revision=revision, dtype=dtype, use_safetensors=True, quantization_config=quantization_config,
+        source,
+        revision=revision,
+        dtype=dtype,
+        use_safetensors=True,
+        quantization_config=quantization_config,
         **({"device_map": {"": device}} if quantization_config is not None else {}),
     )
     if quantization_config is None:

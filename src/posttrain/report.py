@@ -161,6 +161,8 @@ def build_report(
     resamples: int,
     seed: int,
     critic_is_model: bool = False,
+    ensemble_method: str | None = None,
+    preferences: dict | None = None,
 ) -> str:
     """Write ``report.md``, ``report.png`` and ``examples.html`` into `metrics_dir`; return the markdown.
 
@@ -174,12 +176,16 @@ def build_report(
         resamples: bootstrap resamples for the paired deltas.
         seed: bootstrap seed.
         critic_is_model: True when the critic scores came from LLaVA-Critic (adds the contamination caveat).
+        ensemble_method: how SFTe was built (``ensemble.method``); an inexact one is labelled as such.
+        preferences: the `preferences` stage's statistics, if it ran.
     """
     if baseline not in models:
         raise ValueError(f"report.baseline {baseline!r} is not among the evaluated models {models}")
     metrics = {m: read_json(metrics_dir / f"{m}.json", produced_by=f"evaluate@{m}") for m in models}
     study = {m: read_jsonl(items_dir / "study_test" / f"{m}.jsonl") for m in models}
     paired = compare(study, baseline, n_resamples=resamples, seed=seed)
+    second = "sfte" if "sfte" in models and baseline != "sfte" and len(models) > 2 else None
+    paired_sfte = compare(study, second, n_resamples=resamples, seed=seed) if second else None
     data_report = read_json(data_dir / "report.json", produced_by="prepare")
     plot_metrics(metrics, metrics_dir / "report.png")
     write_text_atomic(metrics_dir / "examples.html", examples_page(study, data_dir, n_examples))
@@ -221,6 +227,44 @@ def build_report(
         "",
         format_markdown(paired),
         significance_summary(paired, baseline),
+    ]
+    if paired_sfte:
+        md += [
+            "## Paired bootstrap against sfte (study test split)",
+            "",
+            "Does DPO (or any single variant) beat the ensemble it came from?",
+            "",
+            format_markdown(paired_sfte),
+            significance_summary(paired_sfte, "sfte"),
+        ]
+    if ensemble_method:
+        exact = ensemble_method == "cat"
+        md += [
+            "## The ensemble",
+            "",
+            f"SFTe was built with `ensemble.method: {ensemble_method}`: "
+            + (
+                "the exact average of the SFT models (concatenated ranks, weights 1/N)."
+                if exact
+                else "NOT the exact average model (see `posttrain.ensembling`); compare with `cat`."
+                if ensemble_method == "linear"
+                else "an approximation of the average model."
+            ),
+            "",
+        ]
+    if preferences:
+        md += [
+            "## Self-critique preferences",
+            "",
+            "How good is the judge as a reward signal? Agreement is with the ground-truth judge on the "
+            "same pairs.",
+            "",
+            "| statistic | value |",
+            "|---|---:|",
+        ]
+        md += [f"| {k} | {v} |" for k, v in preferences.items()]
+        md += [""]
+    md += [
         "![metrics](report.png)",
         "",
         "Side-by-side examples: [examples.html](examples.html)",

@@ -139,7 +139,12 @@ def run_trainer(model, args: TrainingArguments, dataset, collator, callbacks: li
         model=model, args=args, train_dataset=dataset, data_collator=collator, callbacks=callbacks
     )
     trainer.remove_callback(PrinterCallback)  # ProgressCallback prints a shorter line
-    checkpoints = sorted(Path(args.output_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    # a checkpoint is complete once trainer_state.json is written (the Trainer writes it last); a run killed
+    # mid-save leaves a folder without it, which must not be resumed from
+    checkpoints = sorted(
+        (p.parent for p in Path(args.output_dir).glob("checkpoint-*/trainer_state.json")),
+        key=lambda p: int(p.name.split("-")[1]),
+    )
     resume_from = str(checkpoints[-1]) if resume and checkpoints else None
     if resume_from:
         print(f"resuming from {resume_from}", flush=True)
@@ -264,7 +269,7 @@ def language_model_regex(target_modules: tuple[str, ...]) -> str:
 
 
 def quantization_config(quantization: Quantization):
-    """bitsandbytes settings for QLoRA nf4, or None; nf4 without CUDA is an error before anything loads."""
+    """Bitsandbytes settings for QLoRA nf4, or None; nf4 without CUDA is an error before anything loads."""
     if quantization is Quantization.NONE:
         return None
     if not torch.cuda.is_available():
@@ -285,7 +290,14 @@ def quantization_config(quantization: Quantization):
 
 
 def train_sft_variant(
-    name: str, common, variant, seed: int, base_dir: Path, data_dir: Path, out_dir: Path, checkpoint_dir: Path,
+    name: str,
+    common,
+    variant,
+    seed: int,
+    base_dir: Path,
+    data_dir: Path,
+    out_dir: Path,
+    checkpoint_dir: Path,
     live_dir: Path | None,
 ) -> dict:
     """Train one LoRA (or QLoRA) adapter on the study train split and save it with its provenance.
@@ -336,9 +348,15 @@ def train_sft_variant(
         flush=True,
     )
     args = training_arguments(
-        checkpoint_dir, max_steps=common.max_steps, batch_size=common.batch_size,
-        learning_rate=common.learning_rate, warmup_steps=common.warmup_steps, weight_decay=common.weight_decay,
-        seed=seed, save_steps=common.save_steps, bf16=device == "cuda",
+        checkpoint_dir,
+        max_steps=common.max_steps,
+        batch_size=common.batch_size,
+        learning_rate=common.learning_rate,
+        warmup_steps=common.warmup_steps,
+        weight_decay=common.weight_decay,
+        seed=seed,
+        save_steps=common.save_steps,
+        bf16=device == "cuda",
     )
     callbacks = [ProgressCallback(every=50, batch_size=common.batch_size)]
     live = _live(live_dir)
@@ -353,9 +371,15 @@ def train_sft_variant(
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp)
         write_provenance(
-            tmp, kind="adapter", name=name, produced_by="stages/sft.py", base=str(base_dir),
-            base_fingerprint=base_fingerprint(base_dir), base_provenance=base_prov,
+            tmp,
+            kind="adapter",
+            name=name,
+            produced_by="stages/sft.py",
+            base=str(base_dir),
+            base_fingerprint=base_fingerprint(base_dir),
+            base_provenance=base_prov,
             params={"common": to_dict(common), "variant": to_dict(variant), "seed": seed},
-            training=summary, train_examples=len(dataset),
+            training=summary,
+            train_examples=len(dataset),
         )
     return summary

@@ -1,0 +1,230 @@
+"""DPO on the ensemble (SFTe_DPO) through TRL's `DPOTrainer`.
+
+The policy is the SFTe adapter reloaded as the model's only adapter (``default``) and made trainable; TRL then
+copies it into a frozen ``ref`` adapter that serves as the reference model (DESIGN.md trap 2). Batches are
+built with the shared chat template (`posttrain.template`), not TRL's collator, which tokenizes without
+special tokens and would drop the BOS every other stage sees.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from posttrain.template import encode_completion, encode_prompt, pad_batch
+
+
+@dataclass
+class PreferenceCollator:
+    """(chosen, rejected) pairs -> one batch of 2B sequences, chosen first, as TRL's DPO loss expects.
+
+    Keys: input_ids, attention_mask, completion_mask (1 on answer tokens and EOS), pixel_values.
+    """
+
+    tokenizer: object
+    n_image_tokens: int
+    pixels: dict[str, torch.Tensor]  # image path -> (3, H, W)
+
+    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        prompts = [encode_prompt(self.tokenizer, r["prompt"], self.n_image_tokens) for r in rows]
+        seqs, masks = [], []
+        for key in ("chosen", "rejected"):
+            for p, r in zip(prompts, rows):
+                completion = encode_completion(self.tokenizer, r[key])
+                seqs.append(p + completion)
+                masks.append([0] * len(p) + [1] * len(completion))
+        pixel_values = torch.stack([self.pixels[r["image"]] for r in rows] * 2)  # (2B, 3, H, W)
+        return {
+            "input_ids": pad_batch(seqs, self.tokenizer.pad_token_id, "right"),  # (2B, T)
+            "attention_mask": pad_batch([[1] * len(s) for s in seqs], 0, "right"),
+            "completion_mask": pad_batch(masks, 0, "right"),
+            "pixel_values": pixel_values,
+        }
+
+
+def policy_from_adapter(base_dir: Path, adapter_dir: Path, device: str):
+    """Base model + the adapter in `adapter_dir` as its only, trainable adapter ``default``."""
+    from peft import PeftModel
+
+    from posttrain.models import load_base
+
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    model, processor, _ = load_base(base_dir, device=device, dtype=dtype)
+    model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=True).to(device)
+    return model, processor
+
+
+def dpo_trainer(
+    model, processor, pairs: list[dict], data_dir: Path, params, output_dir: Path, seed: int, callbacks: list
+):
+    """A configured TRL `DPOTrainer` for `pairs` (rows: image, prompt, chosen, rejected)."""
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    from posttrain.models import image_token_count
+    from posttrain.training import load_pixels
+
+    images = sorted({r["image"] for r in pairs})
+    pixel_by_id = load_pixels(processor, data_dir, [ImagePath(i) for i in images])
+    collator = PreferenceCollator(processor.tokenizer, image_token_count(processor), pixel_by_id)
+    args = DPOConfig(
+        output_dir=str(output_dir),
+        beta=params.beta,
+        loss_type=[params.loss_type.value],
+        learning_rate=params.learning_rate,
+        num_train_epochs=params.epochs,
+        per_device_train_batch_size=params.batch_size,
+        warmup_steps=params.warmup_steps,
+        lr_scheduler_type="cosine",
+        max_length=None,  # never truncate: image tokens would be cut (DESIGN.md trap 5)
+        precompute_ref_log_probs=False,  # must stay False for VLMs
+        remove_unused_columns=False,
+        logging_steps=1,  # DPO runs are short: keep every step's rewards and margins
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        seed=seed,
+        data_seed=seed,
+        bf16=torch.cuda.is_available(),
+        use_cpu=not torch.cuda.is_available(),
+    )
+    dataset = Dataset.from_list([{k: r[k] for k in ("image", "prompt", "chosen", "rejected")} for r in pairs])
+    return DPOTrainer(
+        model=model,
+        args=args,
+        data_collator=collator,
+        train_dataset=dataset,
+        processing_class=processor,
+        callbacks=callbacks,
+    )
+
+
+@dataclass(frozen=True)
+class ImagePath:
+    """Stands in for an `Example` where `load_pixels` only needs the image path."""
+
+    image: str
+
+    @property
+    def image_id(self) -> str:
+        return self.image
+
+
+def train_dpo(
+    base_dir: Path,
+    start_adapter: Path,
+    pairs: list[dict],
+    data_dir: Path,
+    params,
+    seed: int,
+    out_dir: Path,
+    checkpoint_dir: Path,
+    live_dir: Path | None,
+) -> dict:
+    """One DPO round: the adapter in `start_adapter` trained on `pairs`, saved to `out_dir`.
+
+    The caller makes `out_dir` atomic (it is a folder inside `posttrain.io.atomic_dir`).
+
+    Returns:
+        Training summary: steps, seconds, the last logged rewards/margins/accuracies.
+    """
+    import time
+
+    from posttrain.training import ProgressCallback, _live
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, processor = policy_from_adapter(base_dir, start_adapter, device)
+    callbacks = [ProgressCallback(every=5, batch_size=params.batch_size)]
+    live = _live(live_dir)
+    if live is not None:
+        from transformers.integrations import DVCLiveCallback
+
+        callbacks.append(DVCLiveCallback(live=live))
+    trainer = dpo_trainer(model, processor, pairs, data_dir, params, checkpoint_dir, seed, callbacks)
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)
+    t0 = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - t0
+    if live is not None:
+        live.end()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    last = logs[-1] if logs else {}
+    summary = {
+        "steps": trainer.state.global_step,
+        "train_seconds": round(seconds, 2),
+        "pairs": len(pairs),
+        **{k: last[k] for k in last if k.startswith(("rewards/", "logps/")) or k == "loss"},
+    }
+    trainer.model.save_pretrained(out_dir, selected_adapters=["default"])  # not the frozen "ref" copy
+    return summary
+
+
+def run_rounds(
+    base_dir: Path,
+    sfte_dir: Path,
+    first_pairs: list[dict],
+    first_stats: dict,
+    data_dir: Path,
+    params,
+    seed: int,
+    out_dir: Path,
+    checkpoint_dir: Path,
+    live_dir: Path | None,
+) -> list[dict]:
+    """`params.dpo.rounds` rounds of DPO from SFTe; the last round's adapter is `out_dir`.
+
+    Round 1 trains on the pairs of the `preferences` stage. Each later round samples from the previous round's
+    model, judges with the same judge (``self`` is now that model), and trains on from its adapter
+    (iterative DPO, as LLaVA-Critic's). Earlier rounds' adapters are kept in ``out_dir/rounds/round<k>``.
+
+    Returns:
+        One entry per round: its preference statistics and training summary.
+    """
+    from posttrain.data import load_split
+    from posttrain.io import atomic_dir
+    from posttrain.models import base_fingerprint, write_provenance
+    from posttrain.preferences import make_preferences
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    rounds = []
+    with atomic_dir(out_dir) as tmp:
+        adapter, pairs, stats = sfte_dir, first_pairs, first_stats
+        for r in range(1, params.dpo.rounds + 1):
+            if r > 1:
+                model, processor = policy_from_adapter(base_dir, adapter, device)
+                examples = load_split(data_dir, "study_train")
+                if params.preferences.max_prompts:
+                    examples = examples[: params.preferences.max_prompts]
+                pairs, stats = make_preferences(
+                    model.eval(), processor, examples, data_dir, params.preferences, params.evaluate.critic
+                )
+                del model
+            dest = tmp if r == params.dpo.rounds else tmp / "rounds" / f"round{r}"
+            dest.mkdir(parents=True, exist_ok=True)
+            print(f"DPO round {r}/{params.dpo.rounds}: {len(pairs)} pairs", flush=True)
+            live = (
+                None if live_dir is None else (live_dir if params.dpo.rounds == 1 else live_dir / f"round{r}")
+            )
+            summary = train_dpo(
+                base_dir, adapter, pairs, data_dir, params.dpo, seed, dest, checkpoint_dir, live
+            )
+            rounds.append({"round": r, "preferences": stats, "training": summary})
+            adapter = dest
+        from posttrain.config import to_dict
+
+        write_provenance(
+            tmp,
+            kind="adapter",
+            name="sfte_dpo",
+            produced_by="stages/dpo.py",
+            base=str(base_dir),
+            base_fingerprint=base_fingerprint(base_dir),
+            start_adapter=str(sfte_dir),
+            rounds=rounds,
+            params={"dpo": to_dict(params.dpo), "preferences": to_dict(params.preferences), "seed": seed},
+        )
+    return rounds

@@ -1,0 +1,288 @@
+"""Self-critique preference data: sample two answers per prompt, have a judge pick the better one.
+
+The study's loop: SFTe answers each training prompt twice (seeded sampling), then judges the pair with
+LLaVA-Critic's pairwise prompt, asked in both orders so position bias cancels; only consistent, non-tie
+verdicts become (chosen, rejected) pairs. Three judges:
+
+- ``self``: the policy itself. It scores each verdict sentence (" The first response is better." ...) by its
+  likelihood after the pairwise prompt, so every judgement is parsable at any model size;
+- ``critic``: a LLaVA-Critic checkpoint, generating and parsing its verdict;
+- ``reference``: ground truth (relaxed correctness, then ROUGE-L to the reference answer) — rejection
+  sampling with a known answer, and the yardstick the other judges are measured against.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from posttrain.critic import PAIRWISE, combine_orders
+from posttrain.data import Example
+from posttrain.evaluation import extract_short_answer, is_correct
+from posttrain.generation import answer_nll, generate
+from posttrain.lrv import is_decline
+from posttrain.metrics import rouge_l
+
+# Verdict sentences the self-judge chooses between, by likelihood.
+VERDICTS = {
+    "first": "The first response is better.",
+    "second": "The second response is better.",
+    "tie": "Both responses are equally good.",
+}
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """Two sampled answers to one training prompt."""
+
+    example: Example
+    a: str
+    b: str
+
+
+def sample_candidates(
+    model,
+    tokenizer,
+    examples: list[Example],
+    pixels: list[torch.Tensor],
+    n_image_tokens: int,
+    *,
+    temperature: float,
+    top_p: float,
+    seed: int,
+    batch_size: int,
+    max_new_tokens: int,
+) -> list[Candidate]:
+    """Two seeded samples per prompt (the second with a different seed), batched with left padding."""
+    questions = [e.question for e in examples]
+    kwargs = dict(
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        do_sample=True,
+        temperature=temperature,
+        top_p=top_p,
+    )
+    a = generate(
+        model, tokenizer, pixels, questions, n_image_tokens, seed=seed, progress="sample 1", **kwargs
+    )
+    b = generate(
+        model,
+        tokenizer,
+        pixels,
+        questions,
+        n_image_tokens,
+        seed=seed + 1_000_003,
+        progress="sample 2",
+        **kwargs,
+    )
+    return [Candidate(e, x, y) for e, x, y in zip(examples, a, b)]
+
+
+def reference_verdict(example: Example, first: str, second: str) -> str:
+    """Ground-truth verdict: the correct answer wins; between equally correct ones, higher ROUGE-L wins."""
+
+    def key(response: str) -> tuple[int, float]:
+        extracted = None if is_decline(response) else extract_short_answer(response, example.answer_type)
+        return int(is_correct(example, response, extracted)), round(rouge_l(response, example.answer), 6)
+
+    k1, k2 = key(first), key(second)
+    return "first" if k1 > k2 else "second" if k2 > k1 else "tie"
+
+
+def self_verdicts(
+    model,
+    tokenizer,
+    pixels: list[torch.Tensor],
+    candidates: list[Candidate],
+    n_image_tokens: int,
+    batch_size: int,
+) -> list[tuple[str, str]]:
+    """The policy judges its own pairs: (verdict with A first, verdict with B first) per candidate.
+
+    Each order's verdict is the sentence of `VERDICTS` with the highest total log-likelihood after the
+    pairwise prompt in the shared chat template.
+    """
+    prompts, pix = [], []
+    for c, p in zip(candidates, pixels):
+        for r1, r2 in ((c.a, c.b), (c.b, c.a)):
+            prompt = PAIRWISE.format(question=c.example.question, r1=r1, r2=r2)
+            for sentence in VERDICTS.values():
+                prompts.append((prompt, sentence))
+                pix.append(p)
+    nll, _ = answer_nll(
+        model,
+        tokenizer,
+        pix,
+        [q for q, _ in prompts],
+        [s for _, s in prompts],
+        n_image_tokens,
+        batch_size=batch_size,
+    )
+    names = list(VERDICTS)
+    out = []
+    per_order = len(names)
+    for i in range(len(candidates)):
+        orders = []
+        for o in range(2):
+            start = (2 * i + o) * per_order
+            scores = nll[start : start + per_order]
+            orders.append(names[min(range(per_order), key=scores.__getitem__)])
+        out.append((orders[0], orders[1]))
+    return out
+
+
+def build_pairs(
+    candidates: list[Candidate], verdicts: list[tuple[str | None, str | None]]
+) -> tuple[list[dict], dict]:
+    """Turn judged candidates into (prompt, chosen, rejected) rows and the judging statistics.
+
+    Identical candidates are never a pair. A pair is kept only when both orders agree on a winner.
+
+    Returns:
+        (pairs, stats): stats count prompts, identical candidates, order-consistent verdicts, ties, kept
+        pairs, and the agreement of the kept verdicts with the `reference` judge on the same pairs.
+    """
+    pairs, n_identical, n_consistent, n_ties, n_agree, n_ref_decisive = [], 0, 0, 0, 0, 0
+    judged = 0
+    for c, (v_ab, v_ba) in zip(candidates, verdicts):
+        if c.a.strip() == c.b.strip():
+            n_identical += 1
+            continue
+        judged += 1
+        winner = combine_orders(v_ab, v_ba)
+        if winner is None:
+            continue
+        n_consistent += 1
+        if winner == "tie":
+            n_ties += 1
+            continue
+        chosen, rejected = (c.a, c.b) if winner == "a" else (c.b, c.a)
+        ref = reference_verdict(c.example, chosen, rejected)
+        n_agree += ref == "first"
+        n_ref_decisive += ref != "tie"
+        e = c.example
+        pairs.append(
+            {
+                "id": e.id,
+                "image": e.image,
+                "prompt": e.question,
+                "chosen": chosen,
+                "rejected": rejected,
+                "family": e.family,
+                "reference_agrees": ref == "first",
+                "reference_tie": ref == "tie",
+            }
+        )
+    n = len(candidates)
+    stats = {
+        "prompts": n,
+        "identical_rate": round(100.0 * n_identical / n, 4) if n else None,
+        "judged_pairs": judged,
+        "order_consistency_rate": round(100.0 * n_consistent / judged, 4) if judged else None,
+        "tie_rate": round(100.0 * n_ties / judged, 4) if judged else None,
+        "pairs_kept": len(pairs),
+        # of the kept pairs where ground truth prefers one answer, the share where it prefers the chosen one
+        "reference_agreement": round(100.0 * n_agree / n_ref_decisive, 4) if n_ref_decisive else None,
+        "reference_decisive_rate": round(100.0 * n_ref_decisive / len(pairs), 4) if pairs else None,
+    }
+    return pairs, stats
+
+
+class NoPairsError(RuntimeError):
+    """Raised when judging leaves no usable pair: DPO would have nothing to learn from."""
+
+
+def judge_candidates(
+    judge,
+    model,
+    processor,
+    candidates: list[Candidate],
+    pixels: list[torch.Tensor],
+    data_dir,
+    critic_params,
+    batch_size: int,
+) -> list[tuple[str | None, str | None]]:
+    """(verdict with A first, verdict with B first) for every candidate pair, by the chosen judge."""
+    from posttrain.config import Judge
+
+    if judge is Judge.REFERENCE:
+        out = []
+        for c in candidates:
+            v = reference_verdict(c.example, c.a, c.b)
+            out.append((v, {"first": "second", "second": "first", "tie": "tie"}[v]))
+        return out
+    if judge is Judge.SELF:
+        from posttrain.models import image_token_count
+
+        return self_verdicts(
+            model, processor.tokenizer, pixels, candidates, image_token_count(processor), batch_size
+        )
+    from PIL import Image
+
+    from posttrain.critic import LlavaCriticJudge, parse_verdict
+
+    critic = LlavaCriticJudge(critic_params.model, revision=critic_params.revision or None)
+    images = [Image.open(data_dir / c.example.image).convert("RGB") for c in candidates]
+    _, raw = critic.judge_pairs_raw(
+        images,
+        [c.example.question for c in candidates],
+        [c.a for c in candidates],
+        [c.b for c in candidates],
+        batch_size=critic_params.batch_size,
+        max_new_tokens=critic_params.max_new_tokens,
+    )
+    return [(parse_verdict(ab), parse_verdict(ba)) for ab, ba in raw]
+
+
+def make_preferences(
+    model, processor, examples: list[Example], data_dir, params, critic_params
+) -> tuple[list, dict]:
+    """Sample two answers per example from `model`, judge them, and keep the consistent, decisive pairs.
+
+    Args:
+        model: the policy (SFTe, or the last DPO round), in eval mode.
+        processor: its processor.
+        examples: the prompts (study train split).
+        data_dir: the prepared folder (images).
+        params: `posttrain.config.PreferencesParams`.
+        critic_params: `posttrain.config.CriticParams` (for ``judge: critic``).
+
+    Returns:
+        (pairs, stats) as `build_pairs` gives them, stats with the judge's name.
+
+    Raises:
+        NoPairsError: fewer than ``params.min_pairs`` pairs survive; the message has the counts.
+    """
+    from posttrain.models import image_token_count
+    from posttrain.training import load_pixels
+
+    pixel_map = load_pixels(processor, data_dir, examples)
+    pixels = [pixel_map[e.image_id] for e in examples]
+    n_image_tokens = image_token_count(processor)
+    candidates = sample_candidates(
+        model,
+        processor.tokenizer,
+        examples,
+        pixels,
+        n_image_tokens,
+        temperature=params.temperature,
+        top_p=params.top_p,
+        seed=params.seed,
+        batch_size=params.batch_size,
+        max_new_tokens=params.max_new_tokens,
+    )
+    verdicts = judge_candidates(
+        params.judge, model, processor, candidates, pixels, data_dir, critic_params, params.batch_size
+    )
+    pairs, stats = build_pairs(candidates, verdicts)
+    if len(pairs) < params.min_pairs:
+        raise NoPairsError(
+            f"only {len(pairs)} preference pairs survived judging "
+            f"(preferences.min_pairs is {params.min_pairs}): "
+            f"{stats['prompts']} prompts, {stats['identical_rate']}% identical candidates, "
+            f"{stats['order_consistency_rate']}% order-consistent verdicts, {stats['tie_rate']}% ties. "
+            "Raise preferences.temperature for more diverse candidates, use more prompts "
+            "(preferences.max_prompts: 0), or another preferences.judge."
+        )
+    return pairs, stats

@@ -1,0 +1,47 @@
+"""Self-critique preference pairs: SFTe answers each study-train prompt twice and a judge picks the better.
+
+    dvc repro preferences
+
+`preferences.judge`: self (the study's method), critic (LLaVA-Critic) or reference (ground truth). Writes
+data/preferences/pairs.jsonl and metrics/preferences.json (pairs kept, order consistency, ties, identical
+candidates, agreement with the ground-truth judge).
+"""
+
+import argparse
+from pathlib import Path
+
+from posttrain.config import load_params
+from posttrain.data import load_split
+from posttrain.io import atomic_dir, write_json_atomic, write_jsonl
+from posttrain.models import load_model
+from posttrain.preferences import make_preferences
+from posttrain.runtime import setup
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--data", default="data/prepared")
+    ap.add_argument("--models", default="models")
+    ap.add_argument("--policy", default="sfte", help="the model that samples (and, for judge: self, judges)")
+    ap.add_argument("--out", default="data/preferences")
+    ap.add_argument("--metrics", default="metrics/preferences.json")
+    args = ap.parse_args()
+
+    params = load_params(args.params)
+    device = setup(params.base.threads)
+    model, processor = load_model(args.policy, Path(args.models), device)
+    examples = load_split(args.data, "study_train")
+    if params.preferences.max_prompts:
+        examples = examples[: params.preferences.max_prompts]
+    pairs, stats = make_preferences(
+        model, processor, examples, Path(args.data), params.preferences, params.evaluate.critic
+    )
+    with atomic_dir(args.out) as tmp:
+        write_jsonl(tmp / "pairs.jsonl", pairs)
+    write_json_atomic(args.metrics, stats)
+    print(", ".join(f"{k} {v}" for k, v in stats.items()))
+
+
+if __name__ == "__main__":
+    main()

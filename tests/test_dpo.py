@@ -1,0 +1,103 @@
+"""SFTe_DPO is the ensemble plus DPO (DESIGN.md trap 2): checked on the real classes, shrunk."""
+
+import copy
+
+import pytest
+import torch
+from conftest import make_adapter
+from peft import PeftModel
+
+from posttrain.config import DpoParams
+from posttrain.data import load_split
+from posttrain.dpo import ImagePath, PreferenceCollator, dpo_trainer, policy_from_adapter, train_dpo
+from posttrain.models import image_token_count, load_base
+from posttrain.training import load_pixels
+
+
+@pytest.fixture(scope="module")
+def sfte(base_dir):
+    return make_adapter(base_dir, base_dir.parent / "dpo_sfte", alpha=16, rank=8, seed=3)
+
+
+@pytest.fixture(scope="module")
+def pairs(prepared):
+    rows = []
+    for e in load_split(prepared, "study_train")[:8]:
+        rows.append(
+            {"image": e.image, "prompt": e.question, "chosen": e.answer, "rejected": "I do not know."}
+        )
+    return rows
+
+
+PARAMS = DpoParams(beta=0.1, learning_rate=5e-3, epochs=1.0, batch_size=4, warmup_steps=0)
+
+
+def batch(processor, prepared, pairs):
+    """The first two pairs collated as the DPO trainer sees them."""
+    refs = [ImagePath(p["image"]) for p in pairs]
+    pixels = load_pixels(processor, prepared, refs)
+    return PreferenceCollator(processor.tokenizer, image_token_count(processor), pixels)(pairs[:2])
+
+
+def test_collator_marks_only_the_completions(base_dir, prepared, pairs):
+    _, processor, _ = load_base(base_dir)
+    b = batch(processor, prepared, pairs)
+    assert b["input_ids"].shape[0] == 4 and b["pixel_values"].shape[0] == 4
+    tok = processor.tokenizer
+    for i, key in enumerate(["chosen", "chosen", "rejected", "rejected"]):
+        kept = b["input_ids"][i][b["completion_mask"][i].bool()]
+        assert tok.decode(kept) == f" {pairs[i % 2][key]}</s>"
+        assert b["input_ids"][i][0] == tok.bos_token_id
+
+
+def test_policy_and_reference_equal_sfte_before_any_step(base_dir, sfte, prepared, pairs, tmp_path):
+    model, processor = policy_from_adapter(base_dir, sfte, "cpu")
+    trainer = dpo_trainer(model, processor, pairs, prepared, PARAMS, tmp_path / "ck", 0, [])
+    assert set(trainer.model.peft_config) == {"default", "ref"}
+    b = batch(processor, prepared, pairs)
+    inputs = {k: b[k] for k in ("input_ids", "attention_mask", "pixel_values")}
+    ensemble = PeftModel.from_pretrained(load_base(base_dir)[0], str(sfte)).eval()
+    policy = trainer.model.eval()
+    with torch.no_grad():
+        expected = ensemble(**inputs).logits
+        got = policy(**inputs).logits
+        policy.set_adapter("ref")
+        ref = policy(**inputs).logits
+        policy.set_adapter("default")
+    assert torch.allclose(got, expected, atol=1e-5)
+    assert torch.allclose(ref, expected, atol=1e-5)
+
+
+def test_dpo_moves_the_adapter_not_the_base_and_differs_from_dpo_from_scratch(
+    base_dir, sfte, prepared, pairs, tmp_path
+):
+    out = tmp_path / "sfte_dpo"
+    out.mkdir()
+    summary = train_dpo(base_dir, sfte, pairs, prepared, PARAMS, 0, out, tmp_path / "ck", None)
+    assert summary["steps"] == 2 and "rewards/margins" in summary
+    base_before = load_base(base_dir)[0].state_dict()
+    tuned = PeftModel.from_pretrained(load_base(base_dir)[0], str(out))
+    start = PeftModel.from_pretrained(load_base(base_dir)[0], str(sfte))
+    assert list(tuned.peft_config) == ["default"]
+    lora_now = {k: v for k, v in tuned.state_dict().items() if "lora_" in k}
+    lora_start = {k: v for k, v in start.state_dict().items() if "lora_" in k}
+    assert any(not torch.equal(lora_now[k], lora_start[k]) for k in lora_now), "DPO must train the adapter"
+    merged_free = {
+        k.replace("base_model.model.", "").replace(".base_layer", ""): v
+        for k, v in tuned.state_dict().items()
+        if "lora_" not in k
+    }
+    assert all(torch.equal(merged_free[k], v) for k, v in base_before.items() if k in merged_free)
+
+    # The same DPO from a fresh (zero-B) adapter on the base is a different model: the ensemble matters.
+    scratch = make_adapter(base_dir, tmp_path / "fresh", alpha=16, rank=8, seed=3, scale=None)
+    out2 = tmp_path / "scratch_dpo"
+    out2.mkdir()
+    train_dpo(base_dir, scratch, pairs, prepared, PARAMS, 0, out2, tmp_path / "ck2", None)
+    _, processor, _ = load_base(base_dir)
+    b = batch(processor, prepared, pairs)
+    inputs = {k: b[k] for k in ("input_ids", "attention_mask", "pixel_values")}
+    from_scratch = PeftModel.from_pretrained(load_base(base_dir)[0], str(out2)).eval()
+    with torch.no_grad():
+        assert not torch.allclose(tuned.eval()(**inputs).logits, from_scratch(**inputs).logits, atol=1e-3)
+    assert copy.copy(summary)["pairs"] == 8

@@ -1,0 +1,99 @@
+"""Real DVC on the micro config in a scratch git repo: a change reruns exactly what it affects.
+
+Slow (a few minutes): every stage runs as a subprocess, as `dvc repro` runs it.
+"""
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import ROOT, micro_params
+
+pytestmark = pytest.mark.slow
+
+ENV = {
+    **os.environ,
+    "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+    "PYTHONPATH": str(ROOT / "src"),
+    "GIT_AUTHOR_NAME": "t",
+    "GIT_AUTHOR_EMAIL": "t@t",
+    "GIT_COMMITTER_NAME": "t",
+    "GIT_COMMITTER_EMAIL": "t@t",
+}
+
+
+def sh(*cmd: str, cwd: Path) -> str:
+    proc = subprocess.run(cmd, cwd=cwd, env=ENV, capture_output=True, text=True)
+    if proc.returncode:
+        pytest.fail(
+            f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+        )
+    return proc.stdout + proc.stderr
+
+
+def ran(output: str) -> set[str]:
+    return set(re.findall(r"Running stage '([^']+)'", output))
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dvcrepo")
+    for item in ("stages", "src", "dvc.yaml"):
+        src = ROOT / item
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, root / item)
+    params = micro_params()
+    params["sft"]["common"].update(max_steps=4, save_steps=0, batch_size=4)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    sh("git", "init", "-q", cwd=root)
+    sh(sys.executable, "-m", "dvc", "init", "-q", cwd=root)
+    sh(sys.executable, "-m", "dvc", "config", "core.analytics", "false", cwd=root)
+    sh("git", "add", "-A", cwd=root)
+    sh("git", "commit", "-qm", "init", cwd=root)
+    out = sh(sys.executable, "-m", "dvc", "repro", cwd=root)
+    assert {"prepare", "base", "sft@sft1", "sft@sft4", "ensemble", "evaluate@sfte", "report"} <= ran(out)
+    sh("git", "add", "-A", cwd=root)
+    sh("git", "commit", "-qm", "repro", cwd=root)
+    return root
+
+
+def downstream_of(root: Path, stage: str) -> set[str]:
+    """Every stage that (transitively) depends on `stage`, from `dvc dag --full --md`'s edges."""
+    out = sh(sys.executable, "-m", "dvc", "dag", "--md", "--full", cwd=root)
+    edges = re.findall(r'\t"?([\w@.-]+)"?\s*-->\s*"?([\w@.-]+)"?', out)
+    found, todo = set(), [stage]
+    while todo:
+        s = todo.pop()
+        for a, b in edges:
+            if a == s and b not in found:
+                found.add(b)
+                todo.append(b)
+    return found
+
+
+def test_changing_one_variant_reruns_only_what_it_affects(repo):
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["sft"]["variants"]["sft2"]["alpha"] = 4.0
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+    status = sh(sys.executable, "-m", "dvc", "status", cwd=repo)
+    changed = set(re.findall(r"^([\w@.-]+):\s*$", status, flags=re.M))
+    assert changed == {"sft@sft2"}, status
+
+    out = sh(sys.executable, "-m", "dvc", "repro", cwd=repo)
+    expected = {"sft@sft2", "evaluate@sft2", "ensemble", "report"} | downstream_of(repo, "ensemble")
+    assert ran(out) == expected, out
+    assert {"sft@sft1", "sft@sft3", "sft@sft4", "evaluate@sft1", "evaluate@base"}.isdisjoint(ran(out))
+
+
+def test_experiment_with_set_param_runs_and_is_listed(repo):
+    sh("git", "add", "-A", cwd=repo)
+    sh("git", "commit", "-qm", "alpha", cwd=repo)
+    out = sh(sys.executable, "-m", "dvc", "exp", "run", "-S", "sft.variants.sft2.dropout=0.2", cwd=repo)
+    assert "sft@sft2" in ran(out) and "sft@sft1" not in ran(out)
+    show = sh(sys.executable, "-m", "dvc", "exp", "show", "--md", cwd=repo)
+    assert "0.2" in show and "relaxed_acc" in show

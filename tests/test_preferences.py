@@ -1,0 +1,109 @@
+import pytest
+
+from posttrain.config import CriticParams, Judge, PreferencesParams
+from posttrain.data import AnswerType, Example, load_split
+from posttrain.preferences import (
+    VERDICTS,
+    Candidate,
+    NoPairsError,
+    build_pairs,
+    make_preferences,
+    reference_verdict,
+    self_verdicts,
+)
+
+
+def _ex(i=0):
+    return Example(
+        id=f"x-{i}",
+        image="images/x.png",
+        image_id="x",
+        question="What is the value of the red bar?",
+        answer="The red bar has a value of 7.",
+        short_answer="7",
+        answer_type=AnswerType.NUMBER,
+        chart_type="bar",
+        family="bar_value",
+        negative=False,
+        elements=("red",),
+    )
+
+
+def test_reference_verdict_prefers_correct_then_closer():
+    e = _ex()
+    assert reference_verdict(e, "The red bar has a value of 7.", "The red bar has a value of 3.") == "first"
+    assert reference_verdict(e, "It is 3.", "The red bar has a value of 7.") == "second"
+    # both wrong: the one closer to the reference sentence wins
+    assert reference_verdict(e, "The red bar has a value of 5.", "5") == "first"
+    assert reference_verdict(e, "same", "same") == "tie"
+
+
+def test_build_pairs_by_hand():
+    """4 candidates: one identical pair (dropped, never judged), one inconsistent ('first' in both orders:
+    position bias), one tie, one consistent win for b.
+    judged = 3, consistent = 2 (tie + win) -> 66.67%, ties 1/3, kept 1; reference agrees (b is correct)."""
+    e = _ex()
+    cands = [
+        Candidate(e, "same answer", "same answer"),
+        Candidate(e, "The red bar has a value of 1.", "The red bar has a value of 2."),
+        Candidate(e, "The red bar has a value of 3.", "The red bar has a value of 4."),
+        Candidate(e, "The red bar has a value of 9.", "The red bar has a value of 7."),
+    ]
+    verdicts = [("first", "second"), ("first", "first"), ("tie", "tie"), ("second", "first")]
+    pairs, stats = build_pairs(cands, verdicts)
+    assert [(p["chosen"], p["rejected"]) for p in pairs] == [(cands[3].b, cands[3].a)]
+    assert stats == {
+        "prompts": 4,
+        "identical_rate": 25.0,
+        "judged_pairs": 3,
+        "order_consistency_rate": 66.6667,
+        "tie_rate": 33.3333,
+        "pairs_kept": 1,
+        "reference_agreement": 100.0,
+        "reference_decisive_rate": 100.0,
+    }
+
+
+def test_self_judge_returns_a_verdict_per_order(tiny, prepared):
+    from posttrain.models import image_token_count
+    from posttrain.training import load_pixels
+
+    model, processor = tiny
+    examples = load_split(prepared, "study_train")[:3]
+    pix = load_pixels(processor, prepared, examples)
+    cands = [Candidate(e, e.answer, "wrong") for e in examples]
+    out = self_verdicts(
+        model,
+        processor.tokenizer,
+        [pix[e.image_id] for e in examples],
+        cands,
+        image_token_count(processor),
+        batch_size=4,
+    )
+    assert len(out) == 3 and all(v in VERDICTS for pair in out for v in pair)
+
+
+@pytest.mark.parametrize("judge", [Judge.REFERENCE, Judge.SELF])
+def test_make_preferences_end_to_end(tiny, prepared, judge):
+    model, processor = tiny
+    examples = load_split(prepared, "study_train")[:12]
+    params = PreferencesParams(judge=judge, temperature=1.5, max_new_tokens=8, batch_size=8, min_pairs=1)
+    try:
+        pairs, stats = make_preferences(model, processor, examples, prepared, params, CriticParams())
+    except NoPairsError as e:  # a random model may produce no decisive pair; the error must carry the counts
+        assert "prompts" in str(e) and "preferences.min_pairs" in str(e)
+        return
+    assert stats["prompts"] == 12 and stats["pairs_kept"] == len(pairs) >= 1
+    for p in pairs:
+        assert p["chosen"].strip() != p["rejected"].strip()
+        assert {"image", "prompt", "chosen", "rejected"} <= set(p)
+
+
+def test_no_surviving_pair_is_a_clear_error(tiny, prepared):
+    model, processor = tiny
+    examples = load_split(prepared, "study_train")[:4]
+    params = PreferencesParams(
+        judge=Judge.REFERENCE, temperature=0.01, top_p=0.01, max_new_tokens=6, batch_size=4, min_pairs=50
+    )
+    with pytest.raises(NoPairsError, match=r"only \d+ preference pairs survived.*4 prompts.*identical"):
+        make_preferences(model, processor, examples, prepared, params, CriticParams())

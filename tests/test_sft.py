@@ -1,0 +1,110 @@
+"""SFT: LoRA on the language model only, base frozen, QLoRA refused without CUDA, killed runs resume."""
+
+import copy
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import ROOT, run_stage
+from peft import LoraConfig, get_peft_model
+
+from posttrain.config import Quantization
+from posttrain.data import load_split
+from posttrain.training import (
+    TeacherForcedCollator,
+    TeacherForcedDataset,
+    language_model_regex,
+    quantization_config,
+    run_trainer,
+    training_arguments,
+)
+
+
+def test_lora_adapts_the_language_model_only_and_base_stays_frozen(tiny, prepared, tmp_path):
+    model, processor = tiny
+    model = copy.deepcopy(model)
+    regex = language_model_regex(("q_proj", "v_proj", "up_proj"))
+    peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=regex))
+    adapted = [n for n, m in peft.named_modules() if hasattr(m, "lora_A")]
+    assert adapted and all("language_model" in n for n in adapted)
+    assert any("q_proj" in n for n in adapted) and not any("k_proj" in n for n in adapted)
+    frozen_before = {n: p.clone() for n, p in peft.named_parameters() if not p.requires_grad}
+    trainable_before = {n: p.clone() for n, p in peft.named_parameters() if p.requires_grad}
+    assert all("lora_" in n for n in trainable_before)
+    with torch.no_grad():  # B starts at zero: make the gradient reach A too
+        for n, p in peft.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.01)
+    ds = TeacherForcedDataset(load_split(prepared, "study_train")[:16], prepared, processor)
+    args = training_arguments(
+        tmp_path / "ck",
+        max_steps=2,
+        batch_size=8,
+        learning_rate=1e-2,
+        warmup_steps=0,
+        weight_decay=0.0,
+        seed=0,
+        save_steps=0,
+    )
+    run_trainer(peft, args, ds, TeacherForcedCollator(processor.tokenizer.pad_token_id), [], resume=False)
+    params = dict(peft.named_parameters())
+    assert all(torch.equal(params[n], p) for n, p in frozen_before.items()), "the base must not change"
+    assert sum(not torch.equal(params[n], p) for n, p in trainable_before.items()) == len(trainable_before)
+
+
+def test_nf4_without_cuda_fails_before_loading():
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present")
+    with pytest.raises(RuntimeError, match="nf4.*needs a CUDA GPU.*quantization: none"):
+        quantization_config(Quantization.NF4)
+    assert quantization_config(Quantization.NONE) is None
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, micro_params_file):
+    import yaml
+
+    root = tmp_path_factory.mktemp("sftproject")
+    params = yaml.safe_load(micro_params_file.read_text())
+    params["sft"]["common"].update(max_steps=40, save_steps=4, batch_size=4)
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    run_stage("prepare.py", cwd=root)
+    run_stage("base.py", cwd=root)
+    return root
+
+
+def test_killed_sft_resumes_from_its_checkpoint(project):
+    """Kill a real run after its first checkpoint; the rerun resumes there and finishes the same steps."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, str(ROOT / "stages/sft.py"), "--variant", "sft2"]
+    proc = subprocess.Popen(
+        cmd, cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    ckpts = project / "checkpoints/sft2"
+    deadline = time.time() + 120
+    while time.time() < deadline and not any(ckpts.glob("checkpoint-*/trainer_state.json")):
+        assert proc.poll() is None, proc.stdout.read().decode()
+        time.sleep(0.2)
+    time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (project / "models/sft2").exists(), "a killed run must leave no adapter for DVC to cache"
+    done = max(
+        int(p.name.split("-")[1]) for p in ckpts.glob("checkpoint-*") if (p / "trainer_state.json").exists()
+    )
+    assert 0 < done < 40
+
+    out = run_stage("sft.py", "--variant", "sft2", cwd=project)
+    assert "resuming from" in out
+    prov = json.loads((project / "models/sft2/provenance.json").read_text())
+    assert prov["training"]["steps"] == 40
+    assert prov["training"]["resumed_from"].endswith(f"checkpoint-{done}")
+    assert (project / "models/sft2/adapter_model.safetensors").exists()
+    assert not ckpts.exists()
+    shutil.rmtree(project / "models/sft2")
