@@ -62,9 +62,9 @@ def repo(tmp_path_factory):
 
 
 def downstream_of(root: Path, stage: str) -> set[str]:
-    """Every stage that (transitively) depends on `stage`, from `dvc dag --full --md`'s edges."""
-    out = sh(sys.executable, "-m", "dvc", "dag", "--md", "--full", cwd=root)
-    edges = re.findall(r'\t"?([\w@.-]+)"?\s*-->\s*"?([\w@.-]+)"?', out)
+    """Every stage that (transitively) depends on `stage`, from the edges of `dvc dag --dot`."""
+    out = sh(sys.executable, "-m", "dvc", "dag", "--dot", cwd=root)
+    edges = re.findall(r'"([^"]+)"\s*->\s*"([^"]+)"', out)
     found, todo = set(), [stage]
     while todo:
         s = todo.pop()

@@ -225,7 +225,7 @@ class DpoLoss(str, Enum):
 
 @dataclass(frozen=True)
 class PreferencesParams:
-    judge: Judge = Judge.SELF
+    judge: Judge = Judge.REFERENCE
     max_prompts: int = 0  # 0 = every study-train prompt
     temperature: float = 1.0
     top_p: float = 0.95
