@@ -43,6 +43,24 @@ def run_timed(cmd: list[str], cwd: Path, env: dict) -> tuple[float, dict[str, fl
     return round(end - t0, 1), stages
 
 
+def training_speed(clone: Path) -> dict:
+    """Steps, seconds and samples/s of every trained model, from the provenance the stages wrote."""
+    training = {}
+    for prov_path in sorted((clone / "models").glob("*/provenance.json")):
+        prov = json.loads(prov_path.read_text())
+        summary = prov.get("training")
+        if not isinstance(summary, dict) or not summary.get("train_seconds"):
+            continue
+        params = prov.get("params", {})
+        batch = (params.get("common") or params.get("train") or {}).get("batch_size")
+        training[prov_path.parent.name] = {
+            "steps": summary["steps"],
+            "train_seconds": summary["train_seconds"],
+            "samples_per_s": round(summary["steps"] * batch / summary["train_seconds"], 1) if batch else None,
+        }
+    return training
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", help="also write the figures here")
@@ -57,11 +75,14 @@ def main() -> None:
         same = subprocess.run(
             ["git", "diff", "--stat", "--", "metrics/"], cwd=clone, capture_output=True, text=True
         )
+        training = training_speed(clone)
     result = {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}",
         "fresh_clone_repro_seconds": total,
         "stage_seconds": stages,
         "noop_repro_seconds": noop,
+        "sft_variants_seconds": round(sum(v for k, v in stages.items() if k.startswith("sft@")), 1),
+        "training": training,
         "metrics_reproduced_exactly": same.stdout.strip() == "",
         "metrics_diff": same.stdout.strip(),
     }

@@ -18,6 +18,9 @@ from posttrain.io import write_text_atomic
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m posttrain", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub.add_parser(
+        "convert-critic", help="convert LLaVA-Critic from LLaVA-NeXT's layout to transformers' (SRC DST)"
+    )
 
     p = sub.add_parser(
         "compare",
@@ -63,6 +66,11 @@ def main(argv: list[str] | None = None) -> int:
     Returns:
         Exit status.
     """
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["convert-critic"]:  # its own argparse: LLaVA-NeXT layout -> transformers OneVision
+        from posttrain.convert_critic import main as convert_critic
+
+        return convert_critic(argv[1:])
     parser = _build_parser()
     try:
         args = parser.parse_args(argv)

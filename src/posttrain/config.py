@@ -76,7 +76,7 @@ class TinyParams:
 
 @dataclass(frozen=True)
 class TrainParams:
-    max_steps: int = 2100
+    max_steps: int = 1800
     batch_size: int = 32
     learning_rate: float = 2e-3
     warmup_steps: int = 30
@@ -166,7 +166,7 @@ class SftCommon:
         "down_proj",
     )
     quantization: Quantization = Quantization.NONE
-    max_steps: int = 220
+    max_steps: int = 200
     batch_size: int = 32
     learning_rate: float = 5e-3
     warmup_steps: int = 20
@@ -227,8 +227,8 @@ class DpoLoss(str, Enum):
 class PreferencesParams:
     judge: Judge = Judge.REFERENCE
     max_prompts: int = 0  # 0 = every study-train prompt
-    temperature: float = 1.0
-    top_p: float = 0.95
+    temperature: float = 0.7
+    top_p: float = 0.9
     max_new_tokens: int = 24
     batch_size: int = 64
     seed: int = 0
@@ -239,8 +239,8 @@ class PreferencesParams:
 class DpoParams:
     beta: float = 0.1
     loss_type: DpoLoss = DpoLoss.SIGMOID
-    learning_rate: float = 5e-4
-    epochs: float = 2.0
+    learning_rate: float = 1e-4
+    epochs: float = 1.0
     batch_size: int = 16
     warmup_steps: int = 5
     rounds: int = 1  # each extra round samples from the last round's model, judges and trains again

@@ -55,7 +55,9 @@ def generate(
         )
         new_tokens = out[:, input_ids.shape[1] :]
         outputs.extend(t.strip() for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
-        if progress:
+        n_batches = -(-len(questions) // batch_size)
+        batch_index = start // batch_size
+        if progress and (batch_index % max(n_batches // 4, 1) == 0 or batch_index == n_batches - 1):
             print(f"{progress}: generated {len(outputs)}/{len(questions)}", flush=True)
     return outputs
 
