@@ -305,10 +305,11 @@ def _fmt(x: float | None, signed: bool = False) -> str:
     return f"{x:+.1f}" if signed else f"{x:.1f}"
 
 
-def _fmt_p(p: float | None) -> str:
+def format_p(p: float | None) -> str:
+    """``p=0.123``, or ``p<0.001``: the bootstrap does not resolve below 1/B, so tiny values are a bound."""
     if p is None:
-        return "n/a"
-    return f"{p:.3f}"
+        return "p=n/a"
+    return "p<0.001" if p < 0.001 else f"p={p:.3f}"
 
 
 def format_markdown(result: dict) -> str:
@@ -351,7 +352,7 @@ def format_markdown(result: dict) -> str:
                 d = models[name]["vs_baseline"][m]
                 cells.append(
                     f"{_fmt(d['delta'], True)} [{_fmt(d['ci'][0], True)}, {_fmt(d['ci'][1], True)}]"
-                    f" (p={_fmt_p(d['p'])})"
+                    f" ({format_p(d['p'])})"
                 )
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

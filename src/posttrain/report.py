@@ -12,7 +12,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from posttrain.compare import compare, format_markdown  # noqa: E402
+from posttrain.compare import compare, format_markdown, format_p  # noqa: E402
 from posttrain.io import read_json, read_jsonl, write_text_atomic  # noqa: E402
 
 PLOTTED = ("relaxed_acc", "negative_acc", "critic", "rouge_l", "bleu")
@@ -63,7 +63,7 @@ def significance_summary(result: dict, baseline: str) -> str:
         if name == baseline:
             continue
         sig = [
-            f"{m} ({d['delta']:+.2f}, p={d['p']:.3f})"
+            f"{m} ({d['delta']:+.2f}, {format_p(d['p'])})"
             for m, d in entry["vs_baseline"].items()
             if d["p"] is not None and d["p"] < SIGNIFICANCE
         ]
