@@ -1,0 +1,262 @@
+"""GPU figures of the real architecture: llava-1.5-7b with random weights (configs/llava-1.5-7b), one GPU.
+
+    python bench/gpu.py --out bench/results/h100.json
+
+Measures on the card itself: copy bandwidth and bf16 matmul peak; LoRA SFT throughput (bf16, QLoRA nf4,
+LoRA r=16 on every linear layer of the language model, the layers `posttrain.training` adapts) with model FLOP
+utilisation (model FLOPs = 4·N·T per sample for a frozen base: forward 2NT + input-gradient backward 2NT;
+recomputation not counted) and peak memory; batched greedy generation tokens/s against the memory-bandwidth
+limit of that batch (weights plus KV cache read per decode step, at the measured copy bandwidth). Then
+projects the study's wall time from those rates. Prints every figure and writes them as JSON.
+"""
+
+import argparse
+import gc
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from posttrain.architectures import build_random, load_config, param_count
+from posttrain.training import language_model_regex
+
+IMAGE_TOKENS = 576  # (336 / 14)²
+TEXT_TOKENS = 129  # question + answer: seq 705 as in DESIGN.md's measurements
+LM_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def timed(fn, repeat: int) -> float:
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(repeat):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / repeat
+
+
+def _copy_seconds(n: int) -> float:
+    src = torch.empty(n, dtype=torch.bfloat16, device="cuda")
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    return timed(lambda: dst.copy_(src), 10)
+
+
+def _matmul_seconds(n: int) -> float:
+    x = torch.randn(n, n, dtype=torch.bfloat16, device="cuda")
+    y = torch.randn_like(x)
+    for _ in range(3):
+        x @ y
+    return timed(lambda: x @ y, 10)
+
+
+def card_peaks() -> dict:
+    """Device-to-device copy bandwidth (bytes read + written) and bf16 8192³ matmul throughput."""
+    n = 1 << 30  # 2 GiB of bf16
+    copy_s, mm_s = _copy_seconds(n), _matmul_seconds(8192)
+    torch.cuda.empty_cache()
+    return {
+        "copy_bandwidth_gb_s": round(2 * 2 * n / copy_s / 1e9, 1),
+        "bf16_matmul_tflops": round(2 * 8192**3 / mm_s / 1e12, 1),
+    }
+
+
+def batch(config, size: int, device="cuda") -> dict:
+    """Random pixels and tokens in LLaVA's layout: BOS, 576 image tokens, text; loss on the last 100."""
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 32000, (size, 1 + IMAGE_TOKENS + TEXT_TOKENS - 1), generator=g)
+    ids[:, 0] = 1
+    ids[:, 1 : 1 + IMAGE_TOKENS] = config.image_token_id
+    labels = ids.clone()
+    labels[:, : ids.shape[1] - 100] = -100
+    pixels = torch.randn(size, 3, 336, 336, generator=g)
+    return {
+        "input_ids": ids.to(device),
+        "attention_mask": torch.ones_like(ids).to(device),
+        "labels": labels.to(device),
+        "pixel_values": pixels.to(device, torch.bfloat16),
+    }
+
+
+def sft_throughput(
+    model, config, batch_size: int, steps: int, n_params: int, peak_tflops: float, checkpointing: bool
+) -> tuple[dict, torch.nn.Module]:
+    """LoRA r=16 on the language model; AdamW on the adapter; samples/s over `steps` after warm-up.
+
+    Returns the figures and the model with the adapter removed again, ready for the next variant.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(r=16, lora_alpha=16, lora_dropout=0.05, target_modules=language_model_regex(LM_LINEAR))
+    model = get_peft_model(model, lora)
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    inputs = batch(config, batch_size)
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(**inputs).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(3):
+        step()
+    torch.cuda.reset_peak_memory_stats()
+    seconds = timed(step, steps)
+    samples_per_s = batch_size / seconds
+    tokens = inputs["input_ids"].shape[1]
+    mfu = 4 * n_params * tokens * samples_per_s / (peak_tflops * 1e12)
+    opt.state.clear()  # free the optimizer state before the next variant
+    figures = {
+        "batch": batch_size,
+        "seq_len": tokens,
+        "samples_per_s": round(samples_per_s, 2),
+        "mfu": round(mfu, 4),
+        "peak_memory_gb": round(torch.cuda.max_memory_allocated() / 1e9, 1),
+        "gradient_checkpointing": checkpointing,
+    }
+    if checkpointing:
+        model.gradient_checkpointing_disable()
+    return figures, model.unload()
+
+
+def generation(model, config, batch_size: int, new_tokens: int, copy_gb_s: float, cache: str) -> dict:
+    """Greedy decoding of `new_tokens` for a batch; tokens/s and the share of the bandwidth limit reached."""
+    inputs = batch(config, batch_size)
+    prompt = {k: v[:, :-100] for k, v in inputs.items() if k != "labels"}
+    prompt["pixel_values"] = inputs["pixel_values"]
+    kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    if cache == "static":
+        kwargs["cache_implementation"] = "static"
+    model.eval()
+    with torch.no_grad():
+        model.generate(**prompt, **kwargs)  # warm-up (and compilation for the static cache)
+        seconds = timed(lambda: model.generate(**prompt, **kwargs), 1)
+    tokens_per_s = batch_size * new_tokens / seconds
+    text = config.text_config
+    weights = 2 * sum(p.numel() for p in model.parameters())
+    kv_per_token = (
+        2
+        * text.num_hidden_layers
+        * text.num_key_value_heads
+        * (text.hidden_size // text.num_attention_heads)
+        * 2
+    )
+    mean_context = prompt["input_ids"].shape[1] + new_tokens / 2
+    bytes_per_step = weights + kv_per_token * mean_context * batch_size
+    limit = batch_size / (bytes_per_step / (copy_gb_s * 1e9))
+    return {
+        "batch": batch_size,
+        "new_tokens": new_tokens,
+        "cache": cache,
+        "tokens_per_s": round(tokens_per_s, 1),
+        "bandwidth_limit_tokens_per_s": round(limit, 1),
+        "bandwidth_fraction": round(tokens_per_s / limit, 4),
+    }
+
+
+def project(sft_samples_per_s: float, gen_tokens_per_s: float) -> dict:
+    """The study's settings at the measured rates (DPO ≈ 3 forward+backward-equivalents per pair; judge and
+    critic outputs ≈ 128 generated tokens each; both are estimates from the SFT and generation rates)."""
+    sft = 2900 * 5 * 4 / sft_samples_per_s
+    preference = (1000 * 2 + 1000 * 2) * 128 / gen_tokens_per_s  # 2 samples + 2 judge orders per prompt
+    dpo = 600 * 2 * 3 / sft_samples_per_s
+    evaluation = (7 * 200 + 7 * 200) * 128 / gen_tokens_per_s
+    minutes = {
+        k: round(v / 60, 1)
+        for k, v in {"sft": sft, "preferences": preference, "dpo": dpo, "evaluation": evaluation}.items()
+    }
+    minutes["total"] = round(sum(minutes.values()), 1)
+    return minutes
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="bench/results/h100.json")
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--skip-nf4", action="store_true")
+    args = ap.parse_args()
+    torch.backends.cuda.matmul.allow_tf32 = True
+    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "host": platform.node()}
+    result.update(card_peaks())
+    print(json.dumps(result), flush=True)
+    config = load_config("llava-1.5-7b")
+    n_params = param_count(config)
+    result["params"] = n_params
+
+    model = build_random(config, dtype=torch.bfloat16, device="cuda", seed=0)
+    for cache in ("dynamic", "static"):
+        try:
+            result[f"generate_{cache}"] = generation(
+                model, config, 64, 128, result["copy_bandwidth_gb_s"], cache
+            )
+        except Exception as e:  # noqa: BLE001 - a failed variant is reported, the bench goes on
+            result[f"generate_{cache}"] = {"error": repr(e)[:300]}
+        print(json.dumps(result[f"generate_{cache}"]), flush=True)
+    for bs, ckpt in ((8, False), (16, True)):
+        result[f"sft_lora_bf16_b{bs}"], model = sft_throughput(
+            model, config, bs, args.steps, n_params, result["bf16_matmul_tflops"], ckpt
+        )
+        print(json.dumps(result[f"sft_lora_bf16_b{bs}"]), flush=True)
+        gc.collect()
+        torch.cuda.empty_cache()
+
+    if not args.skip_nf4:
+        from peft import prepare_model_for_kbit_training
+        from transformers import LlavaForConditionalGeneration
+
+        from posttrain.config import Quantization
+        from posttrain.training import quantization_config
+
+        with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP", "/tmp")) as tmp:
+            model.save_pretrained(tmp)
+            del model
+            gc.collect()
+            torch.cuda.empty_cache()
+            q = LlavaForConditionalGeneration.from_pretrained(
+                tmp,
+                dtype=torch.bfloat16,
+                quantization_config=quantization_config(Quantization.NF4),
+                device_map={"": "cuda"},
+                use_safetensors=True,
+            )
+        q = prepare_model_for_kbit_training(q, use_gradient_checkpointing=False)
+        result["sft_qlora_nf4_b8"], _ = sft_throughput(
+            q, config, 8, args.steps, n_params, result["bf16_matmul_tflops"], False
+        )
+        print(json.dumps(result["sft_qlora_nf4_b8"]), flush=True)
+
+    result["sft_lora_bf16_mfu"] = result["sft_lora_bf16_b8"]["mfu"]
+    result["sft_qlora_nf4_mfu"] = result.get("sft_qlora_nf4_b8", {}).get("mfu")
+    gens = [
+        g
+        for g in (result.get("generate_dynamic"), result.get("generate_static"))
+        if g and "tokens_per_s" in g
+    ]
+    best = max(gens, key=lambda g: g["tokens_per_s"]) if gens else None
+    result["generate_tokens_per_s"] = best["tokens_per_s"] if best else None
+    result["generate_bandwidth_fraction"] = best["bandwidth_fraction"] if best else None
+    result["dpo_pairs_per_s"] = None  # not measured yet: needs trl on the GPU machine
+    sft_rate = result.get("sft_qlora_nf4_b8", result["sft_lora_bf16_b8"])["samples_per_s"]
+    result["projected_study_minutes_breakdown"] = project(sft_rate, best["tokens_per_s"]) if best else None
+    result["projected_study_minutes"] = (result["projected_study_minutes_breakdown"] or {}).get("total")
+    result["projection_note"] = (
+        "SFT at the QLoRA nf4 rate (the study's setting); DPO and critic/judge cost "
+        "estimated from the SFT and generation rates, not measured"
+    )
+    print(json.dumps(result, indent=2))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
