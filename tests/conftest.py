@@ -54,15 +54,15 @@ def prepared(tmp_path_factory, micro_params_file) -> Path:
 @pytest.fixture(scope="session")
 def tiny(prepared):
     """(model, processor) of a randomly initialised tiny LLaVA with a tokenizer trained on the micro data."""
-    from posttrain.config import load_params, to_dict
+    from posttrain.config import load_params
     from posttrain.data import load_split
-    from posttrain.models import TinyArchitecture, build_tiny_llava, train_tokenizer
+    from posttrain.models import build_tiny_llava, train_tokenizer
     from posttrain.template import completion_text, prompt_text
 
     params = load_params(ROOT / "params.yaml").base
     examples = load_split(prepared, "pretrain_train") + load_split(prepared, "study_train")
     tok = train_tokenizer([prompt_text(e.question) + completion_text(e.answer) for e in examples], 400)
-    model, processor = build_tiny_llava(tok, TinyArchitecture(**to_dict(params.tiny)), seed=0)
+    model, processor = build_tiny_llava(tok, params.tiny, seed=0)
     return model.eval(), processor
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from posttrain.__main__ import main
-from posttrain.compare import CompareError, compare, format_markdown, load_responses
+from posttrain.compare import CompareError, compare, format_markdown, format_p, load_responses
 
 REFS = [
     "The highest bar is 2019 with 45 units.",
@@ -202,8 +202,13 @@ def test_format_markdown_from_result():
     assert lines[0] == "| model | n | bleu | rouge_l |"
     assert lines[2].startswith("| base | 6 | ")
     assert "vs base" in lines
-    row = next(line for line in lines if line.startswith("| perfect |") and "(p=" in line)
-    assert row.count("(p=") == 2
+    row = next(line for line in lines if line.startswith("| perfect |") and "(p" in line)
+    assert row.count("(p=") + row.count("(p<") == 2
+
+
+def test_p_values_below_the_bootstrap_resolution_read_as_a_bound():
+    assert format_p(0.0) == "p<0.001" and format_p(0.0004) == "p<0.001"
+    assert format_p(0.042) == "p=0.042" and format_p(None) == "p=n/a"
 
 
 # ------------------------------------------------------------------ errors

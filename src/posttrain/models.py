@@ -8,7 +8,6 @@ same transformers/PEFT code at both scales.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -25,6 +24,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from posttrain.config import TinyParams
 from posttrain.template import CHAT_TEMPLATE, IMAGE_TOKEN
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", IMAGE_TOKEN]
@@ -61,23 +61,7 @@ def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFas
     )
 
 
-@dataclass(frozen=True)
-class TinyArchitecture:
-    """Sizes of the tiny LLaVA (see DESIGN.md's calibration for why these)."""
-
-    image_size: int = 84
-    patch_size: int = 12
-    vision_hidden: int = 64
-    vision_layers: int = 2
-    vision_heads: int = 2
-    text_hidden: int = 128
-    text_layers: int = 2
-    text_heads: int = 4
-    text_intermediate: int = 344
-    vocab_size: int = 400
-
-
-def build_tiny_llava(tokenizer: PreTrainedTokenizerFast, arch: TinyArchitecture, seed: int):
+def build_tiny_llava(tokenizer: PreTrainedTokenizerFast, arch: TinyParams, seed: int):
     """A randomly initialised tiny `LlavaForConditionalGeneration` and its `LlavaProcessor`.
 
     Returns:

@@ -184,7 +184,6 @@ def train_tiny_base(
     from posttrain.data import load_split
     from posttrain.io import atomic_dir
     from posttrain.models import (
-        TinyArchitecture,
         build_tiny_llava,
         count_params,
         train_tokenizer,
@@ -202,8 +201,7 @@ def train_tiny_base(
     tokenizer = train_tokenizer(
         [prompt_text(e.question) + completion_text(e.answer) for e in corpus], params.tiny.vocab_size
     )
-    arch = TinyArchitecture(**to_dict(params.tiny))
-    model, processor = build_tiny_llava(tokenizer, arch, params.seed)
+    model, processor = build_tiny_llava(tokenizer, params.tiny, params.seed)
     dataset = TeacherForcedDataset(train, data_dir, processor)
     t = params.train
     print(
