@@ -183,9 +183,36 @@ def main() -> None:
     ap.add_argument("--out", default="bench/results/h100.json")
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--skip-nf4", action="store_true")
+    ap.add_argument("--liger", action="store_true", help="Liger kernels for Llama (RMSNorm, RoPE, SwiGLU)")
+    ap.add_argument(
+        "--sft-batches", default="8", help="comma-separated bf16 LoRA batch sizes, no checkpointing"
+    )
+    ap.add_argument("--gen-batches", default="64", help="comma-separated generation batch sizes")
     args = ap.parse_args()
+
+    def liger(m):
+        """Liger's RMSNorm/RoPE/SwiGLU kernels in `m`'s language model, for training only: under the static
+        cache's torch.compile they fail to compile and generation falls back to the slow path."""
+        if args.liger:
+            from liger_kernel.transformers import apply_liger_kernel_to_llama
+
+            apply_liger_kernel_to_llama(
+                rope=True,
+                rms_norm=True,
+                swiglu=True,
+                cross_entropy=False,
+                fused_linear_cross_entropy=False,
+                model=m.model.language_model,
+            )
+        return m
+
     torch.backends.cuda.matmul.allow_tf32 = True
-    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "host": platform.node()}
+    result = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "host": platform.node(),
+        "liger": args.liger,
+    }
     result.update(card_peaks())
     print(json.dumps(result), flush=True)
     config = load_config("llava-1.5-7b")
@@ -193,19 +220,27 @@ def main() -> None:
     result["params"] = n_params
 
     model = build_random(config, dtype=torch.bfloat16, device="cuda", seed=0)
-    for cache in ("dynamic", "static"):
+    for gen_batch in (int(b) for b in args.gen_batches.split(",")):
+        for cache in ("dynamic", "static"):
+            key = f"generate_{cache}" + ("" if gen_batch == 64 else f"_b{gen_batch}")
+            try:
+                result[key] = generation(model, config, gen_batch, 128, result["copy_bandwidth_gb_s"], cache)
+            except Exception as e:  # noqa: BLE001 - a failed variant is reported, the bench goes on
+                result[key] = {"batch": gen_batch, "cache": cache, "error": repr(e)[:300]}
+            print(json.dumps(result[key]), flush=True)
+            torch.cuda.empty_cache()
+    model = liger(model)
+    variants = [(int(b), False) for b in args.sft_batches.split(",")] + [(16, True)]
+    for bs, ckpt in variants:
+        key = f"sft_lora_bf16_b{bs}" + ("_ckpt" if ckpt and bs == 8 else "")
         try:
-            result[f"generate_{cache}"] = generation(
-                model, config, 64, 128, result["copy_bandwidth_gb_s"], cache
+            result[key], model = sft_throughput(
+                model, config, bs, args.steps, n_params, result["bf16_matmul_tflops"], ckpt
             )
-        except Exception as e:  # noqa: BLE001 - a failed variant is reported, the bench goes on
-            result[f"generate_{cache}"] = {"error": repr(e)[:300]}
-        print(json.dumps(result[f"generate_{cache}"]), flush=True)
-    for bs, ckpt in ((8, False), (16, True)):
-        result[f"sft_lora_bf16_b{bs}"], model = sft_throughput(
-            model, config, bs, args.steps, n_params, result["bf16_matmul_tflops"], ckpt
-        )
-        print(json.dumps(result[f"sft_lora_bf16_b{bs}"]), flush=True)
+        except torch.OutOfMemoryError as e:  # too large a batch is a result too
+            result[key] = {"batch": bs, "gradient_checkpointing": ckpt, "error": repr(e)[:200]}
+            model = model.unload() if hasattr(model, "peft_config") else model
+        print(json.dumps(result[key]), flush=True)
         gc.collect()
         torch.cuda.empty_cache()
 
@@ -228,25 +263,31 @@ def main() -> None:
                 device_map={"": "cuda"},
                 use_safetensors=True,
             )
-        q = prepare_model_for_kbit_training(q, use_gradient_checkpointing=False)
+        q = liger(prepare_model_for_kbit_training(q, use_gradient_checkpointing=False))
         result["sft_qlora_nf4_b8"], _ = sft_throughput(
             q, config, 8, args.steps, n_params, result["bf16_matmul_tflops"], False
         )
         print(json.dumps(result["sft_qlora_nf4_b8"]), flush=True)
 
-    result["sft_lora_bf16_mfu"] = result["sft_lora_bf16_b8"]["mfu"]
+    bf16_runs = [v for k, v in result.items() if k.startswith("sft_lora_bf16_b") and "mfu" in v]
+    result["sft_lora_bf16_mfu"] = max(
+        (v["mfu"] for v in bf16_runs if not v["gradient_checkpointing"]), default=None
+    )
     result["sft_qlora_nf4_mfu"] = result.get("sft_qlora_nf4_b8", {}).get("mfu")
     gens = [
         g
-        for g in (result.get("generate_dynamic"), result.get("generate_static"))
+        for k, g in result.items()
+        if k.startswith("generate_") and isinstance(g, dict)
         if g and "tokens_per_s" in g
     ]
     best = max(gens, key=lambda g: g["tokens_per_s"]) if gens else None
     result["generate_tokens_per_s"] = best["tokens_per_s"] if best else None
     result["generate_bandwidth_fraction"] = best["bandwidth_fraction"] if best else None
     result["dpo_pairs_per_s"] = None  # not measured yet: needs trl on the GPU machine
-    sft_rate = result.get("sft_qlora_nf4_b8", result["sft_lora_bf16_b8"])["samples_per_s"]
-    result["projected_study_minutes_breakdown"] = project(sft_rate, best["tokens_per_s"]) if best else None
+    sft_rate = result.get("sft_qlora_nf4_b8", result.get("sft_lora_bf16_b8", {})).get("samples_per_s")
+    result["projected_study_minutes_breakdown"] = (
+        project(sft_rate, best["tokens_per_s"]) if best and sft_rate else None
+    )
     result["projected_study_minutes"] = (result["projected_study_minutes_breakdown"] or {}).get("total")
     result["projection_note"] = (
         "SFT at the QLoRA nf4 rate (the study's setting); DPO and critic/judge cost "

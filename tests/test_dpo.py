@@ -101,3 +101,39 @@ def test_dpo_moves_the_adapter_not_the_base_and_differs_from_dpo_from_scratch(
     with torch.no_grad():
         assert not torch.allclose(tuned.eval()(**inputs).logits, from_scratch(**inputs).logits, atol=1e-3)
     assert copy.copy(summary)["pairs"] == 8
+
+
+def test_two_rounds_sample_from_the_first_round_and_keep_both_adapters(
+    base_dir, sfte, prepared, pairs, tmp_path, micro_params_file
+):
+    """Iterative DPO: round 2 judges fresh samples of the round-1 model and trains on from its adapter."""
+    import dataclasses
+    import json
+
+    from posttrain.config import Judge, load_params
+    from posttrain.dpo import run_rounds
+
+    params = load_params(micro_params_file)
+    params = dataclasses.replace(
+        params,
+        dpo=dataclasses.replace(PARAMS, rounds=2),
+        preferences=dataclasses.replace(
+            params.preferences, judge=Judge.REFERENCE, max_prompts=12, min_pairs=1
+        ),
+    )
+    stats = {"pairs_kept": len(pairs)}
+    out = tmp_path / "sfte_dpo"
+    try:
+        rounds = run_rounds(base_dir, sfte, pairs, stats, prepared, params, 0, out, tmp_path / "ck", None)
+    except Exception as e:  # noqa: BLE001 - a random policy can leave no pair in round 2; the error must say so
+        from posttrain.preferences import NoPairsError
+
+        assert isinstance(e, NoPairsError) and not out.exists()
+        return
+    assert [r["round"] for r in rounds] == [1, 2]
+    assert rounds[0]["preferences"] == stats and rounds[1]["preferences"]["prompts"] == 12
+    assert (out / "adapter_model.safetensors").exists() and (
+        out / "rounds/round1/adapter_model.safetensors"
+    ).exists()
+    prov = json.loads((out / "provenance.json").read_text())
+    assert len(prov["rounds"]) == 2 and prov["start_adapter"] == str(sfte)
