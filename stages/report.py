@@ -18,11 +18,15 @@ def main() -> None:
     ap.add_argument("--data", default="data/prepared")
     ap.add_argument("--items", default="data/eval")
     ap.add_argument("--metrics", default="metrics")
+    ap.add_argument(
+        "--models-dir", default="models", help="for the DPO rounds in models/sfte_dpo/provenance.json"
+    )
     args = ap.parse_args()
 
     params = load_params(args.params)
     r = params.report
     prefs = Path(args.metrics) / "preferences.json"
+    dpo_prov = Path(args.models_dir) / "sfte_dpo" / "provenance.json"
     build_report(
         args.models,
         Path(args.metrics),
@@ -35,6 +39,7 @@ def main() -> None:
         critic_is_model=params.evaluate.critic.kind.needs_model,
         ensemble_method=params.ensemble.method.value if "sfte" in args.models else None,
         preferences=json.loads(prefs.read_text()) if prefs.exists() else None,
+        dpo_rounds=json.loads(dpo_prov.read_text()).get("rounds") if dpo_prov.exists() else None,
     )
     print(f"wrote {args.metrics}/report.md, report.png, examples.html for {', '.join(args.models)}")
 

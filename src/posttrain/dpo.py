@@ -163,6 +163,29 @@ def train_dpo(
     return summary
 
 
+ROUND_METRICS = ("relaxed_acc", "negative_acc", "critic", "rouge_l", "bleu", "loss", "retain_relaxed_acc")
+
+
+def evaluate_round(base_dir: Path, adapter: Path, data_dir: Path, params, name: str, device: str) -> dict:
+    """Evaluate an intermediate round's adapter like `evaluate@<model>`; items and metrics stay in its folder.
+
+    Returns:
+        The headline metrics (`ROUND_METRICS`, each with its CI bounds) for the report's rounds table.
+    """
+    from peft import PeftModel
+
+    from posttrain.evaluation import evaluate_model
+    from posttrain.models import load_base
+
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    model, processor, _ = load_base(base_dir, device=device, dtype=dtype)
+    model = PeftModel.from_pretrained(model, str(adapter)).to(device).eval()
+    metrics = evaluate_model(
+        name, model, processor, data_dir, params, adapter / "eval", adapter / "eval" / "metrics.json"
+    )
+    return {k: metrics[k] for m in ROUND_METRICS for k in (m, f"{m}_ci_low", f"{m}_ci_high")}
+
+
 def run_rounds(
     base_dir: Path,
     sfte_dir: Path,
@@ -182,7 +205,8 @@ def run_rounds(
     (iterative DPO, as LLaVA-Critic's). Earlier rounds' adapters are kept in ``out_dir/rounds/round<k>``.
 
     Returns:
-        One entry per round: its preference statistics and training summary.
+        One entry per round: its preference statistics, training summary and, for rounds before the last, the
+        evaluation of that round's model.
     """
     from posttrain.data import load_split
     from posttrain.io import atomic_dir
@@ -212,7 +236,12 @@ def run_rounds(
             summary = train_dpo(
                 base_dir, adapter, pairs, data_dir, params.dpo, seed, dest, checkpoint_dir, live
             )
-            rounds.append({"round": r, "preferences": stats, "training": summary})
+            entry = {"round": r, "preferences": stats, "training": summary}
+            if r < params.dpo.rounds:  # the last round is `sfte_dpo`, evaluated by evaluate@sfte_dpo
+                entry["evaluation"] = evaluate_round(
+                    base_dir, dest, data_dir, params.evaluate, f"round{r}", device
+                )
+            rounds.append(entry)
             adapter = dest
         from posttrain.config import to_dict
 

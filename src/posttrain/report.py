@@ -56,6 +56,26 @@ def family_table(metrics: dict[str, dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+ROUND_COLUMNS = ("relaxed_acc", "critic", "rouge_l", "bleu", "retain_relaxed_acc")
+
+
+def rounds_table(rounds: list[dict], final: dict) -> str:
+    """Markdown: per DPO round, its preference pairs and judge statistics and its model's headline metrics."""
+    lines = [
+        "| round | pairs | order consistency | reference agreement | " + " | ".join(ROUND_COLUMNS) + " |",
+        "|---|---:|---:|---:|" + "---:|" * len(ROUND_COLUMNS),
+    ]
+    for r in rounds:
+        pref = r["preferences"]
+        evaluation = r.get("evaluation") or final  # the last round is sfte_dpo itself
+        cells = " | ".join(_cell(evaluation, k) for k in ROUND_COLUMNS)
+        lines.append(
+            f"| {r['round']} | {pref.get('pairs_kept')} | {pref.get('order_consistency_rate')} | "
+            f"{pref.get('reference_agreement')} | {cells} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def significance_summary(result: dict, baseline: str) -> str:
     """Plain sentences: which differences against the baseline are significant at 5% and which are not."""
     lines = []
@@ -163,6 +183,7 @@ def build_report(
     critic_is_model: bool = False,
     ensemble_method: str | None = None,
     preferences: dict | None = None,
+    dpo_rounds: list[dict] | None = None,
 ) -> str:
     """Write ``report.md``, ``report.png`` and ``examples.html`` into `metrics_dir`; return the markdown.
 
@@ -178,6 +199,7 @@ def build_report(
         critic_is_model: True when the critic scores came from LLaVA-Critic (adds the contamination caveat).
         ensemble_method: how SFTe was built (``ensemble.method``); an inexact one is labelled as such.
         preferences: the `preferences` stage's statistics, if it ran.
+        dpo_rounds: the `dpo` stage's rounds (from its provenance); with more than one, a table per round.
     """
     if baseline not in models:
         raise ValueError(f"report.baseline {baseline!r} is not among the evaluated models {models}")
@@ -264,6 +286,16 @@ def build_report(
         ]
         md += [f"| {k} | {v} |" for k, v in preferences.items()]
         md += [""]
+    if dpo_rounds and len(dpo_rounds) > 1 and "sfte_dpo" in metrics:
+        md += [
+            "## DPO rounds",
+            "",
+            "Each round samples from the previous round's model, judges and trains again; "
+            "the last round is sfte_dpo. Values are `mean [95% CI]` on the study test split.",
+            "",
+            rounds_table(dpo_rounds, metrics["sfte_dpo"]),
+            "",
+        ]
     md += [
         "![metrics](report.png)",
         "",
