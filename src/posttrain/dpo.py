@@ -230,9 +230,9 @@ def run_rounds(
             dest = tmp if r == params.dpo.rounds else tmp / "rounds" / f"round{r}"
             dest.mkdir(parents=True, exist_ok=True)
             print(f"DPO round {r}/{params.dpo.rounds}: {len(pairs)} pairs", flush=True)
-            live = (
-                None if live_dir is None else (live_dir if params.dpo.rounds == 1 else live_dir / f"round{r}")
-            )
+            # the last round (sfte_dpo) logs to the declared DVCLive folder; earlier rounds' training
+            # summaries are in the provenance
+            live = live_dir if r == params.dpo.rounds else None
             summary = train_dpo(
                 base_dir, adapter, pairs, data_dir, params.dpo, seed, dest, checkpoint_dir, live
             )
