@@ -128,6 +128,52 @@ def sft_throughput(
     return figures, model.unload()
 
 
+def dpo_throughput(model, config, pairs: int, steps: int) -> tuple[dict, torch.nn.Module]:
+    """DPO's compute per step, as TRL runs it for a LoRA policy: the policy forward and backward on the
+    chosen and rejected sequences (2·pairs), and a no-grad reference forward with the adapter switched off;
+    sigmoid loss with beta 0.1, AdamW on the adapter. Returns pairs/s and the model without the adapter."""
+    import torch.nn.functional as F
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(r=16, lora_alpha=16, lora_dropout=0.05, target_modules=language_model_regex(LM_LINEAR))
+    model = get_peft_model(model, lora)
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    inputs = batch(config, 2 * pairs)  # rows [:pairs] chosen, [pairs:] rejected; loss positions = completion
+    labels = inputs.pop("labels")
+
+    def logps(logits):  # (2P, T, V) -> (2P,) summed log-probs of the completion tokens
+        targets = labels[:, 1:]
+        mask = targets != -100
+        lp = torch.gather(F.log_softmax(logits[:, :-1].float(), -1), 2, targets.clamp(min=0)[..., None])[
+            ..., 0
+        ]
+        return (lp * mask).sum(1)
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            with torch.no_grad(), model.disable_adapter():
+                ref = logps(model(**inputs).logits)
+            pol = logps(model(**inputs).logits)
+        margin = (pol[:pairs] - ref[:pairs]) - (pol[pairs:] - ref[pairs:])
+        loss = -F.logsigmoid(0.1 * margin).mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(2):
+        step()
+    torch.cuda.reset_peak_memory_stats()
+    seconds = timed(step, steps)
+    figures = {
+        "pairs_per_step": pairs,
+        "pairs_per_s": round(pairs / seconds, 2),
+        "peak_memory_gb": round(torch.cuda.max_memory_allocated() / 1e9, 1),
+    }
+    opt.state.clear()
+    return figures, model.unload()
+
+
 def generation(model, config, batch_size: int, new_tokens: int, copy_gb_s: float, cache: str) -> dict:
     """Greedy decoding of `new_tokens` for a batch; tokens/s and the share of the bandwidth limit reached."""
     inputs = batch(config, batch_size)
@@ -163,12 +209,12 @@ def generation(model, config, batch_size: int, new_tokens: int, copy_gb_s: float
     }
 
 
-def project(sft_samples_per_s: float, gen_tokens_per_s: float) -> dict:
-    """The study's settings at the measured rates (DPO ≈ 3 forward+backward-equivalents per pair; judge and
-    critic outputs ≈ 128 generated tokens each; both are estimates from the SFT and generation rates)."""
+def project(sft_samples_per_s: float, gen_tokens_per_s: float, dpo_pairs_per_s: float | None) -> dict:
+    """The study's settings at the measured rates; judge and critic outputs are taken as 128 generated tokens
+    each (an estimate from the generation rate), DPO at its measured rate when there is one."""
     sft = 2900 * 5 * 4 / sft_samples_per_s
     preference = (1000 * 2 + 1000 * 2) * 128 / gen_tokens_per_s  # 2 samples + 2 judge orders per prompt
-    dpo = 600 * 2 * 3 / sft_samples_per_s
+    dpo = 600 * 2 / dpo_pairs_per_s if dpo_pairs_per_s else 600 * 2 * 3 / sft_samples_per_s
     evaluation = (7 * 200 + 7 * 200) * 128 / gen_tokens_per_s
     minutes = {
         k: round(v / 60, 1)
@@ -244,6 +290,14 @@ def main() -> None:
         gc.collect()
         torch.cuda.empty_cache()
 
+    try:
+        result["dpo_lora_bf16"], model = dpo_throughput(model, config, 4, args.steps)
+    except torch.OutOfMemoryError as e:
+        result["dpo_lora_bf16"] = {"error": repr(e)[:200]}
+    print(json.dumps(result["dpo_lora_bf16"]), flush=True)
+    gc.collect()
+    torch.cuda.empty_cache()
+
     if not args.skip_nf4:
         from peft import prepare_model_for_kbit_training
         from transformers import LlavaForConditionalGeneration
@@ -283,15 +337,15 @@ def main() -> None:
     best = max(gens, key=lambda g: g["tokens_per_s"]) if gens else None
     result["generate_tokens_per_s"] = best["tokens_per_s"] if best else None
     result["generate_bandwidth_fraction"] = best["bandwidth_fraction"] if best else None
-    result["dpo_pairs_per_s"] = None  # not measured yet: needs trl on the GPU machine
+    result["dpo_pairs_per_s"] = result["dpo_lora_bf16"].get("pairs_per_s")
     sft_rate = result.get("sft_qlora_nf4_b8", result.get("sft_lora_bf16_b8", {})).get("samples_per_s")
     result["projected_study_minutes_breakdown"] = (
-        project(sft_rate, best["tokens_per_s"]) if best and sft_rate else None
+        project(sft_rate, best["tokens_per_s"], result["dpo_pairs_per_s"]) if best and sft_rate else None
     )
     result["projected_study_minutes"] = (result["projected_study_minutes_breakdown"] or {}).get("total")
     result["projection_note"] = (
-        "SFT at the QLoRA nf4 rate (the study's setting); DPO and critic/judge cost "
-        "estimated from the SFT and generation rates, not measured"
+        "SFT at the QLoRA nf4 rate (the study's setting); DPO at the measured bf16 LoRA pairs/s; judging and "
+        "critic scoring estimated as 128 generated tokens per call at the measured generation rate"
     )
     print(json.dumps(result, indent=2))
     out = Path(args.out)
