@@ -172,14 +172,10 @@ def evaluate_round(base_dir: Path, adapter: Path, data_dir: Path, params, name: 
     Returns:
         The headline metrics (`ROUND_METRICS`, each with its CI bounds) for the report's rounds table.
     """
-    from peft import PeftModel
-
     from posttrain.evaluation import evaluate_model
-    from posttrain.models import load_base
 
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    model, processor, _ = load_base(base_dir, device=device, dtype=dtype)
-    model = PeftModel.from_pretrained(model, str(adapter)).to(device).eval()
+    model, processor = policy_from_adapter(base_dir, adapter, device)
+    model.eval()
     metrics = evaluate_model(
         name, model, processor, data_dir, params, adapter / "eval", adapter / "eval" / "metrics.json"
     )
