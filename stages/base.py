@@ -42,7 +42,11 @@ def main() -> None:
         print(f"base: {params.hub_id}@{params.revision} recorded in {args.out}")
         return
     summary = train_tiny_base(
-        params, Path(args.data), Path(args.out), Path(args.checkpoints), Path(args.live)
+        params,
+        Path(args.data),
+        Path(args.out),
+        Path(args.checkpoints),
+        Path(args.live) if args.live else None,
     )
     shutil.rmtree(
         args.checkpoints, ignore_errors=True

@@ -25,7 +25,7 @@ def main() -> None:
     ap.add_argument("--preference-metrics", default="metrics/preferences.json")
     ap.add_argument("--out", default="models/sfte_dpo")
     ap.add_argument("--checkpoints", default="checkpoints/sfte_dpo")
-    ap.add_argument("--live", default="dvclive/sfte_dpo")
+    ap.add_argument("--live", default="dvclive/sfte_dpo", help="DVCLive folder; empty: no curves")
     args = ap.parse_args()
 
     params = load_params(args.params)
@@ -43,7 +43,7 @@ def main() -> None:
         params.base.seed,
         Path(args.out),
         Path(args.checkpoints),
-        Path(args.live),
+        Path(args.live) if args.live else None,
     )
     for r in rounds:
         t = r["training"]

@@ -24,7 +24,7 @@ def main() -> None:
     ap.add_argument("--data", default="data/prepared")
     ap.add_argument("--models", default="models")
     ap.add_argument("--checkpoints", default="checkpoints")
-    ap.add_argument("--live", default="dvclive")
+    ap.add_argument("--live", default="dvclive", help="DVCLive root; empty: no curves")
     args = ap.parse_args()
 
     params = load_params(args.params)
@@ -41,7 +41,7 @@ def main() -> None:
         Path(args.data),
         Path(args.models) / args.variant,
         checkpoints,
-        Path(args.live) / args.variant,
+        Path(args.live) / args.variant if args.live else None,
     )
     shutil.rmtree(checkpoints, ignore_errors=True)
     print(

@@ -418,7 +418,7 @@ def test_failure_while_writing_leaves_nothing(
     def boom(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(cc, "_write_processor", boom)
+    monkeypatch.setattr(cc, "write_processor", boom)
     dst = tmp_path / "dst"
     with pytest.raises(RuntimeError, match="disk full"):
         cc.convert_critic(source, dst)

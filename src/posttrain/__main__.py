@@ -1,7 +1,9 @@
 """Command line: ``python -m posttrain <command> ...``.
 
 Commands:
-    compare   Compare models' response JSONL files (see `posttrain.compare`).
+    compare          Compare models' response JSONL files (see `posttrain.compare`).
+    convert-critic   Convert LLaVA-Critic to transformers' format (see `posttrain.convert_critic`).
+    e2e              The study preset end to end on stand-in hub files (see `posttrain.e2e`).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from posttrain.io import write_text_atomic
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m posttrain", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub.add_parser("e2e", help="run every stage of the study preset on stand-ins of the hub files (WORKDIR)")
     sub.add_parser(
         "convert-critic", help="convert LLaVA-Critic from LLaVA-NeXT's layout to transformers' (SRC DST)"
     )
@@ -71,6 +74,10 @@ def main(argv: list[str] | None = None) -> int:
         from posttrain.convert_critic import main as convert_critic
 
         return convert_critic(argv[1:])
+    if argv[:1] == ["e2e"]:  # the real-scale path on stand-ins of the hub files (posttrain.e2e)
+        from posttrain.e2e import main as e2e
+
+        return e2e(argv[1:])
     parser = _build_parser()
     try:
         args = parser.parse_args(argv)

@@ -434,7 +434,7 @@ def plan_weights(
 # --------------------------------------------------------------------------------------------
 
 
-def _write_processor(folder: Path, tokenizer: Any, config: LlavaOnevisionConfig) -> None:
+def write_processor(folder: Path, tokenizer: Any, config: LlavaOnevisionConfig) -> None:
     """Write tokenizer, processor_config.json (image + video processor) and chat_template.jinja.
 
     Written as files rather than through `LlavaOnevisionProcessor.save_pretrained`, which needs torchvision
@@ -639,7 +639,7 @@ def convert_critic(
     }
     with atomic_dir(dst) as tmp:
         model.save_pretrained(tmp, max_shard_size="5GB")
-        _write_processor(tmp, tokenizer, model.config)
+        write_processor(tmp, tokenizer, model.config)
         (tmp / "conversion.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
         if not is_transformers_onevision(tmp):
             raise ConversionError(f"the converted folder {tmp} does not pass is_transformers_onevision")

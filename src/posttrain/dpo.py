@@ -76,6 +76,9 @@ def dpo_trainer(
         learning_rate=params.learning_rate,
         num_train_epochs=params.epochs,
         per_device_train_batch_size=params.batch_size,
+        gradient_accumulation_steps=params.gradient_accumulation,
+        gradient_checkpointing=params.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if params.gradient_checkpointing else None,
         warmup_steps=params.warmup_steps,
         lr_scheduler_type="cosine",
         max_length=None,  # never truncate: image tokens would be cut (DESIGN.md trap 5)

@@ -108,12 +108,17 @@ def training_arguments(
     save_steps: int,
     bf16: bool = False,
     logging_steps: int = 10,
+    gradient_accumulation: int = 1,
+    gradient_checkpointing: bool = False,
 ) -> TrainingArguments:
     """The Trainer settings every training run here shares (cosine schedule, checkpoints for resuming)."""
     return TrainingArguments(
         output_dir=str(output_dir),
         max_steps=max_steps,
         per_device_train_batch_size=batch_size,
+        gradient_accumulation_steps=gradient_accumulation,
+        gradient_checkpointing=gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if gradient_checkpointing else None,
         learning_rate=learning_rate,
         warmup_steps=warmup_steps,
         lr_scheduler_type="cosine",
@@ -287,6 +292,41 @@ def quantization_config(quantization: Quantization):
     )
 
 
+def require_liger() -> None:
+    """Fail before loading anything if Liger's kernels cannot run here (they are Triton kernels for CUDA)."""
+    if not torch.cuda.is_available():
+        raise RuntimeError(
+            "sft.common.liger is true, but Liger's kernels need a CUDA GPU and none is visible. "
+            "Set sft.common.liger: false on this machine."
+        )
+    try:
+        import liger_kernel  # noqa: F401
+    except ImportError as e:
+        raise RuntimeError(
+            "sft.common.liger is true, but liger-kernel is not installed: pip install -e '.[cuda]' "
+            "(or set sft.common.liger: false)"
+        ) from e
+
+
+def apply_liger(model) -> None:
+    """Swap the Llama language model's RMSNorm, RoPE and SwiGLU for Liger's fused kernels, in place.
+
+    Training only: under the static cache's torch.compile (generation) they fail to compile. The loss stays
+    transformers' (no fused cross-entropy): the labels mask the prompt, and the logits are small next to the
+    activations at LLaVA's sequence lengths.
+    """
+    from liger_kernel.transformers import apply_liger_kernel_to_llama
+
+    apply_liger_kernel_to_llama(
+        rope=True,
+        rms_norm=True,
+        swiglu=True,
+        cross_entropy=False,
+        fused_linear_cross_entropy=False,
+        model=model.model.language_model,
+    )
+
+
 def train_sft_variant(
     name: str,
     common,
@@ -314,7 +354,7 @@ def train_sft_variant(
     Returns:
         Training summary.
     """
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from peft import LoraConfig, get_peft_model
 
     from posttrain.config import to_dict
     from posttrain.data import load_split
@@ -322,11 +362,15 @@ def train_sft_variant(
     from posttrain.models import base_fingerprint, count_params, load_base, write_provenance
 
     qconfig = quantization_config(common.quantization)  # fails before loading anything if impossible
+    if common.liger:
+        require_liger()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     model, processor, base_prov = load_base(base_dir, device=device, dtype=dtype, quantization_config=qconfig)
-    if qconfig is not None:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    # No peft.prepare_model_for_kbit_training for nf4: it upcasts every unquantized weight (vision tower,
+    # projector, embeddings, lm_head) to fp32, which costs speed and memory; they stay bf16 and frozen.
+    if common.liger:
+        apply_liger(model)
     lora = LoraConfig(
         r=common.rank,
         lora_alpha=variant.alpha,
@@ -338,11 +382,13 @@ def train_sft_variant(
     model = get_peft_model(model, lora)
     train = load_split(data_dir, "study_train")
     dataset = TeacherForcedDataset(train, data_dir, processor)
+    effective = common.batch_size * common.gradient_accumulation
     print(
         f"{name}: LoRA r={common.rank} alpha={variant.alpha} dropout={variant.dropout}; "
         f"{count_params(model, trainable_only=True):,} trainable of {count_params(model):,} params; "
-        f"{len(dataset)} examples, {common.max_steps} steps × batch {common.batch_size} = "
-        f"{common.max_steps * common.batch_size / len(dataset):.1f} epochs",
+        f"{len(dataset)} examples, {common.max_steps} steps × batch {common.batch_size} × accumulation "
+        f"{common.gradient_accumulation} = {common.max_steps * effective / len(dataset):.1f} epochs; "
+        f"{'nf4' if qconfig else dtype}, checkpointing {common.gradient_checkpointing}, liger {common.liger}",
         flush=True,
     )
     args = training_arguments(
@@ -355,8 +401,10 @@ def train_sft_variant(
         seed=seed,
         save_steps=common.save_steps,
         bf16=device == "cuda",
+        gradient_accumulation=common.gradient_accumulation,
+        gradient_checkpointing=common.gradient_checkpointing,
     )
-    callbacks = [ProgressCallback(every=50, batch_size=common.batch_size)]
+    callbacks = [ProgressCallback(every=50, batch_size=effective)]
     live = _live(live_dir)
     if live is not None:
         from transformers.integrations import DVCLiveCallback

@@ -1,0 +1,407 @@
+"""The real-scale path end to end: every stage of the study preset, run on stand-ins of the hub files.
+
+    python -m posttrain e2e WORKDIR            # the 7B architectures: CUDA GPU, ~35 GB of disk
+    python -m posttrain e2e WORKDIR --shrink   # the same architectures shrunk to 2 layers: CPU, minutes
+
+Writes into WORKDIR (`posttrain.standin`) an LRV Chart parquet at 336 px and LLaVA-1.5-7B and LLaVA-Critic
+folders with random weights, then a params file: `configs/study.yaml` with the stand-ins' paths and sizes
+cut to a smoke run (`smoke_overrides`). It runs the stage scripts in `dvc.yaml`'s order with that file, each
+as its own process as `dvc repro` would (two SFT variants; evaluation of base, sfte and sfte_dpo), then
+checks what the stages wrote (`check_outputs`) and writes WORKDIR/summary.json. A stage whose output
+exists is skipped, so a rerun resumes after the last stage that finished.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+STAGES = ROOT / "stages"
+PRESET = ROOT / "configs" / "study.yaml"
+VARIANTS = ("sft1", "sft2")
+EVALUATED = ("base", "sfte", "sfte_dpo")
+IMAGES = 24  # charts in the parquet (~60 questions); 6 of them form the test split
+
+
+@dataclass(frozen=True)
+class Step:
+    """One stage run: its name as in dvc.yaml, the script's arguments, the output that marks it done."""
+
+    name: str
+    args: tuple[str, ...]
+    output: Path
+
+
+def smoke_overrides(work: Path, cuda: bool) -> dict:
+    """What the smoke run changes in the study preset: the stand-ins' paths, and sizes of seconds.
+
+    Everything else (nf4 on CUDA, the template, LoRA targets, the judge, the critic prompts, the batch
+    sizes that fit 80 GB) stays as the study runs it.
+    """
+    return {
+        "base": {"hub_id": str(work / "hub" / "llava-1.5-7b"), "revision": ""},
+        "prepare": {"lrv": {"local_parquet": str(work / "hub" / "lrv_chart.parquet"), "test_images": 6}},
+        "sft": {
+            "common": {
+                "quantization": "nf4" if cuda else "none",
+                "liger": cuda,
+                "max_steps": 2,
+                "batch_size": 4,
+                "gradient_accumulation": 1,
+                "save_steps": 0,
+                "warmup_steps": 0,
+            },
+            "variants": {"__keep__": list(VARIANTS)},
+        },
+        "preferences": {
+            "judge": "reference",  # random weights cannot judge; the reference judge ranks their samples
+            "max_prompts": 16,
+            "max_new_tokens": 16,
+            "batch_size": 32,
+            "min_pairs": 2,
+        },
+        "dpo": {"epochs": 1.0, "batch_size": 4, "gradient_accumulation": 1, "warmup_steps": 0},
+        "evaluate": {
+            "batch_size": 16,
+            "max_new_tokens": 16,
+            "resamples": 100,
+            "critic": {"model": str(work / "hub" / "llava-critic-7b"), "batch_size": 4, "max_new_tokens": 16},
+        },
+        "report": {"examples": 4, "resamples": 100},
+    }
+
+
+def merge(base: dict, changes: dict) -> dict:
+    """`base` with `changes` applied recursively; ``{"__keep__": [...]}`` keeps only those keys of a mapping."""
+    out = copy.deepcopy(base)
+    for key, value in changes.items():
+        if isinstance(value, dict) and "__keep__" in value:
+            out[key] = {k: v for k, v in out[key].items() if k in value["__keep__"]}
+        elif isinstance(value, dict):
+            out[key] = merge(out.get(key) or {}, value)
+        else:
+            out[key] = value
+    return out
+
+
+def write_params(work: Path, cuda: bool, preset: Path = PRESET) -> Path:
+    """Write and validate WORKDIR/params.yaml: the preset with `smoke_overrides`."""
+    from posttrain.config import parse_params
+
+    data = merge(yaml.safe_load(preset.read_text()), smoke_overrides(work, cuda))
+    parse_params(data, str(preset))  # raises ParamsError naming every bad key
+    path = work / "params.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def write_standins(work: Path, shrink: bool, device: str) -> dict:
+    """The stand-in hub files: parquet, LLaVA-1.5 and LLaVA-Critic folders (skipped where they exist)."""
+    import pyarrow.parquet as pq
+
+    from posttrain.architectures import load_config
+    from posttrain.architectures import shrink as shrunk
+    from posttrain.critic import pairwise_prompt, pointwise_prompt
+    from posttrain.standin import write_critic, write_lrv_parquet, write_llava
+    from posttrain.template import completion_text, prompt_text
+
+    hub = work / "hub"
+    timings = {}
+    t0 = time.perf_counter()
+    parquet = hub / "lrv_chart.parquet"
+    if not parquet.exists():
+        write_lrv_parquet(parquet, IMAGES, size=336)
+    turns = [t["value"] for row in pq.read_table(parquet).column("conversations").to_pylist() for t in row]
+    texts = [prompt_text(t) + completion_text(t) for t in turns]
+    timings["parquet_s"] = round(time.perf_counter() - t0, 1)
+    for name, write, extra in (
+        ("llava-1.5-7b", write_llava, []),
+        ("llava-critic-7b", write_critic, [pointwise_prompt("Q", "R"), pairwise_prompt("Q", "A", "B")]),
+    ):
+        folder = hub / name
+        if (folder / "config.json").exists():
+            continue
+        t0 = time.perf_counter()
+        config = load_config(name)
+        if shrink:
+            config = shrunk(config)
+        tmp = folder.with_name(folder.name + ".tmp")
+        write(tmp, config, texts + extra, device=device)
+        tmp.rename(folder)
+        timings[f"{name}_s"] = round(time.perf_counter() - t0, 1)
+        print(f"stand-in {name} written in {timings[f'{name}_s']}s", flush=True)
+    return timings
+
+
+def plan(work: Path, params: Path) -> list[Step]:
+    """The stages in dvc.yaml's order, with WORKDIR's paths (no DVCLive: `--live ""`)."""
+    data, models, metrics = work / "data" / "prepared", work / "models", work / "metrics"
+    common = ("--params", str(params))
+    steps = [
+        Step("prepare", (*common, "--out", str(data)), data),
+        Step(
+            "base",
+            (*common, "--data", str(data), "--out", str(models / "base"), "--live", ""),
+            models / "base",
+        ),
+    ]
+    for v in VARIANTS:
+        steps.append(
+            Step(
+                f"sft@{v}",
+                (
+                    "--variant",
+                    v,
+                    *common,
+                    "--data",
+                    str(data),
+                    "--models",
+                    str(models),
+                    "--checkpoints",
+                    str(work / "checkpoints"),
+                    "--live",
+                    "",
+                ),
+                models / v,
+            )
+        )
+    steps += [
+        Step(
+            "ensemble",
+            ("--members", *VARIANTS, *common, "--models", str(models), "--out", str(models / "sfte")),
+            models / "sfte",
+        ),
+        Step(
+            "preferences",
+            (
+                *common,
+                "--data",
+                str(data),
+                "--models",
+                str(models),
+                "--out",
+                str(work / "data" / "preferences"),
+                "--metrics",
+                str(metrics / "preferences.json"),
+            ),
+            work / "data" / "preferences",
+        ),
+        Step(
+            "dpo",
+            (
+                *common,
+                "--data",
+                str(data),
+                "--models",
+                str(models),
+                "--pairs",
+                str(work / "data" / "preferences"),
+                "--preference-metrics",
+                str(metrics / "preferences.json"),
+                "--out",
+                str(models / "sfte_dpo"),
+                "--checkpoints",
+                str(work / "checkpoints" / "sfte_dpo"),
+                "--live",
+                "",
+            ),
+            models / "sfte_dpo",
+        ),
+    ]
+    for m in EVALUATED:
+        steps.append(
+            Step(
+                f"evaluate@{m}",
+                (
+                    "--model",
+                    m,
+                    *common,
+                    "--data",
+                    str(data),
+                    "--models",
+                    str(models),
+                    "--items",
+                    str(work / "data" / "eval"),
+                    "--metrics",
+                    str(metrics),
+                ),
+                metrics / f"{m}.json",
+            )
+        )
+    steps.append(
+        Step(
+            "report",
+            (
+                "--models",
+                *EVALUATED,
+                *common,
+                "--data",
+                str(data),
+                "--items",
+                str(work / "data" / "eval"),
+                "--metrics",
+                str(metrics),
+                "--models-dir",
+                str(models),
+            ),
+            metrics / "report.md",
+        )
+    )
+    return steps
+
+
+def run_steps(steps: Sequence[Step], log: Path) -> dict[str, float]:
+    """Run each step's stage script unless its output exists; stream and log the output; stop at a failure.
+
+    Raises:
+        RuntimeError: a stage exited non-zero; the message names it and the log.
+    """
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    seconds: dict[str, float] = {}
+    with log.open("a") as out:
+        for step in steps:
+            if step.output.exists():
+                print(f"[e2e] {step.name}: done before, skipped", flush=True)
+                continue
+            script = STAGES / f"{step.name.split('@')[0]}.py"
+            print(f"[e2e] {step.name}: python {script.relative_to(ROOT)} {' '.join(step.args)}", flush=True)
+            out.write(f"\n===== {step.name}\n")
+            t0 = time.perf_counter()
+            proc = subprocess.Popen(
+                [sys.executable, str(script), *step.args],
+                cwd=ROOT,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                sys.stdout.write(line)
+                out.write(line)
+            if proc.wait():
+                out.flush()
+                raise RuntimeError(f"stage {step.name} failed (exit {proc.returncode}); see {log}")
+            seconds[step.name] = round(time.perf_counter() - t0, 1)
+            print(f"[e2e] {step.name}: {seconds[step.name]}s", flush=True)
+    return seconds
+
+
+def check_outputs(work: Path) -> dict:
+    """What the stages wrote, checked: image tokens, adapters, pairs, the DPO step, metrics, critic.
+
+    Raises:
+        AssertionError: a check failed (the message says which).
+    """
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoProcessor
+
+    from posttrain.data import load_split
+    from posttrain.models import image_token_count, read_provenance
+    from posttrain.template import IGNORE_INDEX, encode_example
+
+    data, models, metrics = work / "data" / "prepared", work / "models", work / "metrics"
+    processor = AutoProcessor.from_pretrained(work / "hub" / "llava-1.5-7b")
+    n_image = image_token_count(processor)
+    assert n_image == 576, f"<image> expands to {n_image} tokens, not LLaVA-1.5's 576"
+    train = load_split(data, "study_train")
+    lengths = []
+    for e in train:
+        ids, labels = encode_example(processor.tokenizer, e.question, e.answer, n_image)
+        assert sum(int(i == processor.image_token_id) for i in ids) == n_image, f"{e.id}: image tokens cut"
+        assert sum(int(lab != IGNORE_INDEX) for lab in labels) > 0, f"{e.id}: no answer token is trained"
+        lengths.append(len(ids))
+
+    adapters = {}
+    for name in (*VARIANTS, "sfte", "sfte_dpo"):
+        prov = read_provenance(models / name, name)
+        weights = load_file(str(models / name / "adapter_model.safetensors"))
+        adapters[name] = weights
+        assert prov["base_fingerprint"].startswith(str(work / "hub" / "llava-1.5-7b")), prov[
+            "base_fingerprint"
+        ]
+    sft_prov = read_provenance(models / VARIANTS[0], VARIANTS[0])
+    changed = sum(not torch.equal(adapters["sfte"][k], adapters["sfte_dpo"][k]) for k in adapters["sfte"])
+    assert changed > 0, "the DPO step left every SFTe weight unchanged"
+
+    prefs = json.loads((metrics / "preferences.json").read_text())
+    per_model = {m: json.loads((metrics / f"{m}.json").read_text()) for m in EVALUATED}
+    keys = {m: set(v) for m, v in per_model.items()}
+    assert len({frozenset(k) for k in keys.values()}) == 1, "metrics files have different keys"
+    items = [json.loads(line) for line in (work / "data" / "eval" / "study_test" / "sfte_dpo.jsonl").open()]
+    return {
+        "image_tokens": n_image,
+        "train_examples": len(train),
+        "train_sequence_tokens": {"min": min(lengths), "max": max(lengths)},
+        "sft_quantization": sft_prov["params"]["common"]["quantization"],
+        "sft_liger": sft_prov["params"]["common"]["liger"],
+        "sft_final_loss": sft_prov["training"].get("final_loss"),
+        "ensemble": read_provenance(models / "sfte", "ensemble")["ensemble"],
+        "preferences": {
+            k: prefs.get(k) for k in ("prompts", "identical_rate", "judged_pairs", "tie_rate", "pairs_kept")
+        },
+        "dpo_tensors_changed": f"{changed}/{len(adapters['sfte'])}",
+        "dpo_training": read_provenance(models / "sfte_dpo", "dpo")["rounds"][-1]["training"],
+        "test_items": len(items),
+        "critic_parsed_items": sum(r["critic_score"] is not None for r in items),
+        "metrics_keys": len(next(iter(keys.values()))),
+        "metrics": {
+            m: {k: v[k] for k in ("loss", "bleu", "rouge_l", "critic", "critic_unparsable")}
+            for m, v in per_model.items()
+        },
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m posttrain e2e WORKDIR [--shrink]``; writes WORKDIR/summary.json and WORKDIR/e2e.log."""
+    import torch
+
+    ap = argparse.ArgumentParser(prog="python -m posttrain e2e", description=__doc__.splitlines()[0])
+    ap.add_argument("workdir", type=Path)
+    ap.add_argument("--shrink", action="store_true", help="2-layer towers of the same configs (CPU)")
+    ap.add_argument("--until", help="stop after this stage (e.g. ensemble), to split the run")
+    args = ap.parse_args(argv)
+
+    cuda = torch.cuda.is_available()
+    if not cuda and not args.shrink:
+        print(
+            "error: the 7B architectures need a CUDA GPU; add --shrink to run them shrunk on the CPU",
+            file=sys.stderr,
+        )
+        return 2
+    work = args.workdir.resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    summary: dict = {"device": torch.cuda.get_device_name() if cuda else "cpu", "shrunk": args.shrink}
+    summary["standins"] = write_standins(work, args.shrink, "cuda" if cuda else "cpu")
+    params = write_params(work, cuda)
+    steps = plan(work, params)
+    if args.until:
+        names = [s.name for s in steps]
+        if args.until not in names:
+            print(f"error: --until {args.until!r} is not one of {', '.join(names)}", file=sys.stderr)
+            return 2
+        steps = steps[: names.index(args.until) + 1]
+    summary["stage_seconds"] = run_steps(steps, work / "e2e.log")
+    if not args.until:
+        summary["checks"] = check_outputs(work)
+    summary["total_seconds"] = round(time.perf_counter() - t0, 1)
+    (work / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,243 @@
+"""Stand-ins for the real study's hub files, built offline: the checkpoints and an LRV Chart parquet.
+
+No machine here reaches the Hugging Face hub, so the real-scale path (`base.model: hub`, `prepare.source:
+lrv_chart`, `evaluate.critic.kind: llava_critic`) is exercised on local folders laid out as the hub ones:
+
+- the LLaVA-1.5 and LLaVA-Critic architectures from the shipped configs (`configs/`), full size or shrunk,
+  with random weights;
+- the real image processors (CLIP at 336 px, OneVision anyres at 384 px) and chat templates;
+- a stand-in tokenizer: byte-level BPE learned on the prompts, laid out over the real vocabulary size with
+  every special token at its real id (`<image>` 32000 and `<pad>` 32001 for LLaVA-1.5; the Qwen2 specials
+  151643-151647 for the critic). The ids the learned tokens leave free hold filler tokens that no text
+  encodes to;
+- an LRV Chart parquet in the dataset's schema (`id`, `image {bytes, path}`, `conversations`,
+  `data_source`), with synthetic charts and their ground-truth answers as multi-turn conversations.
+
+The stand-in LLaVA's output layer favours the learned tokens (`emphasise_learned_tokens`): random weights
+would otherwise sample filler tokens almost always, and two samples of filler text tie under every judge,
+leaving no preference pair to train DPO on.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import CLIPImageProcessor, LlavaProcessor, PreTrainedTokenizerFast
+
+from posttrain.architectures import build_random
+from posttrain.template import CHAT_TEMPLATE, IMAGE_TOKEN
+
+FILLER = "<standin_{}>"
+FILLER_PATTERN = re.compile(r"<standin_\d+>")
+
+# The real special tokens and their ids (llava-hf/llava-1.5-7b-hf; Qwen2 as in LLaVA-OneVision).
+LLAVA_SPECIALS = {"<unk>": 0, "<s>": 1, "</s>": 2, IMAGE_TOKEN: 32000, "<pad>": 32001}
+QWEN2_SPECIALS = {
+    "<|endoftext|>": 151643,
+    "<|im_start|>": 151644,
+    "<|im_end|>": 151645,
+    IMAGE_TOKEN: 151646,
+    "<video>": 151647,
+}
+
+
+def standin_tokenizer(
+    texts: list[str],
+    specials: dict[str, int],
+    *,
+    eos: str,
+    pad: str,
+    bos: str | None = None,
+    unk: str | None = None,
+    learned: int = 1024,
+) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer learned on `texts`, with `specials` at the given (real) ids.
+
+    Args:
+        texts: the text the tokens are learned from.
+        specials: special token -> id; the vocabulary spans ids 0..max(id).
+        eos, pad, bos, unk: which of `specials` play these roles; with `bos`, encoding prepends it.
+        learned: how many BPE tokens (byte alphabet included) to learn.
+
+    Returns:
+        The tokenizer. Learned tokens take the lowest ids the specials leave free; the remaining ids are
+        filler tokens (`FILLER`) that no text encodes to.
+    """
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=learned, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
+    bpe.train_from_iterator(texts, trainer=trainer)
+    state = json.loads(bpe.to_str())["model"]
+    size = max(specials.values()) + 1
+    reserved = set(specials.values())
+    free = iter(i for i in range(size) if i not in reserved)
+    vocab = {token: next(free) for token in sorted(state["vocab"], key=state["vocab"].get)}
+    vocab.update(specials)
+    vocab.update({FILLER.format(i): i for i in free})
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in state["merges"]]
+
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=unk))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(list(specials))
+    if bos is not None:
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, specials[bos])]
+        )
+    extra = {"image_token": IMAGE_TOKEN}
+    if "<video>" in specials:
+        extra["video_token"] = "<video>"
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=bos,
+        eos_token=eos,
+        pad_token=pad,
+        unk_token=unk,
+        extra_special_tokens=extra,
+        padding_side="right",
+    )
+
+
+def learned_token_ids(tokenizer: PreTrainedTokenizerFast) -> list[int]:
+    """Ids of the tokens text can encode to: neither filler nor special."""
+    special = set(tokenizer.all_special_ids)
+    return sorted(
+        i for t, i in tokenizer.get_vocab().items() if not FILLER_PATTERN.fullmatch(t) and i not in special
+    )
+
+
+@torch.no_grad()
+def emphasise_learned_tokens(model, ids: list[int], factor: float = 3.0) -> None:
+    """Scale the output-layer rows of `ids` by `factor`, so random weights sample mostly those tokens.
+
+    With hidden size d and init std s, a random logit has std s·√d (1.3 for LLaVA-1.5's 0.02·√4096); the
+    ~31,000 filler rows then outweigh ~1,000 learned ones. ×3 leaves filler tokens a few percent of samples.
+    """
+    head = model.get_output_embeddings().weight  # (vocab, hidden)
+    head[torch.tensor(ids, device=head.device)] *= factor
+
+
+def write_llava(
+    folder: str | Path,
+    config,
+    texts: list[str],
+    *,
+    device: str = "cpu",
+    dtype: torch.dtype | None = None,
+    seed: int = 0,
+) -> Path:
+    """Write a stand-in `llava-hf/llava-1.5-7b-hf` folder: random weights of `config`, processor, template.
+
+    Args:
+        folder: the output folder (hub layout: config, safetensors, tokenizer, processor files).
+        config: a `LlavaConfig` (`posttrain.architectures.load_config("llava-1.5-7b")`, maybe shrunk).
+        texts: prompts and answers the stand-in tokenizer learns from.
+        device, dtype, seed: where and how the random weights are built.
+
+    Returns:
+        The folder.
+    """
+    folder = Path(folder)
+    tokenizer = standin_tokenizer(texts, LLAVA_SPECIALS, bos="<s>", eos="</s>", pad="<pad>", unk="<unk>")
+    vision = config.vision_config
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": vision.image_size},
+        crop_size={"height": vision.image_size, "width": vision.image_size},
+        do_convert_rgb=True,
+    )
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=vision.patch_size,
+        vision_feature_select_strategy=config.vision_feature_select_strategy,
+        num_additional_image_tokens=1,  # CLIP's CLS, dropped by the "default" strategy
+        chat_template=CHAT_TEMPLATE,
+    )
+    model = build_random(config, dtype=dtype, device=device, seed=seed)
+    emphasise_learned_tokens(model, learned_token_ids(tokenizer))
+    generation = model.generation_config
+    generation.bos_token_id = tokenizer.bos_token_id
+    generation.eos_token_id = tokenizer.eos_token_id
+    generation.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def write_critic(
+    folder: str | Path,
+    config,
+    texts: list[str],
+    *,
+    device: str = "cpu",
+    dtype: torch.dtype | None = None,
+    seed: int = 0,
+) -> Path:
+    """Write a stand-in LLaVA-Critic folder in transformers' OneVision format (what `convert-critic` writes).
+
+    Args:
+        folder: the output folder.
+        config: a `LlavaOnevisionConfig` (`load_config("llava-critic-7b")`, maybe shrunk).
+        texts: text the stand-in Qwen2 tokenizer learns from (the critic prompts).
+        device, dtype, seed: where and how the random weights are built.
+
+    Returns:
+        The folder.
+    """
+    from posttrain.convert_critic import write_processor
+
+    folder = Path(folder)
+    tokenizer = standin_tokenizer(texts, QWEN2_SPECIALS, eos="<|im_end|>", pad="<|endoftext|>")
+    model = build_random(config, dtype=dtype, device=device, seed=seed)
+    generation = model.generation_config
+    generation.eos_token_id = tokenizer.eos_token_id
+    generation.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(folder)
+    write_processor(folder, tokenizer, config)
+    return folder
+
+
+def write_lrv_parquet(path: str | Path, images: int, size: int, seed: int = 0) -> Path:
+    """Write `images` rows of synthetic charts in the LRV Chart parquet schema.
+
+    Each row is one chart of the synthetic study pool drawn at `size` px (PNG bytes), its questions as a
+    multi-turn conversation (negatives included); the first human turn carries ``<image>``, as in LRV.
+    """
+    import tempfile
+    from itertools import groupby
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from posttrain.charts import generate_pool
+
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        examples = generate_pool("study", images, size, 3, 0.35, seed, Path(tmp))
+        for image_id, group in groupby(examples, key=lambda e: e.image_id):
+            turns: list[dict[str, str]] = []
+            for e in group:
+                turns.append(
+                    {"from": "human", "value": (f"{IMAGE_TOKEN}\n" if not turns else "") + e.question}
+                )
+                turns.append({"from": "gpt", "value": e.answer})
+            png = (Path(tmp) / f"{image_id}.png").read_bytes()
+            rows.append(
+                {
+                    "id": image_id,
+                    "image": {"bytes": png, "path": f"{image_id}.png"},
+                    "conversations": turns,
+                    "data_source": "lrv_chart",
+                }
+            )
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return path
