@@ -175,18 +175,29 @@ def dpo_throughput(model, config, pairs: int, steps: int) -> tuple[dict, torch.n
 
 
 def generation(model, config, batch_size: int, new_tokens: int, copy_gb_s: float, cache: str) -> dict:
-    """Greedy decoding of `new_tokens` for a batch; tokens/s and the share of the bandwidth limit reached."""
+    """Greedy decoding of `new_tokens` for a batch: tokens/s end to end, and the decode phase's share of the
+    bandwidth limit.
+
+    The limit (weights plus the KV cache read once per step, at the card's copy bandwidth) bounds the decode
+    steps only; the prefill of ~600 prompt tokens a row is compute-bound. It is timed on its own (one new
+    token) and subtracted, so the fraction compares decode steps with what bounds them.
+    """
     inputs = batch(config, batch_size)
     prompt = {k: v[:, :-100] for k, v in inputs.items() if k != "labels"}
     prompt["pixel_values"] = inputs["pixel_values"]
     kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    first = dict(max_new_tokens=1, min_new_tokens=1, do_sample=False)
     if cache == "static":
         kwargs["cache_implementation"] = "static"
+        first["cache_implementation"] = "static"
     model.eval()
     with torch.no_grad():
         model.generate(**prompt, **kwargs)  # warm-up (and compilation for the static cache)
-        seconds = timed(lambda: model.generate(**prompt, **kwargs), 1)
+        model.generate(**prompt, **first)
+        seconds = timed(lambda: model.generate(**prompt, **kwargs), 2)
+        prefill = timed(lambda: model.generate(**prompt, **first), 2)
     tokens_per_s = batch_size * new_tokens / seconds
+    decode_tokens_per_s = batch_size * (new_tokens - 1) / (seconds - prefill)
     text = config.text_config
     weights = 2 * sum(p.numel() for p in model.parameters())
     kv_per_token = (
@@ -204,18 +215,56 @@ def generation(model, config, batch_size: int, new_tokens: int, copy_gb_s: float
         "new_tokens": new_tokens,
         "cache": cache,
         "tokens_per_s": round(tokens_per_s, 1),
+        "prefill_seconds": round(prefill, 3),
+        "total_seconds": round(seconds, 3),
+        "decode_tokens_per_s": round(decode_tokens_per_s, 1),
         "bandwidth_limit_tokens_per_s": round(limit, 1),
-        "bandwidth_fraction": round(tokens_per_s / limit, 4),
+        "bandwidth_fraction_end_to_end": round(tokens_per_s / limit, 4),
+        "bandwidth_fraction": round(decode_tokens_per_s / limit, 4),
     }
 
 
-def project(sft_samples_per_s: float, gen_tokens_per_s: float, dpo_pairs_per_s: float | None) -> dict:
-    """The study's settings at the measured rates; judge and critic outputs are taken as 128 generated tokens
-    each (an estimate from the generation rate), DPO at its measured rate when there is one."""
+def critic_scoring(folder: str, items: int, batch_size: int, new_tokens: int) -> dict:
+    """LLaVA-Critic pointwise scores through `posttrain.critic.LlavaCriticJudge` (the evaluation's code) on a
+    stand-in critic: items/s with `new_tokens` generated per item (random weights rarely stop early)."""
+    from PIL import Image
+
+    from posttrain.critic import LlavaCriticJudge
+
+    judge = LlavaCriticJudge(folder)
+    images = [Image.new("RGB", (336, 336), (i * 37 % 255, 90, 160)) for i in range(items)]
+    questions = ["What is the value of the red bar?"] * items
+    responses = ["The red bar has a value of 7, the highest of the five bars in the chart."] * items
+    judge.score(images[:batch_size], questions[:batch_size], responses[:batch_size], batch_size, new_tokens)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    judge.score(images, questions, responses, batch_size=batch_size, max_new_tokens=new_tokens)
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    figures = {
+        "items": items,
+        "batch": batch_size,
+        "max_new_tokens": new_tokens,
+        "items_per_s": round(items / seconds, 2),
+        "peak_memory_gb": round(torch.cuda.max_memory_allocated() / 1e9, 1),
+    }
+    del judge
+    return figures
+
+
+def project(
+    sft_samples_per_s: float,
+    gen_tokens_per_s: float,
+    dpo_pairs_per_s: float | None,
+    critic_items_per_s: float | None = None,
+) -> dict:
+    """The study's settings at the measured rates; self-judging verdicts are taken as 128 generated tokens
+    each (an estimate from the generation rate); DPO and critic scoring at their measured rates when given."""
     sft = 2900 * 5 * 4 / sft_samples_per_s
     preference = (1000 * 2 + 1000 * 2) * 128 / gen_tokens_per_s  # 2 samples + 2 judge orders per prompt
     dpo = 600 * 2 / dpo_pairs_per_s if dpo_pairs_per_s else 600 * 2 * 3 / sft_samples_per_s
-    evaluation = (7 * 200 + 7 * 200) * 128 / gen_tokens_per_s
+    critic = 7 * 200 / critic_items_per_s if critic_items_per_s else 7 * 200 * 128 / gen_tokens_per_s
+    evaluation = 7 * 200 * 128 / gen_tokens_per_s + critic
     minutes = {
         k: round(v / 60, 1)
         for k, v in {"sft": sft, "preferences": preference, "dpo": dpo, "evaluation": evaluation}.items()
@@ -234,22 +283,18 @@ def main() -> None:
         "--sft-batches", default="8", help="comma-separated bf16 LoRA batch sizes, no checkpointing"
     )
     ap.add_argument("--gen-batches", default="64", help="comma-separated generation batch sizes")
+    ap.add_argument("--caches", default="dynamic,static", help="generation caches to measure")
+    ap.add_argument("--nf4-batches", default="8", help="comma-separated QLoRA nf4 batch sizes")
+    ap.add_argument("--ckpt-batch", type=int, default=16, help="bf16 batch with checkpointing; 0 skips")
+    ap.add_argument("--critic", action="store_true", help="also measure LLaVA-Critic scoring (writes 16 GB)")
     args = ap.parse_args()
 
     def liger(m):
-        """Liger's RMSNorm/RoPE/SwiGLU kernels in `m`'s language model, for training only: under the static
-        cache's torch.compile they fail to compile and generation falls back to the slow path."""
+        """Liger's kernels in `m`'s language model as `sft.common.liger` applies them (training only)."""
         if args.liger:
-            from liger_kernel.transformers import apply_liger_kernel_to_llama
+            from posttrain.training import apply_liger
 
-            apply_liger_kernel_to_llama(
-                rope=True,
-                rms_norm=True,
-                swiglu=True,
-                cross_entropy=False,
-                fused_linear_cross_entropy=False,
-                model=m.model.language_model,
-            )
+            apply_liger(m)
         return m
 
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -267,7 +312,7 @@ def main() -> None:
 
     model = build_random(config, dtype=torch.bfloat16, device="cuda", seed=0)
     for gen_batch in (int(b) for b in args.gen_batches.split(",")):
-        for cache in ("dynamic", "static"):
+        for cache in args.caches.split(","):
             key = f"generate_{cache}" + ("" if gen_batch == 64 else f"_b{gen_batch}")
             try:
                 result[key] = generation(model, config, gen_batch, 128, result["copy_bandwidth_gb_s"], cache)
@@ -276,7 +321,8 @@ def main() -> None:
             print(json.dumps(result[key]), flush=True)
             torch.cuda.empty_cache()
     model = liger(model)
-    variants = [(int(b), False) for b in args.sft_batches.split(",")] + [(16, True)]
+    variants = [(int(b), False) for b in args.sft_batches.split(",")]
+    variants += [(args.ckpt_batch, True)] if args.ckpt_batch else []
     for bs, ckpt in variants:
         key = f"sft_lora_bf16_b{bs}" + ("_ckpt" if ckpt and bs == 8 else "")
         try:
@@ -317,17 +363,57 @@ def main() -> None:
                 device_map={"": "cuda"},
                 use_safetensors=True,
             )
-        q = liger(prepare_model_for_kbit_training(q, use_gradient_checkpointing=False))
-        result["sft_qlora_nf4_b8"], _ = sft_throughput(
+        # as posttrain.training loads it: unquantized weights stay bf16 (no prepare_model_for_kbit_training)
+        q = liger(q)
+        for bs in (int(b) for b in args.nf4_batches.split(",")):
+            key = f"sft_qlora_nf4_b{bs}"
+            try:
+                result[key], q = sft_throughput(
+                    q, config, bs, args.steps, n_params, result["bf16_matmul_tflops"], False
+                )
+            except torch.OutOfMemoryError as e:
+                result[key] = {"batch": bs, "error": repr(e)[:200]}
+                q = q.unload() if hasattr(q, "peft_config") else q
+            print(json.dumps(result[key]), flush=True)
+            gc.collect()
+            torch.cuda.empty_cache()
+        # before: PEFT's prepare_model_for_kbit_training upcasts the unquantized weights to fp32
+        q = prepare_model_for_kbit_training(q, use_gradient_checkpointing=False)
+        result["sft_qlora_nf4_b8_fp32_upcast"], q = sft_throughput(
             q, config, 8, args.steps, n_params, result["bf16_matmul_tflops"], False
         )
-        print(json.dumps(result["sft_qlora_nf4_b8"]), flush=True)
+        print(json.dumps(result["sft_qlora_nf4_b8_fp32_upcast"]), flush=True)
+        del q
+        gc.collect()
+        torch.cuda.empty_cache()
+
+    if args.critic:
+        from posttrain.architectures import load_config as critic_config
+        from posttrain.critic import pairwise_prompt, pointwise_prompt
+        from posttrain.standin import write_critic
+
+        with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP", "/tmp")) as tmp:
+            write_critic(
+                tmp,
+                critic_config("llava-critic-7b"),
+                [pointwise_prompt("Q", "R"), pairwise_prompt("Q", "A", "B")] * 20,
+                device="cuda",
+            )
+            gc.collect()
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            result["critic_scoring"] = critic_scoring(tmp, 64, 16, 128)
+        print(json.dumps(result["critic_scoring"]), flush=True)
 
     bf16_runs = [v for k, v in result.items() if k.startswith("sft_lora_bf16_b") and "mfu" in v]
     result["sft_lora_bf16_mfu"] = max(
         (v["mfu"] for v in bf16_runs if not v["gradient_checkpointing"]), default=None
     )
-    result["sft_qlora_nf4_mfu"] = result.get("sft_qlora_nf4_b8", {}).get("mfu")
+    nf4_runs = [
+        v for k, v in result.items() if k.startswith("sft_qlora_nf4_b") and "upcast" not in k and "mfu" in v
+    ]
+    best_nf4 = max(nf4_runs, key=lambda v: v["mfu"], default={})
+    result["sft_qlora_nf4_mfu"] = best_nf4.get("mfu")
     gens = [
         g
         for k, g in result.items()
@@ -338,14 +424,18 @@ def main() -> None:
     result["generate_tokens_per_s"] = best["tokens_per_s"] if best else None
     result["generate_bandwidth_fraction"] = best["bandwidth_fraction"] if best else None
     result["dpo_pairs_per_s"] = result["dpo_lora_bf16"].get("pairs_per_s")
-    sft_rate = result.get("sft_qlora_nf4_b8", result.get("sft_lora_bf16_b8", {})).get("samples_per_s")
+    sft_rate = best_nf4.get("samples_per_s") or result.get("sft_lora_bf16_b8", {}).get("samples_per_s")
+    result["critic_items_per_s"] = result.get("critic_scoring", {}).get("items_per_s")
     result["projected_study_minutes_breakdown"] = (
-        project(sft_rate, best["tokens_per_s"], result["dpo_pairs_per_s"]) if best and sft_rate else None
+        project(sft_rate, best["tokens_per_s"], result["dpo_pairs_per_s"], result["critic_items_per_s"])
+        if best and sft_rate
+        else None
     )
     result["projected_study_minutes"] = (result["projected_study_minutes_breakdown"] or {}).get("total")
     result["projection_note"] = (
-        "SFT at the QLoRA nf4 rate (the study's setting); DPO at the measured bf16 LoRA pairs/s; judging and "
-        "critic scoring estimated as 128 generated tokens per call at the measured generation rate"
+        "SFT at the best QLoRA nf4 rate (the study's setting); DPO at the measured bf16 LoRA pairs/s; critic "
+        "scoring at its measured items/s when measured; generation and self-judging as 128 tokens per call at the "
+        "best end-to-end generation rate (prefill included)"
     )
     print(json.dumps(result, indent=2))
     out = Path(args.out)

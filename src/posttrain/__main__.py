@@ -3,6 +3,7 @@
 Commands:
     compare          Compare models' response JSONL files (see `posttrain.compare`).
     convert-critic   Convert LLaVA-Critic to transformers' format (see `posttrain.convert_critic`).
+    pin              Pin a params file's hub revisions to commits (see `posttrain.pinning`).
     e2e              The study preset end to end on stand-in hub files (see `posttrain.e2e`).
 """
 
@@ -20,6 +21,7 @@ from posttrain.io import write_text_atomic
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m posttrain", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub.add_parser("pin", help="resolve a params file's open hub revisions to commits (SRC [DST])")
     sub.add_parser("e2e", help="run every stage of the study preset on stand-ins of the hub files (WORKDIR)")
     sub.add_parser(
         "convert-critic", help="convert LLaVA-Critic from LLaVA-NeXT's layout to transformers' (SRC DST)"
@@ -74,6 +76,10 @@ def main(argv: list[str] | None = None) -> int:
         from posttrain.convert_critic import main as convert_critic
 
         return convert_critic(argv[1:])
+    if argv[:1] == ["pin"]:  # resolve open hub revisions of a params file (posttrain.pinning)
+        from posttrain.pinning import main as pin
+
+        return pin(argv[1:])
     if argv[:1] == ["e2e"]:  # the real-scale path on stand-ins of the hub files (posttrain.e2e)
         from posttrain.e2e import main as e2e
 

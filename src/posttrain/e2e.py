@@ -347,7 +347,7 @@ def check_outputs(work: Path) -> dict:
         "train_sequence_tokens": {"min": min(lengths), "max": max(lengths)},
         "sft_quantization": sft_prov["params"]["common"]["quantization"],
         "sft_liger": sft_prov["params"]["common"]["liger"],
-        "sft_final_loss": sft_prov["training"].get("final_loss"),
+        "sft_train_loss": sft_prov["training"].get("train_loss"),
         "ensemble": read_provenance(models / "sfte", "ensemble")["ensemble"],
         "preferences": {
             k: prefs.get(k) for k in ("prompts", "identical_rate", "judged_pairs", "tie_rate", "pairs_kept")

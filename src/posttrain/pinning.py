@@ -1,0 +1,102 @@
+"""Pin the hub revisions a params file leaves open: ``python -m posttrain pin SRC [DST]``.
+
+The study preset (`configs/study.yaml`) pins llava-1.5-7b-hf to a commit; a dataset or critic revision that
+is empty or a branch name ("main") is resolved here to the commit it points at now, through the hub API,
+and written back with the file's comments kept. Only the hub sources the params use are resolved: a local
+folder or parquet needs no pin. The critic is a local folder written by `convert-critic` (its source commit is
+(download it at a commit), so it is not pinned here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+COMMIT = re.compile(r"[0-9a-f]{40}")
+
+
+@dataclass(frozen=True)
+class Pin:
+    """One hub source of a params file: where its revision lives and what it resolved to."""
+
+    key: str  # dotted path of the revision, e.g. "prepare.lrv.revision"
+    repo_id: str
+    repo_type: str  # "model" | "dataset"
+    revision: str  # as written in the file ("" or a branch or a commit)
+
+
+def hub_sources(data: dict[str, Any]) -> list[Pin]:
+    """The hub sources `data` (a params mapping) uses, with their revisions as written."""
+    out = []
+    base = data.get("base") or {}
+    if base.get("model") == "hub" and not Path(str(base.get("hub_id", ""))).is_dir():
+        out.append(Pin("base.revision", base["hub_id"], "model", str(base.get("revision") or "")))
+    prepare = data.get("prepare") or {}
+    lrv = prepare.get("lrv") or {}
+    if prepare.get("source") == "lrv_chart" and not lrv.get("local_parquet"):
+        out.append(Pin("prepare.lrv.revision", lrv["hub_id"], "dataset", str(lrv.get("revision") or "")))
+    return out
+
+
+def resolve(pin: Pin, api=None) -> str:
+    """The commit SHA `pin.revision` (a branch; empty means "main") points at on the hub."""
+    if COMMIT.fullmatch(pin.revision):
+        return pin.revision
+    if api is None:
+        from huggingface_hub import HfApi
+
+        api = HfApi()
+    info = api.repo_info(pin.repo_id, repo_type=pin.repo_type, revision=pin.revision or "main")
+    return info.sha
+
+
+def pin_file(src: str | Path, dst: str | Path, api=None) -> list[tuple[Pin, str]]:
+    """Write `src` to `dst` with every open hub revision resolved to a commit; return what changed."""
+    from ruamel.yaml import YAML
+
+    yaml = YAML()  # round-trip: comments and key order are kept
+    yaml.width = 4096
+    data = yaml.load(Path(src).read_text())
+    changes = []
+    for pin in hub_sources(data):
+        sha = resolve(pin, api)
+        if sha != pin.revision:
+            *parents, leaf = pin.key.split(".")
+            node = data
+            for k in parents:
+                node = node[k]
+            node[leaf] = sha
+            changes.append((pin, sha))
+    with Path(dst).open("w") as f:
+        yaml.dump(data, f)
+    return changes
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m posttrain pin SRC [DST]`` (DST defaults to SRC); validates the result."""
+    from posttrain.config import ParamsError, load_params
+
+    ap = argparse.ArgumentParser(prog="python -m posttrain pin", description=__doc__.splitlines()[0])
+    ap.add_argument("src", type=Path, help="params file, e.g. configs/study.yaml")
+    ap.add_argument("dst", type=Path, nargs="?", help="where to write it (default: in place)")
+    args = ap.parse_args(argv)
+    dst = args.dst or args.src
+    try:
+        changes = pin_file(args.src, dst)
+    except Exception as e:  # network, missing repo, no access: one line, exit 2
+        print(f"error: could not resolve a revision of {args.src}: {e}", file=sys.stderr)
+        return 2
+    for pin, sha in changes:
+        print(f"{pin.key}: {pin.repo_id} {pin.revision or '(empty)'} -> {sha}")
+    try:
+        load_params(dst)
+    except ParamsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"pinned {len(changes)} revision(s); wrote {dst}")
+    return 0
