@@ -365,7 +365,8 @@ def main() -> None:
             )
         # as posttrain.training loads it: unquantized weights stay bf16 (no prepare_model_for_kbit_training)
         q = liger(q)
-        for bs in (int(b) for b in args.nf4_batches.split(",")):
+        intact = True  # an OOM inside sft_throughput leaves LoRA layers injected: stop measuring then
+        for bs in sorted(int(b) for b in args.nf4_batches.split(",")):
             key = f"sft_qlora_nf4_b{bs}"
             try:
                 result[key], q = sft_throughput(
@@ -373,16 +374,19 @@ def main() -> None:
                 )
             except torch.OutOfMemoryError as e:
                 result[key] = {"batch": bs, "error": repr(e)[:200]}
-                q = q.unload() if hasattr(q, "peft_config") else q
+                intact = False
             print(json.dumps(result[key]), flush=True)
             gc.collect()
             torch.cuda.empty_cache()
+            if not intact:
+                break
         # before: PEFT's prepare_model_for_kbit_training upcasts the unquantized weights to fp32
-        q = prepare_model_for_kbit_training(q, use_gradient_checkpointing=False)
-        result["sft_qlora_nf4_b8_fp32_upcast"], q = sft_throughput(
-            q, config, 8, args.steps, n_params, result["bf16_matmul_tflops"], False
-        )
-        print(json.dumps(result["sft_qlora_nf4_b8_fp32_upcast"]), flush=True)
+        if intact:
+            q = prepare_model_for_kbit_training(q, use_gradient_checkpointing=False)
+            result["sft_qlora_nf4_b8_fp32_upcast"], q = sft_throughput(
+                q, config, 8, args.steps, n_params, result["bf16_matmul_tflops"], False
+            )
+            print(json.dumps(result["sft_qlora_nf4_b8_fp32_upcast"]), flush=True)
         del q
         gc.collect()
         torch.cuda.empty_cache()
