@@ -287,6 +287,10 @@ def main() -> None:
     ap.add_argument("--nf4-batches", default="8", help="comma-separated QLoRA nf4 batch sizes")
     ap.add_argument("--ckpt-batch", type=int, default=16, help="bf16 batch with checkpointing; 0 skips")
     ap.add_argument("--critic", action="store_true", help="also measure LLaVA-Critic scoring (writes 16 GB)")
+    ap.add_argument("--critic-batches", default="16", help="comma-separated critic scoring batch sizes")
+    ap.add_argument(
+        "--projection-batch", type=int, default=12, help="the nf4 batch the study preset trains at"
+    )
     args = ap.parse_args()
 
     def liger(m):
@@ -406,8 +410,9 @@ def main() -> None:
             gc.collect()
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
-            result["critic_scoring"] = critic_scoring(tmp, 64, 16, 128)
-        print(json.dumps(result["critic_scoring"]), flush=True)
+            for cb in (int(b) for b in args.critic_batches.split(",")):
+                result[f"critic_scoring_b{cb}"] = critic_scoring(tmp, 4 * cb, cb, 128)
+                print(json.dumps(result[f"critic_scoring_b{cb}"]), flush=True)
 
     bf16_runs = [v for k, v in result.items() if k.startswith("sft_lora_bf16_b") and "mfu" in v]
     result["sft_lora_bf16_mfu"] = max(
@@ -428,8 +433,9 @@ def main() -> None:
     result["generate_tokens_per_s"] = best["tokens_per_s"] if best else None
     result["generate_bandwidth_fraction"] = best["bandwidth_fraction"] if best else None
     result["dpo_pairs_per_s"] = result["dpo_lora_bf16"].get("pairs_per_s")
-    sft_rate = best_nf4.get("samples_per_s") or result.get("sft_lora_bf16_b8", {}).get("samples_per_s")
-    result["critic_items_per_s"] = result.get("critic_scoring", {}).get("items_per_s")
+    sft_rate = preset_nf4.get("samples_per_s") or result.get("sft_lora_bf16_b8", {}).get("samples_per_s")
+    critic_runs = [v for k, v in result.items() if k.startswith("critic_scoring_b")]
+    result["critic_items_per_s"] = max((v["items_per_s"] for v in critic_runs), default=None)
     result["projected_study_minutes_breakdown"] = (
         project(sft_rate, best["tokens_per_s"], result["dpo_pairs_per_s"], result["critic_items_per_s"])
         if best and sft_rate
@@ -437,7 +443,7 @@ def main() -> None:
     )
     result["projected_study_minutes"] = (result["projected_study_minutes_breakdown"] or {}).get("total")
     result["projection_note"] = (
-        "SFT at the best QLoRA nf4 rate (the study's setting); DPO at the measured bf16 LoRA pairs/s; critic "
+        "SFT at the QLoRA nf4 rate of the preset's batch (--projection-batch; the study's setting); DPO at the measured bf16 LoRA pairs/s; critic "
         "scoring at its measured items/s when measured; generation and self-judging as 128 tokens per call at the "
         "best end-to-end generation rate (prefill included)"
     )
