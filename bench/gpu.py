@@ -421,8 +421,9 @@ def main() -> None:
     nf4_runs = [
         v for k, v in result.items() if k.startswith("sft_qlora_nf4_b") and "upcast" not in k and "mfu" in v
     ]
-    best_nf4 = max(nf4_runs, key=lambda v: v["mfu"], default={})
-    result["sft_qlora_nf4_mfu"] = best_nf4.get("mfu")
+    result["sft_qlora_nf4_mfu"] = max((v["mfu"] for v in nf4_runs), default=None)
+    # the projection trains at the preset's batch (configs/study.yaml), not the largest that fitted here
+    preset_nf4 = result.get(f"sft_qlora_nf4_b{args.projection_batch}", {})
     gens = [
         g
         for k, g in result.items()
