@@ -57,6 +57,9 @@ def test_every_problem_reported_at_once():
         ({"evaluate": {"critic": {"kind": "llava_critic"}}}, "evaluate.critic.model: empty"),
         ({"base": {"train": {"max_steps": 0}}}, "base.train.max_steps: must be > 0"),
         ({"base": {"threads": True}}, "base.threads: expected an integer"),
+        ({"sft": {"common": {"gradient_accumulation": 0}}}, "sft.common.gradient_accumulation: must be > 0"),
+        ({"dpo": {"gradient_accumulation": -1}}, "dpo.gradient_accumulation: must be > 0"),
+        ({"sft": {"common": {"liger": "yes"}}}, "sft.common.liger: expected"),
     ],
 )
 def test_impossible_values_name_key_and_fix(data, fragment):
@@ -81,3 +84,13 @@ def test_load_params_reads_yaml_as_data(tmp_path):
     path.write_text("base: !!python/object/apply:os.system ['echo hacked']\n")
     with pytest.raises(yaml.YAMLError):
         load_params(path)
+
+
+def test_hub_base_in_a_local_folder_needs_no_revision(tmp_path):
+    p = parse_params(
+        {
+            "base": {"model": "hub", "hub_id": str(tmp_path)},
+            "prepare": {"source": "lrv_chart", "lrv": {"local_parquet": "x"}},
+        }
+    )
+    assert p.base.hub_id == str(tmp_path) and p.base.revision == ""

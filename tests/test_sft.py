@@ -108,3 +108,12 @@ def test_killed_sft_resumes_from_its_checkpoint(project):
     assert (project / "models/sft2/adapter_model.safetensors").exists()
     assert not ckpts.exists()
     shutil.rmtree(project / "models/sft2")
+
+
+def test_liger_without_cuda_fails_before_loading():
+    from posttrain.training import require_liger
+
+    if torch.cuda.is_available():
+        pytest.skip("has CUDA")
+    with pytest.raises(RuntimeError, match="liger is true.*CUDA GPU.*liger: false"):
+        require_liger()

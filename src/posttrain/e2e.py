@@ -83,7 +83,7 @@ def smoke_overrides(work: Path, cuda: bool) -> dict:
 
 
 def merge(base: dict, changes: dict) -> dict:
-    """`base` with `changes` applied recursively; ``{"__keep__": [...]}`` keeps only those keys of a mapping."""
+    """`base` with `changes` applied recursively; ``{"__keep__": [...]}`` keeps only those keys."""
     out = copy.deepcopy(base)
     for key, value in changes.items():
         if isinstance(value, dict) and "__keep__" in value:
@@ -113,7 +113,7 @@ def write_standins(work: Path, shrink: bool, device: str) -> dict:
     from posttrain.architectures import load_config
     from posttrain.architectures import shrink as shrunk
     from posttrain.critic import pairwise_prompt, pointwise_prompt
-    from posttrain.standin import write_critic, write_lrv_parquet, write_llava
+    from posttrain.standin import write_critic, write_llava, write_lrv_parquet
     from posttrain.template import completion_text, prompt_text
 
     hub = work / "hub"

@@ -101,7 +101,9 @@ def build_ensemble(base_dir: Path, members: dict[str, Path], params: EnsemblePar
     # The base only hosts the adapters' modules; combining touches LoRA weights alone (fp32 as loaded).
     # On a GPU it loads in bf16 there: a 7B base in fp32 on the CPU takes 28 GB and minutes.
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, _, _ = load_base(base_dir, device=device, dtype=torch.bfloat16 if device == "cuda" else torch.float32)
+    model, _, _ = load_base(
+        base_dir, device=device, dtype=torch.bfloat16 if device == "cuda" else torch.float32
+    )
     model = combine(model, members, params)
     rank = model.peft_config[ENSEMBLE].r
     exact = params.method.exact or (

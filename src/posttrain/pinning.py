@@ -61,6 +61,10 @@ def pin_file(src: str | Path, dst: str | Path, api=None) -> list[tuple[Pin, str]
 
     yaml = YAML()  # round-trip: comments and key order are kept
     yaml.width = 4096
+    yaml.preserve_quotes = True
+    yaml.representer.add_representer(  # keep `null` written as null, not as an empty value
+        type(None), lambda r, _: r.represent_scalar("tag:yaml.org,2002:null", "null")
+    )
     data = yaml.load(Path(src).read_text())
     changes = []
     for pin in hub_sources(data):

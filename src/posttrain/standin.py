@@ -61,7 +61,10 @@ def standin_tokenizer(
     Args:
         texts: the text the tokens are learned from.
         specials: special token -> id; the vocabulary spans ids 0..max(id).
-        eos, pad, bos, unk: which of `specials` play these roles; with `bos`, encoding prepends it.
+        eos: the end-of-sequence token (one of `specials`).
+        pad: the padding token.
+        bos: the beginning-of-sequence token, which encoding prepends; None: none (Qwen2).
+        unk: the unknown token, or None.
         learned: how many BPE tokens (byte alphabet included) to learn.
 
     Returns:
@@ -139,7 +142,9 @@ def write_llava(
         folder: the output folder (hub layout: config, safetensors, tokenizer, processor files).
         config: a `LlavaConfig` (`posttrain.architectures.load_config("llava-1.5-7b")`, maybe shrunk).
         texts: prompts and answers the stand-in tokenizer learns from.
-        device, dtype, seed: where and how the random weights are built.
+        device: where the random weights are built (a GPU builds a 7B model in seconds).
+        dtype: their dtype; None: bfloat16 on CUDA, float32 elsewhere.
+        seed: the initialisation seed.
 
     Returns:
         The folder.
@@ -186,7 +191,9 @@ def write_critic(
         folder: the output folder.
         config: a `LlavaOnevisionConfig` (`load_config("llava-critic-7b")`, maybe shrunk).
         texts: text the stand-in Qwen2 tokenizer learns from (the critic prompts).
-        device, dtype, seed: where and how the random weights are built.
+        device: where the random weights are built (a GPU builds a 7B model in seconds).
+        dtype: their dtype; None: bfloat16 on CUDA, float32 elsewhere.
+        seed: the initialisation seed.
 
     Returns:
         The folder.

@@ -1,0 +1,134 @@
+"""Stand-in hub files (posttrain.standin) and the real-scale path end to end on them (posttrain.e2e)."""
+
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from posttrain.architectures import load_config, shrink
+from posttrain.lrv import flatten_rows, load_lrv_rows
+from posttrain.standin import (
+    LLAVA_SPECIALS,
+    QWEN2_SPECIALS,
+    emphasise_learned_tokens,
+    learned_token_ids,
+    standin_tokenizer,
+    write_llava,
+    write_lrv_parquet,
+)
+
+TEXTS = ["What is the value of the red bar? The red bar has a value of 7."] * 5
+
+
+@pytest.mark.parametrize("specials, bos", [(LLAVA_SPECIALS, "<s>"), (QWEN2_SPECIALS, None)])
+def test_standin_tokenizer_puts_specials_at_the_real_ids(specials, bos):
+    eos = "</s>" if bos else "<|im_end|>"
+    pad = "<pad>" if bos else "<|endoftext|>"
+    tok = standin_tokenizer(TEXTS, specials, bos=bos, eos=eos, pad=pad, unk="<unk>" if bos else None)
+    assert len(tok) == max(specials.values()) + 1
+    assert {t: tok.convert_tokens_to_ids(t) for t in specials} == specials
+    ids = tok("The red bar <image> has 7.")["input_ids"]
+    assert ids.count(specials["<image>"]) == 1  # never merged with text
+    assert (ids[0] == specials[bos]) if bos else (ids[0] not in specials.values())
+    learned = learned_token_ids(tok)
+    assert set(ids) - set(specials.values()) <= set(learned)  # text never encodes to a filler
+    assert tok.decode(ids, skip_special_tokens=True).replace(" ", "") == "Theredbarhas7."
+
+
+def test_lrv_parquet_has_the_dataset_schema_and_loads(tmp_path):
+    path = write_lrv_parquet(tmp_path / "lrv.parquet", images=6, size=336)
+    table = pq.read_table(path)
+    assert table.column_names == ["id", "image", "conversations", "data_source"]
+    rows = list(load_lrv_rows(str(path), "h", "lrv_chart", "", "train"))
+    examples, report = flatten_rows(rows, tmp_path / "images")
+    assert len(examples) >= 6 and not report.get("skipped")
+    from PIL import Image
+
+    assert Image.open(tmp_path / "images" / Path(examples[0].image).name).size == (336, 336)
+
+
+def test_emphasised_rows_are_sampled(tmp_path):
+    config = shrink(load_config("llava-1.5-7b"))
+    folder = write_llava(tmp_path / "llava", config, TEXTS)
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    model = LlavaForConditionalGeneration.from_pretrained(folder)
+    tok = AutoProcessor.from_pretrained(folder).tokenizer
+    learned = learned_token_ids(tok)
+    assert model.config.image_token_id == tok.convert_tokens_to_ids("<image>") == 32000
+    head = model.get_output_embeddings().weight
+    others = torch.ones(head.shape[0], dtype=torch.bool)
+    others[learned] = False
+    # the learned rows were scaled ×3: their norms stand out from the filler rows'
+    assert head[learned].norm(dim=1).mean() > 2.5 * head[others].norm(dim=1).mean()
+    before = head[learned].clone()
+    emphasise_learned_tokens(model, learned, factor=2.0)
+    assert torch.allclose(head[learned], 2 * before)
+
+
+@pytest.fixture(scope="module")
+def e2e_run(tmp_path_factory):
+    """The study preset's stages on shrunk stand-ins on the CPU: `python -m posttrain e2e WORK --shrink`."""
+    from posttrain.e2e import main
+
+    work = tmp_path_factory.mktemp("e2e")
+    assert main([str(work), "--shrink"]) == 0
+    return work
+
+
+@pytest.mark.slow
+def test_e2e_runs_every_stage_of_the_study_preset_on_standins(e2e_run):
+    summary = json.loads((e2e_run / "summary.json").read_text())
+    assert set(summary["stage_seconds"]) == {
+        "prepare",
+        "base",
+        "sft@sft1",
+        "sft@sft2",
+        "ensemble",
+        "preferences",
+        "dpo",
+        "evaluate@base",
+        "evaluate@sfte",
+        "evaluate@sfte_dpo",
+        "report",
+    }
+    checks = summary["checks"]
+    assert checks["image_tokens"] == 576 and checks["train_sequence_tokens"]["min"] > 576
+    assert checks["ensemble"] == {
+        "exact_average": True,
+        "members": ["sft1", "sft2"],
+        "method": "cat",
+        "rank": 32,
+    }
+    assert checks["preferences"]["pairs_kept"] >= 2
+    changed, total = map(int, checks["dpo_tensors_changed"].split("/"))
+    assert changed == total > 0
+    assert checks["test_items"] > 0 and checks["critic_parsed_items"] <= checks["test_items"]
+    # the params the stages ran with are the study preset's, apart from the smoke overrides
+    import yaml
+
+    params = yaml.safe_load((e2e_run / "params.yaml").read_text())
+    assert params["preferences"]["temperature"] == 0.7 and params["sft"]["common"]["rank"] == 16
+    assert params["evaluate"]["critic"]["kind"] == "llava_critic"
+    assert (e2e_run / "metrics" / "report.md").read_text().count("sfte_dpo") > 0
+
+
+@pytest.mark.slow
+def test_e2e_rerun_skips_finished_stages(e2e_run, capsys):
+    from posttrain.e2e import main
+
+    (e2e_run / "metrics" / "report.md").unlink()
+    assert main([str(e2e_run), "--shrink"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("done before, skipped") == 10 and "[e2e] report: python" in out
+
+
+def test_e2e_refuses_full_size_without_cuda(tmp_path, capsys):
+    from posttrain.e2e import main
+
+    if torch.cuda.is_available():
+        pytest.skip("has CUDA")
+    assert main([str(tmp_path)]) == 2
+    assert "--shrink" in capsys.readouterr().err

@@ -1,0 +1,93 @@
+"""The real study's preset (configs/study.yaml) and `posttrain pin`, which fills in its open revisions."""
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import yaml
+
+from posttrain.config import CriticKind, DataSource, Judge, ModelKind, ParamsError, Quantization, load_params
+from posttrain.pinning import COMMIT, hub_sources, main, pin_file
+
+ROOT = Path(__file__).resolve().parents[1]
+PRESET = ROOT / "configs" / "study.yaml"
+DATASET_SHA = "0123456789abcdef0123456789abcdef01234567"
+
+
+class FakeHub:
+    """`HfApi.repo_info` for a dataset whose "main" is at DATASET_SHA; records the calls."""
+
+    def __init__(self):
+        self.calls = []
+
+    def repo_info(self, repo_id, repo_type, revision):
+        self.calls.append((repo_id, repo_type, revision))
+        return SimpleNamespace(sha=DATASET_SHA)
+
+
+def test_preset_is_complete_except_the_dataset_pin():
+    with pytest.raises(ParamsError) as e:
+        load_params(PRESET)
+    assert e.value.problems == [
+        "prepare.lrv.revision: empty; pin a dataset commit, or set prepare.lrv.local_parquet"
+    ]
+    data = yaml.safe_load(PRESET.read_text())
+    assert COMMIT.fullmatch(data["base"]["revision"])
+    assert set(data) == set(yaml.safe_load((ROOT / "params.yaml").read_text())), "every section spelt out"
+
+
+def test_pin_resolves_the_open_dataset_revision_and_the_result_is_the_study(tmp_path):
+    hub = FakeHub()
+    out = tmp_path / "params.yaml"
+    changes = pin_file(PRESET, out, api=hub)
+    assert hub.calls == [("lmms-lab/LLaVA-OneVision-Data", "dataset", "main")]  # base is pinned already
+    assert [(c.key, sha) for c, sha in changes] == [("prepare.lrv.revision", DATASET_SHA)]
+    p = load_params(out)
+    assert p.base.model is ModelKind.HUB and p.base.hub_id == "llava-hf/llava-1.5-7b-hf"
+    assert p.prepare.source is DataSource.LRV_CHART and p.prepare.lrv.revision == DATASET_SHA
+    assert p.prepare.lrv.test_images == 200  # the study's 1.6k/0.2k split
+    sft = p.sft
+    assert sft.common.quantization is Quantization.NF4 and sft.common.rank == 16
+    assert {n: (v.alpha, v.dropout) for n, v in sft.variants.items()} == {
+        "sft1": (16.0, 0.05),
+        "sft2": (8.0, 0.05),
+        "sft3": (16.0, 0.10),
+        "sft4": (8.0, 0.10),
+    }
+    epochs = sft.common.max_steps * sft.common.batch_size * sft.common.gradient_accumulation / 2900
+    assert 4.9 < epochs < 5.1
+    assert p.preferences.judge is Judge.SELF and p.preferences.max_prompts == 1000
+    assert p.evaluate.critic.kind is CriticKind.LLAVA_CRITIC and p.evaluate.critic.model
+    # comments survive the rewrite; only the revision line changed
+    before, after = PRESET.read_text().splitlines(), out.read_text().splitlines()
+    changed = [(a, b) for a, b in zip(before, after) if a != b]
+    assert len(before) == len(after) and len(changed) == 1 and DATASET_SHA in changed[0][1]
+
+
+def test_pin_leaves_commits_alone_and_skips_local_sources(tmp_path):
+    data = yaml.safe_load(PRESET.read_text())
+    data["prepare"]["lrv"]["revision"] = DATASET_SHA
+    src = tmp_path / "pinned.yaml"
+    src.write_text(yaml.safe_dump(data))
+    hub = FakeHub()
+    assert pin_file(src, tmp_path / "out.yaml", api=hub) == [] and hub.calls == []  # commits: no hub call
+
+    data["base"]["revision"] = "main"  # a branch is not a pin
+    assert {s.key: s.revision for s in hub_sources(data)} == {
+        "base.revision": "main",
+        "prepare.lrv.revision": DATASET_SHA,
+    }
+    data["base"]["hub_id"] = str(tmp_path)  # local folder and local parquet: nothing to pin
+    data["prepare"]["lrv"]["local_parquet"] = str(tmp_path / "x.parquet")
+    assert hub_sources(data) == []
+
+
+def test_pin_command_reports_a_hub_failure_in_one_line(tmp_path, monkeypatch, capsys):
+    import huggingface_hub
+
+    def offline(*args, **kwargs):
+        raise OSError("no network")
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "repo_info", offline)
+    assert main([str(PRESET), str(tmp_path / "out.yaml")]) == 2
+    assert "could not resolve a revision" in capsys.readouterr().err
