@@ -445,9 +445,9 @@ def main() -> None:
     result["projected_study_minutes"] = (result["projected_study_minutes_breakdown"] or {}).get("total")
     result["projection_note"] = (
         "SFT at the QLoRA nf4 rate of the preset's batch (--projection-batch; the study's setting); DPO at "
-        "the measured bf16 LoRA pairs/s; critic scoring at its measured items/s when measured; generation and "
-        "self-judging as 128 tokens per call at the best end-to-end static-cache generation rate (prefill "
-        "included)"
+        "the measured bf16 LoRA pairs/s; critic scoring at its measured items/s; generation and "
+        "self-judging as 128 tokens per call at the best end-to-end static-cache generation rate "
+        "(prefill included)"
     )
     print(json.dumps(result, indent=2))
     out = Path(args.out)

@@ -8,6 +8,7 @@ special tokens and would drop the BOS every other stage sees.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -135,8 +136,23 @@ def train_dpo(
     """
     import time
 
-    from posttrain.training import ProgressCallback, _live
+    from posttrain.training import ProgressCallback, _live, check_training_memory, language_model_regex
 
+    adapter_config = json.loads((start_adapter / "adapter_config.json").read_text())
+    target = adapter_config["target_modules"]  # PEFT stores a regex string or a list of layer names
+    target = target if isinstance(target, str) else language_model_regex(tuple(target))
+    check_training_memory(
+        base_dir,
+        [(r["prompt"], r[side]) for r in pairs for side in ("chosen", "rejected")],
+        section="dpo",
+        batch_size=params.batch_size,
+        sequences_per_row=2,  # chosen and rejected
+        target_regex=target,
+        rank=adapter_config["r"],
+        quantized=False,
+        checkpointing=params.gradient_checkpointing,
+        liger=False,
+    )
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, processor = policy_from_adapter(base_dir, start_adapter, device)
     callbacks = [ProgressCallback(every=5, batch_size=params.batch_size)]

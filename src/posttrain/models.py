@@ -145,6 +145,24 @@ def read_provenance(folder: str | Path, stage: str) -> dict:
     return json.loads(path.read_text())
 
 
+def base_source(folder: str | Path) -> tuple[str, str | None]:
+    """(folder or hub id, revision) the `base` stage recorded: where the weights are read from."""
+    prov = read_provenance(folder, "base")
+    if prov["kind"] == "local":
+        return str(folder), None
+    return prov["hub_id"], prov["revision"] or None
+
+
+def base_config_and_processor(folder: str | Path):
+    """The base model's config and processor, without its weights (for estimates before loading)."""
+    from transformers import AutoConfig
+
+    source, revision = base_source(folder)
+    return AutoConfig.from_pretrained(source, revision=revision), AutoProcessor.from_pretrained(
+        source, revision=revision
+    )
+
+
 def load_base(
     folder: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32, quantization_config=None
 ):
@@ -154,8 +172,7 @@ def load_base(
     With a bitsandbytes `quantization_config` the weights are quantized as they load (CUDA only).
     """
     prov = read_provenance(folder, "base")
-    source = str(folder) if prov["kind"] == "local" else prov["hub_id"]
-    revision = None if prov["kind"] == "local" else prov["revision"]
+    source, revision = base_source(folder)
     model = LlavaForConditionalGeneration.from_pretrained(
         source,
         revision=revision,

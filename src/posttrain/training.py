@@ -292,6 +292,67 @@ def quantization_config(quantization: Quantization):
     )
 
 
+def check_training_memory(
+    base_dir: Path,
+    texts: list[tuple[str, str]],
+    *,
+    section: str,
+    batch_size: int,
+    sequences_per_row: int,
+    target_regex: str,
+    rank: int,
+    quantized: bool,
+    checkpointing: bool,
+    liger: bool,
+) -> None:
+    """On CUDA, before any weight loads: fail with the knob to turn if the step cannot fit the GPU.
+
+    Args:
+        base_dir: the `base` stage's folder (its config and processor are read, not its weights).
+        texts: (question, answer) of every training sequence; the longest sets the sequence length.
+        section: the params section, for the message (``sft.common`` or ``dpo``).
+        batch_size: rows per micro-batch.
+        sequences_per_row: 1 for SFT, 2 for a DPO pair (chosen and rejected).
+        target_regex: the LoRA adapter's layers (a PEFT regex).
+        rank: its rank.
+        quantized: nf4 weights for the language model's linear layers.
+        checkpointing: gradient checkpointing on.
+        liger: Liger's kernels on.
+
+    Raises:
+        posttrain.memory.BatchTooLargeError: the estimate exceeds 95% of the GPU's memory.
+    """
+    if not torch.cuda.is_available() or not texts:
+        return
+    from posttrain.memory import check_fits, estimate_training
+    from posttrain.models import base_config_and_processor
+
+    config, processor = base_config_and_processor(base_dir)
+    n_image = image_token_count(processor)
+    seq_len = max(len(encode_example(processor.tokenizer, q, a, n_image)[0]) for q, a in texts)
+    estimate = estimate_training(
+        config,
+        sequences=batch_size * sequences_per_row,
+        seq_len=seq_len,
+        target_regex=target_regex,
+        rank=rank,
+        quantized=quantized,
+        checkpointing=checkpointing,
+        liger=liger,
+    )
+    capacity = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    check_fits(
+        estimate,
+        capacity,
+        section=section,
+        batch_size=batch_size,
+        sequences_per_row=sequences_per_row,
+        seq_len=seq_len,
+        checkpointing=checkpointing,
+    )
+    print(f"{section}: step memory {estimate} of {capacity / 1e9:.1f} GB, sequences up to {seq_len} tokens")
+
+
 def require_liger() -> None:
     """Fail before loading anything if Liger's kernels cannot run here (they are Triton kernels for CUDA)."""
     if not torch.cuda.is_available():
@@ -364,6 +425,19 @@ def train_sft_variant(
     qconfig = quantization_config(common.quantization)  # fails before loading anything if impossible
     if common.liger:
         require_liger()
+    train = load_split(data_dir, "study_train")
+    check_training_memory(
+        base_dir,
+        [(e.question, e.answer) for e in train],
+        section="sft.common",
+        batch_size=common.batch_size,
+        sequences_per_row=1,
+        target_regex=language_model_regex(common.target_modules),
+        rank=common.rank,
+        quantized=qconfig is not None,
+        checkpointing=common.gradient_checkpointing,
+        liger=common.liger,
+    )
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     model, processor, base_prov = load_base(base_dir, device=device, dtype=dtype, quantization_config=qconfig)
@@ -380,7 +454,6 @@ def train_sft_variant(
     )
     torch.manual_seed(seed)
     model = get_peft_model(model, lora)
-    train = load_split(data_dir, "study_train")
     dataset = TeacherForcedDataset(train, data_dir, processor)
     effective = common.batch_size * common.gradient_accumulation
     print(
