@@ -88,7 +88,9 @@ def test_check_fits_names_the_batch_that_fits_and_the_other_knobs():
         )
     msg = str(e.value)
     assert "sft.common.batch_size 8 (8 sequences of up to 705 tokens) needs ~50.0 GB" in msg
-    assert "set sft.common.batch_size: 5 and raise sft.common.gradient_accumulation" in msg
+    # 5 rows fit; 4 is the largest divisor of 8 that does, so accumulation doubles
+    assert "set sft.common.batch_size: 4 and multiply sft.common.gradient_accumulation by 2" in msg
+    assert "up to 5 rows fit" in msg
     assert "sft.common.gradient_checkpointing: true" in msg and "Nothing was loaded" in msg
     check_fits(
         estimate, 60 * GB, section="dpo", batch_size=8, sequences_per_row=2, seq_len=705, checkpointing=False

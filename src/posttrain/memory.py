@@ -133,9 +133,11 @@ def check_fits(
     fits = int((budget - fixed) // per_row) if budget > fixed else 0
     advice = []
     if fits >= 1:
+        # the largest divisor of batch_size that fits keeps the effective batch exact
+        smaller = max(d for d in range(1, min(fits, batch_size) + 1) if batch_size % d == 0)
         advice.append(
-            f"set {section}.batch_size: {fits} and raise {section}.gradient_accumulation to keep the "
-            f"effective batch ({batch_size} → {fits} × ⌈{batch_size}/{fits}⌉)"
+            f"set {section}.batch_size: {smaller} and multiply {section}.gradient_accumulation by "
+            f"{batch_size // smaller} (same effective batch; up to {fits} rows fit)"
         )
     if not checkpointing:
         advice.append(
