@@ -443,6 +443,14 @@ def main() -> None:
         else None
     )
     result["projected_study_minutes"] = (result["projected_study_minutes_breakdown"] or {}).get("total")
+    # the stages generate with the dynamic cache (a static graph would recompile per prompt length and per
+    # stage process): the same projection at the best dynamic-cache rate
+    dynamic = [g for g in gens if g.get("cache") == "dynamic"]
+    if dynamic and sft_rate:
+        rate = max(g["tokens_per_s"] for g in dynamic)
+        result["projected_study_minutes_dynamic_cache"] = project(
+            sft_rate, rate, result["dpo_pairs_per_s"], result["critic_items_per_s"]
+        )["total"]
     result["projection_note"] = (
         "SFT at the QLoRA nf4 rate of the preset's batch (--projection-batch; the study's setting); DPO at "
         "the measured bf16 LoRA pairs/s; critic scoring at its measured items/s; generation and "
