@@ -62,7 +62,6 @@ def smoke_overrides(work: Path, cuda: bool) -> dict:
                 "save_steps": 0,
                 "warmup_steps": 0,
             },
-            "variants": {"__keep__": list(VARIANTS)},
         },
         "preferences": {
             "judge": "reference",  # random weights cannot judge; the reference judge ranks their samples
@@ -83,12 +82,10 @@ def smoke_overrides(work: Path, cuda: bool) -> dict:
 
 
 def merge(base: dict, changes: dict) -> dict:
-    """`base` with `changes` applied recursively; ``{"__keep__": [...]}`` keeps only those keys."""
+    """`base` with `changes` applied recursively (mappings merge, anything else replaces)."""
     out = copy.deepcopy(base)
     for key, value in changes.items():
-        if isinstance(value, dict) and "__keep__" in value:
-            out[key] = {k: v for k, v in out[key].items() if k in value["__keep__"]}
-        elif isinstance(value, dict):
+        if isinstance(value, dict):
             out[key] = merge(out.get(key) or {}, value)
         else:
             out[key] = value
@@ -100,6 +97,7 @@ def write_params(work: Path, cuda: bool, preset: Path = PRESET) -> Path:
     from posttrain.config import parse_params
 
     data = merge(yaml.safe_load(preset.read_text()), smoke_overrides(work, cuda))
+    data["sft"]["variants"] = {k: v for k, v in data["sft"]["variants"].items() if k in VARIANTS}
     parse_params(data, str(preset))  # raises ParamsError naming every bad key
     path = work / "params.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
