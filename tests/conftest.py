@@ -57,11 +57,11 @@ def tiny(prepared):
     from posttrain.config import load_params
     from posttrain.data import load_split
     from posttrain.models import build_tiny_llava, train_tokenizer
-    from posttrain.template import completion_text, prompt_text
+    from posttrain.template import conversation_text
 
     params = load_params(ROOT / "params.yaml").base
     examples = load_split(prepared, "pretrain_train") + load_split(prepared, "study_train")
-    tok = train_tokenizer([prompt_text(e.question) + completion_text(e.answer) for e in examples], 400)
+    tok = train_tokenizer([conversation_text(e.history, e.question, e.answer) for e in examples], 400)
     model, processor = build_tiny_llava(tok, params.tiny, seed=0)
     return model.eval(), processor
 

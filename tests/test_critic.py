@@ -135,6 +135,8 @@ def make_example(negative: bool = False, elements: tuple[str, ...] = ("red", "bl
         id="img-0",
         image="images/img.png",
         image_id="img",
+        conversation="img",
+        turn=0,
         question="What is the value of the red bar?",
         answer="The red bar is 42.",
         short_answer=None if negative else "42",

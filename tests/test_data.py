@@ -4,12 +4,14 @@ import random
 import pytest
 from PIL import Image
 
-from posttrain.charts import COLORS, POOL_FAMILIES, draw_chart, generate_pool, random_chart
+from posttrain.charts import COLORS, POOL_FAMILIES, Chart, draw_chart, generate_pool, random_chart
 from posttrain.config import load_params
 from posttrain.data import (
     SPLITS,
     AnswerType,
     Example,
+    group_conversations,
+    image_hash,
     load_split,
     read_examples,
     split_by_image,
@@ -24,7 +26,8 @@ def test_generation_is_deterministic_by_seed(tmp_path):
     b = generate_pool("study", 12, 84, 3, 0.3, seed=1, image_dir=tmp_path / "b")
     c = generate_pool("study", 12, 84, 3, 0.3, seed=2, image_dir=tmp_path / "c")
     assert a == b and a != c
-    assert (tmp_path / "a/study-00003.png").read_bytes() == (tmp_path / "b/study-00003.png").read_bytes()
+    image = a[3].image
+    assert (tmp_path / "a" / image[7:]).read_bytes() == (tmp_path / "b" / image[7:]).read_bytes()
 
 
 def test_pools_ask_disjoint_families(tmp_path):
@@ -58,6 +61,46 @@ def test_negative_questions_ask_about_absent_colours(tmp_path):
         assert e.answer_type is AnswerType.DECLINE and e.family.endswith("_negative")
 
 
+def test_charts_are_conversations_with_followups_that_need_the_previous_turn(tmp_path):
+    examples = generate_pool("study", 90, 84, 3, 0.35, 0, tmp_path, followup_fraction=1.0)
+    conversations = group_conversations(examples)
+    assert len(conversations) == 90 and max(len(c.turns) for c in conversations) >= 3
+    followups = [e for e in examples if e.question.startswith("And the ")]
+    assert followups and any(e.negative for e in followups) and any(not e.negative for e in followups)
+    for e in followups:
+        previous_q, previous_a = e.history[-1]
+        assert previous_q.startswith("What is the value of the ")  # bar_value in the study pool
+        assert e.family in ("bar_value", "bar_value_negative")
+        asked = e.question.split()[2]
+        assert asked not in previous_q  # another bar than the one just asked about
+        if e.negative:
+            assert asked not in e.elements and e.answer == f"There is no {asked} bar in the chart."
+        else:
+            assert e.answer == f"The {asked} bar has a value of {e.short_answer}."
+    for e in examples:  # ids, turns and histories fit their conversation
+        assert e.id == f"{e.conversation}-{e.turn}" and len(e.history) == e.turn
+    pretrain = generate_pool("pretrain", 60, 84, 3, 0.0, 0, tmp_path, followup_fraction=1.0)
+    compare = [e for e in pretrain if e.question.startswith("And the ")]
+    assert compare and all(e.family == "bar_compare" for e in compare)
+    for e in compare:  # "And the green bar?" compares with the second bar of the previous question
+        other = e.history[-1][0].rstrip("?").split()[-2]
+        assert e.answer.endswith(f"than the {other} bar.")
+    no_followups = generate_pool("study", 30, 84, 3, 0.35, 0, tmp_path, followup_fraction=0.0)
+    assert not any(e.question.startswith("And the ") for e in no_followups)
+
+
+def test_identical_charts_are_one_image(tmp_path):
+    """Images are named by their pixels: two draws of one chart are one file and one image id."""
+    chart = Chart("bar", ("red", "blue"), (3, 5))
+    a, b = draw_chart(chart, 84), draw_chart(chart, 84)
+    assert image_hash(a) == image_hash(b) != image_hash(draw_chart(Chart("bar", ("red", "blue"), (3, 6)), 84))
+    assert image_hash(a) == image_hash(a.convert("RGBA"))
+    examples = generate_pool("pretrain", 600, 84, 3, 0.3, 0, tmp_path)
+    conversations = {e.conversation: e.image_id for e in examples}
+    assert len(set(conversations.values())) < len(conversations), "small charts repeat in 600 draws"
+    assert len(list(tmp_path.iterdir())) == len(set(conversations.values()))
+
+
 def test_bar_heights_encode_values():
     """A taller value draws more coloured pixels in its column: the chart carries the answer."""
     chart = random_chart(random.Random(0), "bar")
@@ -73,6 +116,8 @@ def _ex(image_id, turn):
         id=f"{image_id}-{turn}",
         image=f"images/{image_id}.png",
         image_id=image_id,
+        conversation=image_id,
+        turn=turn,
         question="q?",
         answer="a.",
         short_answer="a",
@@ -81,6 +126,16 @@ def _ex(image_id, turn):
         family="f",
         negative=False,
     )
+
+
+def test_prepare_never_trains_on_a_test_chart(prepared):
+    """The pools are drawn independently: a chart that comes up in both is never trained on if tested."""
+    test = {e.image_id for split in ("pretrain_test", "study_test") for e in load_split(prepared, split)}
+    for split in ("pretrain_train", "study_train"):
+        assert test.isdisjoint(e.image_id for e in load_split(prepared, split))
+    report = json.loads((prepared / "report.json").read_text())
+    assert report["load"]["images"] <= report["load"]["conversations"]
+    assert report["load"]["duplicate_images"] == report["load"]["conversations"] - report["load"]["images"]
 
 
 def test_split_by_image_never_separates_turns():

@@ -9,9 +9,9 @@ from peft import PeftModel
 
 from posttrain.config import DpoParams
 from posttrain.data import load_split
-from posttrain.dpo import ImagePath, PreferenceCollator, dpo_trainer, policy_from_adapter, train_dpo
+from posttrain.dpo import PreferenceCollator, dpo_trainer, policy_from_adapter, train_dpo
+from posttrain.images import load_pixels
 from posttrain.models import image_token_count, load_base
-from posttrain.training import load_pixels
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +34,7 @@ PARAMS = DpoParams(beta=0.1, learning_rate=5e-3, epochs=1.0, batch_size=4, warmu
 
 def batch(processor, prepared, pairs):
     """The first two pairs collated as the DPO trainer sees them."""
-    refs = [ImagePath(p["image"]) for p in pairs]
-    pixels = load_pixels(processor, prepared, refs)
+    pixels = load_pixels(processor, prepared, [p["image"] for p in pairs])
     return PreferenceCollator(processor.tokenizer, image_token_count(processor), pixels)(pairs[:2])
 
 

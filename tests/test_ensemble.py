@@ -64,9 +64,9 @@ def test_linear_is_not_the_average_model(base_dir, members, mean_delta):
 
 def test_cat_logits_equal_the_averaged_merged_model(base_dir, members, mean_delta, prepared):
     from posttrain.data import load_split
+    from posttrain.images import load_pixels
     from posttrain.models import image_token_count
     from posttrain.template import encode_prompt
-    from posttrain.training import load_pixels
 
     out = base_dir.parent / "sfte"
     summary = build_ensemble(base_dir, members, EnsembleParams(), out)
@@ -78,8 +78,10 @@ def test_cat_logits_equal_the_averaged_merged_model(base_dir, members, mean_delt
     state = averaged.state_dict()
     averaged.load_state_dict({k: v + mean_delta[k] if k in mean_delta else v for k, v in state.items()})
     e = load_split(prepared, "study_test")[0]
-    ids = torch.tensor([encode_prompt(processor.tokenizer, e.question, image_token_count(processor))])
-    pixels = load_pixels(processor, prepared, [e])[e.image_id][None]
+    ids = torch.tensor(
+        [encode_prompt(processor.tokenizer, e.history, e.question, image_token_count(processor))]
+    )
+    pixels = load_pixels(processor, prepared, [e.image])[e.image][None]
     with torch.no_grad():
         a = ensemble(input_ids=ids, pixel_values=pixels).logits
         b = averaged.eval()(input_ids=ids, pixel_values=pixels).logits

@@ -43,6 +43,8 @@ def _ex(
         id=f"{family}-{short}",
         image="images/x.png",
         image_id="x",
+        conversation=f"{family}-{short}",
+        turn=0,
         question="What is the value?",
         answer=answer,
         short_answer=short,

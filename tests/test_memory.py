@@ -122,7 +122,7 @@ def test_check_training_memory_reads_the_base_without_its_weights(base_dir, prep
     import posttrain.models as models
 
     monkeypatch.setattr(models, "load_base", lambda *a, **k: loaded.append(a))
-    texts = [(e.question, e.answer) for e in load_split(prepared, "study_train")]
+    texts = [(e.history, e.question, e.answer) for e in load_split(prepared, "study_train")]
     with pytest.raises(
         BatchTooLargeError, match=r"sft\.common\.batch_size 4 \(4 sequences of up to \d+ tokens\)"
     ):

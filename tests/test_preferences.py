@@ -18,6 +18,8 @@ def _ex(i=0):
         id=f"x-{i}",
         image="images/x.png",
         image_id="x",
+        conversation=f"x{i}",
+        turn=0,
         question="What is the value of the red bar?",
         answer="The red bar has a value of 7.",
         short_answer="7",
@@ -65,17 +67,17 @@ def test_build_pairs_by_hand():
 
 
 def test_self_judge_returns_a_verdict_per_order(tiny, prepared):
+    from posttrain.images import load_pixels
     from posttrain.models import image_token_count
-    from posttrain.training import load_pixels
 
     model, processor = tiny
     examples = load_split(prepared, "study_train")[:3]
-    pix = load_pixels(processor, prepared, examples)
+    pix = load_pixels(processor, prepared, [e.image for e in examples])
     cands = [Candidate(e, e.answer, "wrong") for e in examples]
     out = self_verdicts(
         model,
         processor.tokenizer,
-        [pix[e.image_id] for e in examples],
+        [pix[e.image] for e in examples],
         cands,
         image_token_count(processor),
         batch_size=4,

@@ -3,7 +3,9 @@
 Three chart types (bar, line, pie) drawn with PIL, and question families with sentence answers, a short
 answer, and LRV-style *negative* questions about an element that is not in the chart. Families come in two
 pools: `pretrain` (what the base model is trained on) and `study` (held out from base training: the
-"unseen but not out-of-scope" post-training data of the study). Everything is a function of the seed.
+"unseen but not out-of-scope" post-training data of the study). Each chart's questions form one
+conversation, as LRV's rows do, and some turns are follow-ups that only the previous turn makes answerable
+("What is the value of the red bar?" … "And the blue bar?"). Everything is a function of the seed.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from posttrain.data import AnswerType, Example
+from posttrain.data import AnswerType, Example, image_hash
 
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
@@ -42,6 +44,7 @@ POOL_FAMILIES: dict[str, dict[str, tuple[str, ...]]] = {
     },
 }
 NEGATIVE_FAMILIES = ("bar_compare", "bar_value", "line_trend")  # families with a colour referent
+FOLLOWUP_FAMILIES = ("bar_compare", "bar_value")  # may be followed by "And the <colour> bar?"
 CHART_TYPES = ("bar", "line", "pie")
 
 
@@ -200,6 +203,48 @@ def _negative_qa(family: str, chart: Chart, rng: random.Random) -> tuple[str, st
     raise ValueError(f"family {family!r} has no negative form")
 
 
+def _followup_qa(
+    family: str, chart: Chart, asked: list[str], rng: random.Random, negative: bool
+) -> tuple[str, str, str | None, AnswerType] | None:
+    """A follow-up to a `FOLLOWUP_FAMILIES` question: "And the <colour> bar?", answerable only in context.
+
+    `asked` are the colours the previous question named: a bar_value follow-up asks the value of another
+    bar; a bar_compare follow-up compares another bar with the previous question's second bar. None when the
+    chart has no bar left to ask about.
+    """
+    c, v = chart.colors, chart.values
+    if negative:
+        absent = rng.choice([name for name in COLORS if name not in c and name not in asked])
+        return f"And the {absent} bar?", f"There is no {absent} bar in the chart.", None, AnswerType.DECLINE
+    fresh = [x for x in c if x not in asked]
+    if not fresh:
+        return None
+    colour = rng.choice(fresh)
+    i = c.index(colour)
+    if family == "bar_value":
+        return (
+            f"And the {colour} bar?",
+            f"The {colour} bar has a value of {v[i]}.",
+            str(v[i]),
+            AnswerType.NUMBER,
+        )
+    if family == "bar_compare":
+        other = asked[1]
+        yes = v[i] > v[c.index(other)]
+        a = (
+            f"Yes, the {colour} bar is taller than the {other} bar."
+            if yes
+            else f"No, the {colour} bar is shorter than the {other} bar."
+        )
+        return f"And the {colour} bar?", a, "yes" if yes else "no", AnswerType.YES_NO
+    raise ValueError(f"family {family!r} has no follow-up")
+
+
+def _asked_colours(question: str) -> list[str]:
+    """The colour names a question mentions, in order."""
+    return [w for w in question.rstrip("?").split() if w in COLORS]
+
+
 def generate_pool(
     pool: str,
     n_images: int,
@@ -208,12 +253,16 @@ def generate_pool(
     negative_fraction: float,
     seed: int,
     image_dir: Path,
+    followup_fraction: float = 0.0,
 ) -> list[Example]:
-    """Draw `n_images` charts of one pool into `image_dir` and ask questions about each.
+    """Draw `n_images` charts of one pool into `image_dir` and hold one conversation about each.
 
-    Each image gets up to `questions_per_image` distinct families of its chart type (fewer where the pool has
+    Each chart gets up to `questions_per_image` distinct families of its chart type (fewer where the pool has
     fewer); each question is replaced, with probability `negative_fraction`, by a negative question where the
-    family allows one.
+    family allows one. With probability `followup_fraction` a `FOLLOWUP_FAMILIES` question is followed by
+    "And the <colour> bar?" (itself negative with probability `negative_fraction`). The conversation id is
+    ``<pool>-<k>``; the image id is the chart's `posttrain.data.image_hash`, so two identical charts are one
+    image.
     """
     rng = random.Random(f"{pool}-{seed}")
     families = POOL_FAMILIES[pool]
@@ -221,32 +270,46 @@ def generate_pool(
     for k in range(n_images):
         kind = CHART_TYPES[k % len(CHART_TYPES)]
         chart = random_chart(rng, kind)
-        image_id = f"{pool}-{k:05d}"
+        conversation = f"{pool}-{k:05d}"
+        image = draw_chart(chart, image_size)
+        image_id = image_hash(image)
         rel = f"images/{image_id}.png"
-        draw_chart(chart, image_size).save(image_dir / f"{image_id}.png", optimize=False)
+        if not (image_dir / f"{image_id}.png").exists():
+            image.save(image_dir / f"{image_id}.png", optimize=False)
         chosen = rng.sample(families[kind], min(questions_per_image, len(families[kind])))
-        for turn, family in enumerate(chosen):
+        history: list[tuple[str, str]] = []
+        for family in chosen:
             negative = family in NEGATIVE_FAMILIES and rng.random() < negative_fraction
             if negative:
                 q, a = _negative_qa(family, chart, rng)
-                short, atype, fam = None, AnswerType.DECLINE, f"{family}_negative"
+                short, atype = None, AnswerType.DECLINE
             else:
                 q, a, short, atype = _qa(family, chart, rng)
-                fam = family
-            examples.append(
-                Example(
-                    id=f"{image_id}-{turn}",
-                    image=rel,
-                    image_id=image_id,
-                    question=q,
-                    answer=a,
-                    short_answer=short,
-                    answer_type=atype,
-                    chart_type=kind,
-                    family=fam,
-                    negative=negative,
-                    elements=chart.colors,
-                    source="synthetic",
+            turns = [(family, q, a, short, atype, negative)]
+            if family in FOLLOWUP_FAMILIES and rng.random() < followup_fraction:
+                follow_negative = rng.random() < negative_fraction
+                followup = _followup_qa(family, chart, _asked_colours(q), rng, follow_negative)
+                if followup is not None:
+                    turns.append((family, *followup, follow_negative))
+            for fam, q, a, short, atype, neg in turns:
+                examples.append(
+                    Example(
+                        id=f"{conversation}-{len(history)}",
+                        image=rel,
+                        image_id=image_id,
+                        conversation=conversation,
+                        turn=len(history),
+                        question=q,
+                        answer=a,
+                        short_answer=short,
+                        answer_type=atype,
+                        chart_type=kind,
+                        family=f"{fam}_negative" if neg else fam,
+                        negative=neg,
+                        elements=chart.colors,
+                        source="synthetic",
+                        history=tuple(history),
+                    )
                 )
-            )
+                history.append((q, a))
     return examples

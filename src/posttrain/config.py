@@ -104,6 +104,7 @@ class SyntheticParams:
     study_test_images: int = 150
     questions_per_image: int = 3
     negative_fraction: float = 0.35
+    followup_fraction: float = 0.5
 
 
 @dataclass(frozen=True)
@@ -408,8 +409,10 @@ def _check(p: Params, problems: list[str]) -> None:
                 f"prepare.synthetic.{pool}_test_images: {n_test} must be > 0 and below "
                 f"prepare.synthetic.{pool}_images ({n})"
             )
-    if s.negative_fraction is not None and not 0 <= s.negative_fraction <= 1:
-        problems.append(f"prepare.synthetic.negative_fraction: {s.negative_fraction} is not in [0, 1]")
+    for name in ("negative_fraction", "followup_fraction"):
+        value = getattr(s, name)
+        if value is not None and not 0 <= value <= 1:
+            problems.append(f"prepare.synthetic.{name}: {value} is not in [0, 1]")
     positive("prepare.synthetic.questions_per_image", s.questions_per_image)
     if pr.max_bad_fraction is not None and not 0 <= pr.max_bad_fraction <= 1:
         problems.append(f"prepare.max_bad_fraction: {pr.max_bad_fraction} is not in [0, 1]")

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from posttrain.data import Example
-from posttrain.lrv import DECLINE_PATTERN
+from posttrain.declines import is_decline
 from posttrain.metrics import relaxed_match
 
 if TYPE_CHECKING:
@@ -200,7 +200,7 @@ def reference_score(example: Example, response: str, extracted: str | None, colo
     """Score a response to a synthetic example on a 0-100 rubric, knowing the true answer.
 
     Negative example (the question asks about an element that is not in the chart): 100 if the response
-    declines (matches `posttrain.lrv.DECLINE_PATTERN`), else 0.
+    declines (`posttrain.declines.is_decline`), else 0.
 
     Otherwise 0 if the response declines; else the sum of
 
@@ -219,7 +219,7 @@ def reference_score(example: Example, response: str, extracted: str | None, colo
     Returns:
         The score in [0, 100].
     """
-    declines = DECLINE_PATTERN.search(response) is not None
+    declines = is_decline(response)
     if example.negative:
         return 100.0 if declines else 0.0
     if declines:

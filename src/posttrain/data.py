@@ -9,12 +9,19 @@ A prepared data folder holds::
     study_test.jsonl              the held-out evaluation set
     report.json                   counts, skipped rows and why
 
-Each JSONL row is one (image, question, answer) turn; see `Example`.
+Each JSONL row is one (image, question, answer) turn of a conversation, carrying the turns before it as
+``history``; see `Example`. `group_conversations` puts the turns back together for training, which sees one
+sequence per conversation (LLaVA-1.5's own format), while evaluation, preference sampling and DPO take each
+turn as a prompt after its history.
+
+Images are identified by a hash of their decoded pixels (`image_hash`): the same chart under two row ids is
+one image, written once, and `split_by_image` keeps all of its conversations on one side of the split.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import random
 from collections import Counter
 from dataclasses import dataclass, field
@@ -39,12 +46,17 @@ class AnswerType(str, Enum):
 
 @dataclass(frozen=True)
 class Example:
-    """One (image, question, answer) turn.
+    """One (image, question, answer) turn of a conversation.
 
     Attributes:
-        id: unique id of the turn, ``<image_id>-<turn>``.
+        id: unique id of the turn, ``<conversation>-<turn>``.
         image: image path relative to the prepared folder (``images/<image_id>.png``).
-        image_id: the image the turn belongs to; splits never separate an image's turns.
+        image_id: the image the turn belongs to (`image_hash` of its pixels); splits never separate an
+            image's conversations.
+        conversation: the conversation (an LRV row, a synthetic chart's questions) the turn belongs to.
+        turn: its position in the conversation, from 0.
+        history: the conversation's earlier turns, ``((question, reference answer), ...)``; a follow-up
+            ("And the blue bar?") is only answerable with them.
         question: the user's question, without the ``<image>`` placeholder.
         answer: the reference answer, a sentence.
         short_answer: the value a correct answer must contain (relaxed accuracy); None if unknown.
@@ -59,6 +71,8 @@ class Example:
     id: str
     image: str
     image_id: str
+    conversation: str
+    turn: int
     question: str
     answer: str
     short_answer: str | None
@@ -68,23 +82,97 @@ class Example:
     negative: bool
     elements: tuple[str, ...] = field(default_factory=tuple)
     source: str = "synthetic"
+    history: tuple[tuple[str, str], ...] = field(default_factory=tuple)
 
     def to_json(self) -> dict:
         row = dataclasses.asdict(self)
         row["answer_type"] = self.answer_type.value
         row["elements"] = list(self.elements)
+        row["history"] = [list(t) for t in self.history]
         return row
 
     @classmethod
     def from_json(cls, row: dict) -> Example:
         names = {f.name for f in dataclasses.fields(cls)}
-        missing = names - set(row) - {"elements", "source"}
+        missing = names - set(row) - {"elements", "source", "history"}
         if missing:
-            raise ValueError(f"example {row.get('id', '?')!r} lacks fields {sorted(missing)}")
+            raise ValueError(
+                f"example {row.get('id', '?')!r} lacks fields {sorted(missing)}; data prepared by an older "
+                "version? Run `dvc repro prepare`."
+            )
         kwargs = {k: v for k, v in row.items() if k in names}
         kwargs["answer_type"] = AnswerType(row["answer_type"])
         kwargs["elements"] = tuple(row.get("elements", ()))
+        kwargs["history"] = tuple((q, a) for q, a in row.get("history", ()))
         return cls(**kwargs)
+
+    def context_question(self) -> str:
+        """The question as a judge without the conversation needs it: earlier turns first, then the question.
+
+        A judge prompt holds one question; a follow-up ("And the blue bar?") means nothing there without the
+        turns it follows, so they are quoted before it.
+        """
+        if not self.history:
+            return self.question
+        earlier = " ".join(f"USER: {q} ASSISTANT: {a}" for q, a in self.history)
+        return f"(Earlier in this conversation: {earlier}) {self.question}"
+
+
+@dataclass(frozen=True)
+class Conversation:
+    """All turns of one conversation about one image: what SFT trains on as a single sequence."""
+
+    id: str
+    image: str
+    image_id: str
+    turns: tuple[tuple[str, str], ...]
+
+
+def group_conversations(examples: list[Example]) -> list[Conversation]:
+    """Put turns back into their conversations, in order of first appearance.
+
+    A conversation's turns are the history of its last turn plus that turn, so a conversation whose later
+    turns were kept without the earlier ones is still whole.
+
+    Raises:
+        ValueError: two turns of one conversation disagree (another image, or a history that is not the
+            conversation's earlier turns); the message names the conversation.
+    """
+    by_id: dict[str, list[Example]] = {}
+    for e in examples:
+        by_id.setdefault(e.conversation, []).append(e)
+    out = []
+    for conv_id, turns in by_id.items():
+        last = max(turns, key=lambda e: e.turn)
+        full = (*last.history, (last.question, last.answer))
+        for e in turns:
+            if (
+                e.image != last.image
+                or e.turn != len(e.history)
+                or full[: e.turn + 1]
+                != (
+                    *e.history,
+                    (e.question, e.answer),
+                )
+            ):
+                raise ValueError(
+                    f"conversation {conv_id!r}: turn {e.id!r} does not fit the conversation's other turns "
+                    "(image or history differ). The prepared data is inconsistent: run `dvc repro prepare`."
+                )
+        out.append(Conversation(conv_id, last.image, last.image_id, full))
+    return out
+
+
+def image_hash(image) -> str:
+    """Identity of an image by its decoded pixels (RGB): the same chart in two files or rows is one image.
+
+    Returns:
+        ``img-`` and the first 16 hex digits of the SHA-256 of the size and the RGB bytes.
+    """
+    rgb = image if image.mode == "RGB" else image.convert("RGB")
+    h = hashlib.sha256(f"{rgb.width}x{rgb.height}:".encode())
+    h.update(rgb.tobytes())
+    return f"img-{h.hexdigest()[:16]}"
 
 
 def write_examples(path: str | Path, examples: list[Example]) -> None:
@@ -108,9 +196,10 @@ def load_split(data_dir: str | Path, split: str) -> list[Example]:
 def split_by_image(
     examples: list[Example], n_test_images: int, seed: int
 ) -> tuple[list[Example], list[Example]]:
-    """Split into (train, test) so that all turns of an image land on the same side.
+    """Split into (train, test) so that all conversations of an image land on the same side.
 
-    Images are shuffled with `seed`; the first `n_test_images` go to test. Row order is kept.
+    Images (by `image_hash` identity, so duplicates count once) are shuffled with `seed`; the first
+    `n_test_images` go to test. Row order is kept.
     """
     image_ids = sorted({e.image_id for e in examples})
     if n_test_images >= len(image_ids):

@@ -17,11 +17,17 @@ import torch
 from posttrain.template import encode_completion, encode_prompt, pad_batch
 
 
+def pair_history(row: dict) -> tuple[tuple[str, str], ...]:
+    """The earlier turns a preference pair's prompt is asked after (``history`` of the pairs file)."""
+    return tuple((q, a) for q, a in row.get("history", ()))
+
+
 @dataclass
 class PreferenceCollator:
     """(chosen, rejected) pairs -> one batch of 2B sequences, chosen first, as TRL's DPO loss expects.
 
-    Keys: input_ids, attention_mask, completion_mask (1 on answer tokens and EOS), pixel_values.
+    Each prompt is the turn after its conversation's earlier turns, as it was sampled. Keys: input_ids,
+    attention_mask, completion_mask (1 on answer tokens and EOS), pixel_values.
     """
 
     tokenizer: object
@@ -29,7 +35,9 @@ class PreferenceCollator:
     pixels: dict[str, torch.Tensor]  # image path -> (3, H, W)
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
-        prompts = [encode_prompt(self.tokenizer, r["prompt"], self.n_image_tokens) for r in rows]
+        prompts = [
+            encode_prompt(self.tokenizer, pair_history(r), r["prompt"], self.n_image_tokens) for r in rows
+        ]
         seqs, masks = [], []
         for key in ("chosen", "rejected"):
             for p, r in zip(prompts, rows):
@@ -64,12 +72,11 @@ def dpo_trainer(
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
+    from posttrain.images import load_pixels
     from posttrain.models import image_token_count
-    from posttrain.training import load_pixels
 
-    images = sorted({r["image"] for r in pairs})
-    pixel_by_id = load_pixels(processor, data_dir, [ImagePath(i) for i in images])
-    collator = PreferenceCollator(processor.tokenizer, image_token_count(processor), pixel_by_id)
+    pixels = load_pixels(processor, data_dir, [r["image"] for r in pairs])
+    collator = PreferenceCollator(processor.tokenizer, image_token_count(processor), pixels)
     args = DPOConfig(
         output_dir=str(output_dir),
         beta=params.beta,
@@ -94,7 +101,12 @@ def dpo_trainer(
         bf16=torch.cuda.is_available(),
         use_cpu=not torch.cuda.is_available(),
     )
-    dataset = Dataset.from_list([{k: r[k] for k in ("image", "prompt", "chosen", "rejected")} for r in pairs])
+    dataset = Dataset.from_list(
+        [
+            {**{k: r[k] for k in ("image", "prompt", "chosen", "rejected")}, "history": r.get("history", [])}
+            for r in pairs
+        ]
+    )
     return DPOTrainer(
         model=model,
         args=args,
@@ -103,17 +115,6 @@ def dpo_trainer(
         processing_class=processor,
         callbacks=callbacks,
     )
-
-
-@dataclass(frozen=True)
-class ImagePath:
-    """Stands in for an `Example` where `load_pixels` only needs the image path."""
-
-    image: str
-
-    @property
-    def image_id(self) -> str:
-        return self.image
 
 
 def train_dpo(
@@ -143,7 +144,7 @@ def train_dpo(
     target = target if isinstance(target, str) else language_model_regex(tuple(target))
     check_training_memory(
         base_dir,
-        [(r["prompt"], r[side]) for r in pairs for side in ("chosen", "rejected")],
+        [(pair_history(r), r["prompt"], r[side]) for r in pairs for side in ("chosen", "rejected")],
         section="dpo",
         batch_size=params.batch_size,
         sequences_per_row=2,  # chosen and rejected

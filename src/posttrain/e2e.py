@@ -112,7 +112,6 @@ def write_standins(work: Path, shrink: bool, device: str) -> dict:
     from posttrain.architectures import shrink as shrunk
     from posttrain.critic import pairwise_prompt, pointwise_prompt
     from posttrain.standin import write_critic, write_llava, write_lrv_parquet
-    from posttrain.template import completion_text, prompt_text
 
     hub = work / "hub"
     timings = {}
@@ -120,8 +119,11 @@ def write_standins(work: Path, shrink: bool, device: str) -> dict:
     parquet = hub / "lrv_chart.parquet"
     if not parquet.exists():
         write_lrv_parquet(parquet, IMAGES, size=336)
-    turns = [t["value"] for row in pq.read_table(parquet).column("conversations").to_pylist() for t in row]
-    texts = [prompt_text(t) + completion_text(t) for t in turns]
+    texts = [
+        " ".join(t["value"] for t in row)
+        for row in pq.read_table(parquet).column("conversations").to_pylist()
+    ]
+    texts = [f"USER: ASSISTANT: {t}" for t in texts]
     timings["parquet_s"] = round(time.perf_counter() - t0, 1)
     for name, write, extra in (
         ("llava-1.5-7b", write_llava, []),
@@ -306,20 +308,24 @@ def check_outputs(work: Path) -> dict:
     from safetensors.torch import load_file
     from transformers import AutoProcessor
 
-    from posttrain.data import load_split
+    from posttrain.data import group_conversations, load_split
     from posttrain.models import image_token_count, read_provenance
-    from posttrain.template import IGNORE_INDEX, encode_example
+    from posttrain.template import encode_conversation
 
     data, models, metrics = work / "data" / "prepared", work / "models", work / "metrics"
     processor = AutoProcessor.from_pretrained(work / "hub" / "llava-1.5-7b")
     n_image = image_token_count(processor)
     assert n_image == 576, f"<image> expands to {n_image} tokens, not LLaVA-1.5's 576"
     train = load_split(data, "study_train")
+    conversations = group_conversations(train)
     lengths = []
-    for e in train:
-        ids, labels = encode_example(processor.tokenizer, e.question, e.answer, n_image)
-        assert sum(int(i == processor.image_token_id) for i in ids) == n_image, f"{e.id}: image tokens cut"
-        assert sum(int(lab != IGNORE_INDEX) for lab in labels) > 0, f"{e.id}: no answer token is trained"
+    for c in conversations:
+        ids, labels = encode_conversation(
+            processor.tokenizer, c.turns[:-1], *c.turns[-1], n_image, supervise_history=True
+        )
+        assert sum(int(i == processor.image_token_id) for i in ids) == n_image, f"{c.id}: image tokens cut"
+        eos = sum(int(lab == processor.tokenizer.eos_token_id) for lab in labels)
+        assert eos == len(c.turns), f"{c.id}: {eos} of {len(c.turns)} answers are trained"
         lengths.append(len(ids))
 
     adapters = {}
@@ -341,7 +347,8 @@ def check_outputs(work: Path) -> dict:
     items = [json.loads(line) for line in (work / "data" / "eval" / "study_test" / "sfte_dpo.jsonl").open()]
     return {
         "image_tokens": n_image,
-        "train_examples": len(train),
+        "train_turns": len(train),
+        "train_conversations": len(conversations),
         "train_sequence_tokens": {"min": min(lengths), "max": max(lengths)},
         "sft_quantization": sft_prov["params"]["common"]["quantization"],
         "sft_liger": sft_prov["params"]["common"]["liger"],

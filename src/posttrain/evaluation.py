@@ -1,7 +1,9 @@
 """The `evaluate` stage's work: answer the test splits, score every item, aggregate with bootstrap CIs.
 
-Per-item rows are saved in the schema of ``python -m posttrain compare`` (``id``, ``prompt``, ``reference``,
-``response``, ``critic_score``, ...), one file per model and split, so every later comparison is paired.
+Every turn of every test conversation is an item, asked after its conversation's earlier turns (the reference
+answers as history), as the dataset asks it. Per-item rows are saved in the schema of
+``python -m posttrain compare`` (``id``, ``prompt``, ``reference``, ``response``, ``critic_score``, ...), one
+file per model and split, so every later comparison is paired.
 """
 
 from __future__ import annotations
@@ -13,14 +15,14 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from posttrain.charts import COLORS
 from posttrain.config import EvaluateParams
 from posttrain.data import AnswerType, Example, load_split
+from posttrain.declines import is_decline
 from posttrain.generation import answer_nll, generate
+from posttrain.images import load_pixels
 from posttrain.io import write_json_atomic, write_jsonl
-from posttrain.lrv import is_decline
 from posttrain.metrics import (
     ItemStats,
     bleu_item_stats,
@@ -31,7 +33,7 @@ from posttrain.metrics import (
     rouge_l,
 )
 from posttrain.models import image_token_count
-from posttrain.training import load_pixels
+from posttrain.template import encode_conversation, encode_prompt
 
 # (evaluation split, metric prefix): the study test split, and the retention test of the pretrain families.
 EVAL_SPLITS = (("study_test", ""), ("pretrain_test", "retain_"))
@@ -87,6 +89,7 @@ def score_items(
                 "id": e.id,
                 "image": e.image,
                 "prompt": e.question,
+                "history": [list(t) for t in e.history],
                 "reference": e.answer,
                 "response": response,
                 "short_answer": e.short_answer,
@@ -191,6 +194,17 @@ def reference_critic(examples: list[Example], responses: list[str]) -> list[floa
     ]
 
 
+def critic_images(data_dir: Path, examples: list[Example]) -> list:
+    """The images a critic model sees: whole, as stored (its own processor tiles the whole chart)."""
+    from PIL import Image
+
+    images = []
+    for e in examples:
+        with Image.open(data_dir / e.image) as im:
+            images.append(im.convert("RGB"))
+    return images
+
+
 def load_critic(params: EvaluateParams):
     """The LLaVA-Critic judge, loaded once per evaluation (None for the reference critic)."""
     if not params.critic.kind.needs_model:
@@ -232,16 +246,19 @@ def evaluate_model(
     for split, prefix in EVAL_SPLITS:
         t0 = time.perf_counter()
         examples = load_split(data_dir, split)
-        pixel_map = load_pixels(processor, data_dir, examples)
-        pixels = [pixel_map[e.image_id] for e in examples]
-        questions = [e.question for e in examples]
+        pixel_map = load_pixels(processor, data_dir, [e.image for e in examples])
+        pixels = [pixel_map[e.image] for e in examples]
+        # each turn after its history; the reference answer's tokens carry the loss
+        sequences = [
+            encode_conversation(tokenizer, e.history, e.question, e.answer, n_image_tokens) for e in examples
+        ]
+        prompts = [encode_prompt(tokenizer, e.history, e.question, n_image_tokens) for e in examples]
         responses = (
             generate(
                 model,
                 tokenizer,
                 pixels,
-                questions,
-                n_image_tokens,
+                prompts,
                 batch_size=params.batch_size,
                 max_new_tokens=params.max_new_tokens,
                 progress=f"{name}/{split}",
@@ -250,25 +267,16 @@ def evaluate_model(
             else []
         )
         nll, counts = (
-            answer_nll(
-                model,
-                tokenizer,
-                pixels,
-                questions,
-                [e.answer for e in examples],
-                n_image_tokens,
-                batch_size=params.batch_size,
-            )
+            answer_nll(model, tokenizer, pixels, sequences, batch_size=params.batch_size)
             if examples
             else ([], [])
         )
         if critic is None:
             scores = reference_critic(examples, responses)
         else:
-            images = [Image.open(data_dir / e.image).convert("RGB") for e in examples]
             scores, _ = critic.score(
-                images,
-                questions,
+                critic_images(data_dir, examples),
+                [e.context_question() for e in examples],
                 responses,
                 batch_size=params.critic.batch_size,
                 max_new_tokens=params.critic.max_new_tokens,

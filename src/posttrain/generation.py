@@ -1,11 +1,15 @@
-"""Batched, deterministic generation and teacher-forced scoring through the shared template."""
+"""Batched, deterministic generation and teacher-forced scoring of sequences built by the shared template.
+
+Callers build the ids with `posttrain.template.encode_conversation` (a turn after its history), so every
+prompt here is one the training saw the same way.
+"""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from posttrain.template import IGNORE_INDEX, encode_example, encode_prompt, pad_batch
+from posttrain.template import IGNORE_INDEX, pad_batch
 
 
 @torch.no_grad()
@@ -13,8 +17,7 @@ def generate(
     model,
     tokenizer,
     pixels: list[torch.Tensor],
-    questions: list[str],
-    n_image_tokens: int,
+    prompts: list[list[int]],
     *,
     batch_size: int,
     max_new_tokens: int,
@@ -24,7 +27,7 @@ def generate(
     seed: int = 0,
     progress: str | None = None,
 ) -> list[str]:
-    """Answer each (image, question) with the model, batched with left padding.
+    """Answer each (image, prompt ids) with the model, batched with left padding.
 
     Greedy by default; with `do_sample` the sampling is seeded per batch, so the same inputs and seed give the
     same outputs. Returns the decoded continuations, special tokens removed.
@@ -32,10 +35,10 @@ def generate(
     device = next(model.parameters()).device
     dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
     outputs: list[str] = []
-    for start in range(0, len(questions), batch_size):
-        prompts = [encode_prompt(tokenizer, q, n_image_tokens) for q in questions[start : start + batch_size]]
-        input_ids = pad_batch(prompts, tokenizer.pad_token_id, "left").to(device)  # (B, T)
-        attention_mask = pad_batch([[1] * len(p) for p in prompts], 0, "left").to(device)
+    for start in range(0, len(prompts), batch_size):
+        batch = prompts[start : start + batch_size]
+        input_ids = pad_batch(batch, tokenizer.pad_token_id, "left").to(device)  # (B, T)
+        attention_mask = pad_batch([[1] * len(p) for p in batch], 0, "left").to(device)
         pixel_values = torch.stack(pixels[start : start + batch_size]).to(device, dtype)  # (B, 3, H, W)
         if do_sample:
             torch.manual_seed(seed + start)
@@ -55,10 +58,10 @@ def generate(
         )
         new_tokens = out[:, input_ids.shape[1] :]
         outputs.extend(t.strip() for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
-        n_batches = -(-len(questions) // batch_size)
+        n_batches = -(-len(prompts) // batch_size)
         batch_index = start // batch_size
         if progress and (batch_index % max(n_batches // 4, 1) == 0 or batch_index == n_batches - 1):
-            print(f"{progress}: generated {len(outputs)}/{len(questions)}", flush=True)
+            print(f"{progress}: generated {len(outputs)}/{len(prompts)}", flush=True)
     return outputs
 
 
@@ -67,13 +70,11 @@ def answer_nll(
     model,
     tokenizer,
     pixels: list[torch.Tensor],
-    questions: list[str],
-    answers: list[str],
-    n_image_tokens: int,
+    sequences: list[tuple[list[int], list[int]]],
     *,
     batch_size: int,
 ) -> tuple[list[float], list[int]]:
-    """Teacher-forced negative log-likelihood of each reference answer (answer tokens and EOS only).
+    """Teacher-forced negative log-likelihood of the labelled tokens of each (input_ids, labels) sequence.
 
     Returns:
         (nll_sums, token_counts), one entry per item; the per-token loss is their ratio.
@@ -82,11 +83,8 @@ def answer_nll(
     dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
     sums: list[float] = []
     counts: list[int] = []
-    for start in range(0, len(questions), batch_size):
-        pairs = [
-            encode_example(tokenizer, q, a, n_image_tokens)
-            for q, a in zip(questions[start : start + batch_size], answers[start : start + batch_size])
-        ]
+    for start in range(0, len(sequences), batch_size):
+        pairs = sequences[start : start + batch_size]
         input_ids = pad_batch([p[0] for p in pairs], tokenizer.pad_token_id, "right").to(device)  # (B, T)
         labels = pad_batch([p[1] for p in pairs], IGNORE_INDEX, "right").to(device)
         attention_mask = pad_batch([[1] * len(p[0]) for p in pairs], 0, "right").to(device)

@@ -1,4 +1,4 @@
-"""The real LRV Chart data: read the parquet rows and flatten conversations into `Example` turns.
+"""The real LRV Chart data: read the parquet rows and turn each conversation into its `Example` turns.
 
 Source: the ``lrv_chart`` config of the Hugging Face dataset ``lmms-lab/LLaVA-OneVision-Data`` (split
 ``train``, 1,776 rows) at a pinned revision, or a local parquet file / folder in the same schema:
@@ -10,7 +10,10 @@ Source: the ``lrv_chart`` config of the Hugging Face dataset ``lmms-lab/LLaVA-On
 - ``data_source`` (str).
 
 Only parquet files are read (with pyarrow); no dataset script is ever run. Bad rows are skipped and counted
-by reason (see `flatten_rows`); `check_bad_fraction` turns too many of them into an error.
+by reason (see `flatten_rows`); `check_bad_fraction` turns too many of them into an error. Each row is one
+conversation; its turns keep their history (a follow-up such as "And in 2011?" needs it). Images are
+identified by their pixels, so the same chart under two ids is one image (written once, on one side of the
+split), and counted in the report.
 """
 
 from __future__ import annotations
@@ -22,28 +25,13 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from posttrain.data import AnswerType, Example
+from posttrain.data import AnswerType, Example, image_hash
+from posttrain.declines import is_decline
 
 logger = logging.getLogger(__name__)
 
 IMAGE_PLACEHOLDER = "<image>"
 SOURCE = "lrv_chart"
-
-# An answer (or a model response) that says the asked-about element is not in the chart. LRV's negative
-# instructions ask about things that are absent; their reference answers decline with phrases like these.
-# Reused by the critic and the evaluation to recognise declines in model responses.
-DECLINE_PATTERN = re.compile(
-    r"\b(?:"
-    r"there\s+(?:is|are|was|were)\s+no"
-    r"|there's\s+no"
-    r"|(?:does|do|did)\s+not\s+(?:contain|show|have|include|display|depict|mention|provide)"
-    r"|(?:doesn't|don't|didn't)\s+(?:contain|show|have|include|display|depict|mention|provide)"
-    r"|not\s+(?:present|shown|mentioned|visible|depicted|displayed|included|provided)"
-    r"|no\s+such"
-    r"|(?:cannot|can\s*not|can't)\s+be\s+determined"
-    r")\b",
-    re.IGNORECASE,
-)
 
 # Reasons a row is skipped (keys of the report's ``skipped``).
 SKIP_MISSING_IMAGE = "missing_image"
@@ -53,6 +41,8 @@ SKIP_EMPTY_QUESTION = "empty_question"
 SKIP_EMPTY_ANSWER = "empty_answer"
 SKIP_NO_PAIR = "no_qa_pair"
 SKIP_NOT_ALTERNATING = "turns_not_alternating"
+SKIP_EXTRA_PLACEHOLDER = "second_image_placeholder"
+SKIP_EMPTY_IMAGE = "empty_image"
 SKIP_MALFORMED = "malformed_conversations"
 
 _MAX_SKIPPED_IDS = 20
@@ -178,18 +168,24 @@ def _decode_image(data: bytes):
     try:
         with Image.open(io.BytesIO(data)) as img:
             img.load()
-            return img.convert("RGB")
+            image = img.convert("RGB")
     except Exception as e:  # PIL raises many types for bad data
         logger.debug("unreadable image: %s", e)
         raise _SkipRow(SKIP_UNREADABLE_IMAGE) from e
+    if image.width == 0 or image.height == 0:
+        raise _SkipRow(SKIP_EMPTY_IMAGE)
+    return image
 
 
 def _qa_pairs(conversations: object) -> list[tuple[str, str]]:
     """Pair consecutive human -> gpt turns; strip the ``<image>`` placeholder from questions.
 
+    LLaVA puts the row's one image before the first question, wherever the placeholder stood; a second
+    placeholder would ask for a second image the row does not have.
+
     Raises:
         _SkipRow: The conversation is malformed, has no pair, does not alternate, lacks the image
-            placeholder, or has an empty question or answer.
+            placeholder or has more than one, or has an empty question or answer.
     """
     if not isinstance(conversations, list):
         raise _SkipRow(SKIP_MALFORMED)
@@ -205,8 +201,11 @@ def _qa_pairs(conversations: object) -> list[tuple[str, str]]:
     expected = ["human", "gpt"] * (len(turns) // 2 + 1)
     if len(turns) % 2 or roles != expected[: len(turns)]:
         raise _SkipRow(SKIP_NOT_ALTERNATING)
-    if not any(IMAGE_PLACEHOLDER in value for role, value in turns if role == "human"):
+    placeholders = sum(value.count(IMAGE_PLACEHOLDER) for role, value in turns if role == "human")
+    if placeholders == 0:
         raise _SkipRow(SKIP_NO_PLACEHOLDER)
+    if placeholders > 1:
+        raise _SkipRow(SKIP_EXTRA_PLACEHOLDER)
     pairs = []
     for i in range(0, len(turns), 2):
         question = _PLACEHOLDER_RE.sub(" ", turns[i][1]).strip()
@@ -219,7 +218,7 @@ def _qa_pairs(conversations: object) -> list[tuple[str, str]]:
     return pairs
 
 
-def _image_id(raw_id: object, row_index: int, used: set[str]) -> str:
+def _conversation_id(raw_id: object, row_index: int, used: set[str]) -> str:
     """Sanitise a row id to ``[A-Za-z0-9_.-]``; disambiguate repeats with ``_2``, ``_3``... in row order."""
     base = _UNSAFE_ID_CHARS.sub("_", raw_id) if isinstance(raw_id, str) else ""
     if not base.strip("."):
@@ -240,44 +239,56 @@ def short_answer_of(answer: str) -> str | None:
     return text or None
 
 
-def is_decline(text: str) -> bool:
-    """Whether `text` declines, i.e. says the asked-about element is not there (`DECLINE_PATTERN`)."""
-    return DECLINE_PATTERN.search(text) is not None
+def conversation_examples(
+    conversation: str, image_id: str, pairs: list[tuple[str, str]], source: str = SOURCE
+) -> list[Example]:
+    """The turns of one LRV conversation as examples, each with its history.
 
-
-def _example(image_id: str, turn: int, question: str, answer: str) -> Example:
-    negative = is_decline(answer)
-    return Example(
-        id=f"{image_id}-{turn}",
-        image=f"images/{image_id}.png",
-        image_id=image_id,
-        question=question,
-        answer=answer,
-        short_answer=None if negative else short_answer_of(answer),
-        answer_type=AnswerType.DECLINE if negative else AnswerType.TEXT,
-        chart_type="unknown",
-        family="lrv_negative" if negative else "lrv",
-        negative=negative,
-        elements=(),
-        source=SOURCE,
-    )
+    A reference answer that declines (`posttrain.declines.is_decline`) makes the turn a negative
+    (``AnswerType.DECLINE``, family ``lrv_negative``, no short answer); otherwise the short answer is the
+    answer itself, without a trailing period, when it has at most 3 words.
+    """
+    examples = []
+    for turn, (question, answer) in enumerate(pairs):
+        negative = is_decline(answer)
+        examples.append(
+            Example(
+                id=f"{conversation}-{turn}",
+                image=f"images/{image_id}.png",
+                image_id=image_id,
+                conversation=conversation,
+                turn=turn,
+                question=question,
+                answer=answer,
+                short_answer=None if negative else short_answer_of(answer),
+                answer_type=AnswerType.DECLINE if negative else AnswerType.TEXT,
+                chart_type="unknown",
+                family="lrv_negative" if negative else "lrv",
+                negative=negative,
+                elements=(),
+                source=source,
+                history=tuple(pairs[:turn]),
+            )
+        )
+    return examples
 
 
 def flatten_rows(rows: Iterable[dict], image_dir: Path) -> tuple[list[Example], dict]:
-    """Turn LRV rows into (image, question, answer) examples and write each row's image once.
+    """Turn LRV rows into conversations of `Example` turns and write each distinct image once.
 
-    Each consecutive human -> gpt pair of a row becomes one `Example` with id ``<image_id>-<turn>``
-    (turn = 0, 1, ... within the row); all of a row's examples share its image, written as
-    ``image_dir/<image_id>.png`` (RGB). The image id is the row ``id`` sanitised to ``[A-Za-z0-9_.-]``;
-    a repeated id gets ``_2``, ``_3``... in row order. Questions lose the ``<image>`` placeholder and the
-    whitespace around it. An answer matching `DECLINE_PATTERN` makes a negative example
-    (``AnswerType.DECLINE``, family ``lrv_negative``, no short answer); otherwise the short answer is the
-    answer itself, without a trailing period, when it has at most 3 words.
+    Each row is one conversation; its consecutive human -> gpt pairs become `Example` turns with id
+    ``<conversation>-<turn>`` (turn = 0, 1, ...), each carrying the earlier turns as its history. The
+    conversation id is the row ``id`` sanitised to ``[A-Za-z0-9_.-]``; a repeated id gets ``_2``, ``_3``...
+    in row order. The image id is `posttrain.data.image_hash` of the decoded pixels: rows with the same
+    chart share one ``image_dir/<image_id>.png`` (RGB), and the split keeps them together. Questions lose
+    the ``<image>`` placeholder and the whitespace around it; negatives are labelled by
+    `conversation_examples`.
 
     A bad row is skipped, not raised, and counted under one reason: ``malformed_conversations``,
-    ``no_qa_pair``, ``turns_not_alternating``, ``no_image_placeholder``, ``empty_answer``,
-    ``empty_question``, ``missing_image`` (no bytes), ``unreadable_image`` (bytes PIL cannot decode).
-    Conversations are checked before the image is decoded.
+    ``no_qa_pair``, ``turns_not_alternating``, ``no_image_placeholder``, ``second_image_placeholder``,
+    ``empty_answer``, ``empty_question``, ``missing_image`` (no bytes), ``unreadable_image`` (bytes PIL
+    cannot decode), ``empty_image`` (decodes to 0 pixels). Conversations are checked before the image is
+    decoded.
 
     Args:
         rows: Raw rows, as yielded by `load_lrv_rows`.
@@ -285,8 +296,10 @@ def flatten_rows(rows: Iterable[dict], image_dir: Path) -> tuple[list[Example], 
             ``images/<image_id>.png``.
 
     Returns:
-        ``(examples, report)`` where report is ``{"rows_read", "rows_kept", "examples", "skipped":
-        {reason: count}, "skipped_ids": {reason: [first 20 row ids]}}``.
+        ``(examples, report)`` where report is ``{"rows_read", "rows_kept", "examples", "conversations",
+        "images", "duplicate_images", "repeated_ids", "negatives", "skipped": {reason: count},
+        "skipped_ids": {reason: [first 20 row ids]}}``; ``duplicate_images`` counts kept rows whose image
+        an earlier kept row already had, ``repeated_ids`` kept rows whose id an earlier row already had.
     """
     image_dir = Path(image_dir)
     image_dir.mkdir(parents=True, exist_ok=True)
@@ -294,7 +307,9 @@ def flatten_rows(rows: Iterable[dict], image_dir: Path) -> tuple[list[Example], 
     skipped: Counter[str] = Counter()
     skipped_ids: dict[str, list[str]] = {}
     used_ids: set[str] = set()
-    rows_read = rows_kept = 0
+    seen_images: set[str] = set()
+    seen_raw_ids: set[object] = set()
+    rows_read = rows_kept = duplicate_images = repeated_ids = 0
     for index, row in enumerate(rows):
         rows_read += 1
         raw_id = row.get("id")
@@ -307,17 +322,29 @@ def flatten_rows(rows: Iterable[dict], image_dir: Path) -> tuple[list[Example], 
             if len(ids) < _MAX_SKIPPED_IDS:
                 ids.append(str(raw_id))
             continue
-        image_id = _image_id(raw_id, index, used_ids)
-        used_ids.add(image_id)
-        image.save(image_dir / f"{image_id}.png", format="PNG")
+        conversation = _conversation_id(raw_id, index, used_ids)
+        used_ids.add(conversation)
+        repeated_ids += raw_id in seen_raw_ids
+        seen_raw_ids.add(raw_id)
+        image_id = image_hash(image)
+        if image_id in seen_images:
+            duplicate_images += 1
+        else:
+            seen_images.add(image_id)
+            image.save(image_dir / f"{image_id}.png", format="PNG")
         rows_kept += 1
-        examples.extend(_example(image_id, turn, q, a) for turn, (q, a) in enumerate(pairs))
+        examples.extend(conversation_examples(conversation, image_id, pairs))
     if skipped:
         logger.warning("LRV: skipped %d of %d rows: %s", sum(skipped.values()), rows_read, dict(skipped))
     report = {
         "rows_read": rows_read,
         "rows_kept": rows_kept,
         "examples": len(examples),
+        "conversations": rows_kept,
+        "images": len(seen_images),
+        "duplicate_images": duplicate_images,
+        "repeated_ids": repeated_ids,
+        "negatives": sum(e.negative for e in examples),
         "skipped": dict(sorted(skipped.items())),
         "skipped_ids": dict(sorted(skipped_ids.items())),
     }

@@ -1,6 +1,7 @@
 """Self-critique preference data: sample two answers per prompt, have a judge pick the better one.
 
-The study's loop: SFTe answers each training prompt twice (seeded sampling), then judges the pair with
+The study's loop: SFTe answers each training turn twice (seeded sampling; the turn asked after its
+conversation's earlier turns, as in evaluation), then judges the pair with
 LLaVA-Critic's pairwise prompt, asked in both orders so position bias cancels; only consistent, non-tie
 verdicts become (chosen, rejected) pairs. Three judges:
 
@@ -19,10 +20,11 @@ import torch
 
 from posttrain.critic import PAIRWISE, combine_orders
 from posttrain.data import Example
-from posttrain.evaluation import extract_short_answer, is_correct
+from posttrain.declines import is_decline
+from posttrain.evaluation import critic_images, extract_short_answer, is_correct
 from posttrain.generation import answer_nll, generate
-from posttrain.lrv import is_decline
 from posttrain.metrics import rouge_l
+from posttrain.template import encode_conversation, encode_prompt
 
 # Verdict sentences the self-judge chooses between, by likelihood.
 VERDICTS = {
@@ -54,8 +56,8 @@ def sample_candidates(
     batch_size: int,
     max_new_tokens: int,
 ) -> list[Candidate]:
-    """Two seeded samples per prompt (the second with a different seed), batched with left padding."""
-    questions = [e.question for e in examples]
+    """Two seeded samples per turn (the second with a different seed), each asked after its history."""
+    prompts = [encode_prompt(tokenizer, e.history, e.question, n_image_tokens) for e in examples]
     kwargs = dict(
         batch_size=batch_size,
         max_new_tokens=max_new_tokens,
@@ -63,19 +65,8 @@ def sample_candidates(
         temperature=temperature,
         top_p=top_p,
     )
-    a = generate(
-        model, tokenizer, pixels, questions, n_image_tokens, seed=seed, progress="sample 1", **kwargs
-    )
-    b = generate(
-        model,
-        tokenizer,
-        pixels,
-        questions,
-        n_image_tokens,
-        seed=seed + 1_000_003,
-        progress="sample 2",
-        **kwargs,
-    )
+    a = generate(model, tokenizer, pixels, prompts, seed=seed, progress="sample 1", **kwargs)
+    b = generate(model, tokenizer, pixels, prompts, seed=seed + 1_000_003, progress="sample 2", **kwargs)
     return [Candidate(e, x, y) for e, x, y in zip(examples, a, b)]
 
 
@@ -101,24 +92,16 @@ def self_verdicts(
     """The policy judges its own pairs: (verdict with A first, verdict with B first) per candidate.
 
     Each order's verdict is the sentence of `VERDICTS` with the highest total log-likelihood after the
-    pairwise prompt in the shared chat template.
+    pairwise prompt in the shared chat template; the prompt quotes the turn's earlier conversation.
     """
-    prompts, pix = [], []
+    sequences, pix = [], []
     for c, p in zip(candidates, pixels):
         for r1, r2 in ((c.a, c.b), (c.b, c.a)):
-            prompt = PAIRWISE.format(question=c.example.question, r1=r1, r2=r2)
+            prompt = PAIRWISE.format(question=c.example.context_question(), r1=r1, r2=r2)
             for sentence in VERDICTS.values():
-                prompts.append((prompt, sentence))
+                sequences.append(encode_conversation(tokenizer, (), prompt, sentence, n_image_tokens))
                 pix.append(p)
-    nll, _ = answer_nll(
-        model,
-        tokenizer,
-        pix,
-        [q for q, _ in prompts],
-        [s for _, s in prompts],
-        n_image_tokens,
-        batch_size=batch_size,
-    )
+    nll, _ = answer_nll(model, tokenizer, pix, sequences, batch_size=batch_size)
     names = list(VERDICTS)
     out = []
     per_order = len(names)
@@ -167,6 +150,7 @@ def build_pairs(
                 "id": e.id,
                 "image": e.image,
                 "prompt": e.question,
+                "history": [list(t) for t in e.history],
                 "chosen": chosen,
                 "rejected": rejected,
                 "family": e.family,
@@ -218,15 +202,12 @@ def judge_candidates(
         return self_verdicts(
             model, processor.tokenizer, pixels, candidates, image_token_count(processor), batch_size
         )
-    from PIL import Image
-
     from posttrain.critic import LlavaCriticJudge, parse_verdict
 
     critic = LlavaCriticJudge(critic_params.model, revision=critic_params.revision or None)
-    images = [Image.open(data_dir / c.example.image).convert("RGB") for c in candidates]
     _, raw = critic.judge_pairs_raw(
-        images,
-        [c.example.question for c in candidates],
+        critic_images(data_dir, [c.example for c in candidates]),
+        [c.example.context_question() for c in candidates],
         [c.a for c in candidates],
         [c.b for c in candidates],
         batch_size=critic_params.batch_size,
@@ -254,11 +235,11 @@ def make_preferences(
     Raises:
         NoPairsError: fewer than ``params.min_pairs`` pairs survive; the message has the counts.
     """
+    from posttrain.images import load_pixels
     from posttrain.models import image_token_count
-    from posttrain.training import load_pixels
 
-    pixel_map = load_pixels(processor, data_dir, examples)
-    pixels = [pixel_map[e.image_id] for e in examples]
+    pixel_map = load_pixels(processor, data_dir, [e.image for e in examples])
+    pixels = [pixel_map[e.image] for e in examples]
     n_image_tokens = image_token_count(processor)
     candidates = sample_candidates(
         model,

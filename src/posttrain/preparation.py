@@ -10,6 +10,17 @@ from posttrain.data import Example, family_counts, split_by_image, write_example
 from posttrain.io import atomic_dir, write_json_atomic
 
 
+def duplicate_counts(splits: dict[str, list[Example]]) -> dict:
+    """Conversations and distinct images over all splits; conversations whose image an earlier one has."""
+    conversations = {e.conversation: e.image_id for examples in splits.values() for e in examples}
+    images = set(conversations.values())
+    return {
+        "conversations": len(conversations),
+        "images": len(images),
+        "duplicate_images": len(conversations) - len(images),
+    }
+
+
 def _synthetic(params: PrepareParams, image_dir: Path) -> tuple[dict[str, list[Example]], dict]:
     s = params.synthetic
     splits = {}
@@ -22,10 +33,16 @@ def _synthetic(params: PrepareParams, image_dir: Path) -> tuple[dict[str, list[E
             s.negative_fraction,
             params.seed,
             image_dir,
+            s.followup_fraction,
         )
         train, test = split_by_image(examples, getattr(s, f"{pool}_test_images"), params.seed)
         splits[f"{pool}_train"], splits[f"{pool}_test"] = train, test
-    return splits, {"rows_read": None, "skipped": {}}
+    # The pools are drawn independently, so a small chart can come up in both: a chart in either test split
+    # is never trained on, by the base or by SFT.
+    test_images = {e.image_id for name in ("pretrain_test", "study_test") for e in splits[name]}
+    for name in ("pretrain_train", "study_train"):
+        splits[name] = [e for e in splits[name] if e.image_id not in test_images]
+    return splits, {"rows_read": None, "skipped": {}, **duplicate_counts(splits)}
 
 
 def _lrv(params: PrepareParams, image_dir: Path) -> tuple[dict[str, list[Example]], dict]:
@@ -61,8 +78,10 @@ def prepare_data(params: PrepareParams, out_dir: str | Path) -> dict:
             write_examples(tmp / f"{name}.jsonl", examples)
             report["splits"][name] = {
                 "examples": len(examples),
+                "conversations": len({e.conversation for e in examples}),
                 "images": len({e.image_id for e in examples}),
                 "negatives": sum(e.negative for e in examples),
+                "turns_with_history": sum(e.turn > 0 for e in examples),
                 "families": family_counts(examples),
             }
         write_json_atomic(tmp / "report.json", report)

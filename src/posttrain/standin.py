@@ -211,39 +211,80 @@ def write_critic(
     return folder
 
 
-def write_lrv_parquet(path: str | Path, images: int, size: int, seed: int = 0) -> Path:
-    """Write `images` rows of synthetic charts in the LRV Chart parquet schema.
+# LRV Chart declines in many wordings; the stand-in rewrites the synthetic "There is no {colour} bar in the
+# chart." into these, so the real path's negative labelling is exercised on them.
+LRV_DECLINES = (
+    "The data for the {colour} {element} is not available.",
+    "No information is given about a {colour} {element}.",
+    "The chart does not feature a {colour} {element}.",
+    "There isn't a {colour} {element} in the chart.",
+    "The value of the {colour} {element} is not provided in the chart.",
+    "I don't see a {colour} {element} in this chart.",
+)
 
-    Each row is one chart of the synthetic study pool drawn at `size` px (PNG bytes), its questions as a
-    multi-turn conversation (negatives included); the first human turn carries ``<image>``, as in LRV.
+
+def lrv_decline(answer: str, k: int) -> str:
+    """The `k`-th LRV wording (cyclic) of a synthetic "There is no {colour} {element} in the chart."."""
+    m = re.fullmatch(r"There is no (\w+) (\w+) in the chart\.", answer)
+    if m is None:
+        return answer
+    return LRV_DECLINES[k % len(LRV_DECLINES)].format(colour=m.group(1), element=m.group(2))
+
+
+def write_lrv_parquet(path: str | Path, images: int, size: int, seed: int = 0, duplicates: int = 3) -> Path:
+    """Write LRV Chart-schema rows of synthetic charts: conversations, follow-ups, LRV declines, duplicates.
+
+    Each of the `images` charts of the synthetic study pool is drawn at `size` px (PNG bytes) with its
+    questions as one multi-turn conversation, some turns follow-ups that need the turn before ("And the
+    blue bar?"), negatives declined in LRV's wordings (`LRV_DECLINES`); the first human turn carries
+    ``<image>``, as in LRV. Then, as hub data does, `duplicates` rows repeat an earlier chart under a new id
+    (its bytes re-encoded, so only the pixels match) and one row repeats an earlier id.
     """
+    import io
     import tempfile
-    from itertools import groupby
 
     import pyarrow as pa
     import pyarrow.parquet as pq
+    from PIL import Image
 
     from posttrain.charts import generate_pool
+    from posttrain.data import group_conversations
 
     rows: list[dict[str, Any]] = []
+    n_declines = 0
     with tempfile.TemporaryDirectory() as tmp:
-        examples = generate_pool("study", images, size, 3, 0.35, seed, Path(tmp))
-        for image_id, group in groupby(examples, key=lambda e: e.image_id):
+        examples = generate_pool("study", images, size, 3, 0.35, seed, Path(tmp), followup_fraction=0.6)
+        for c in group_conversations(examples):
             turns: list[dict[str, str]] = []
-            for e in group:
-                turns.append(
-                    {"from": "human", "value": (f"{IMAGE_TOKEN}\n" if not turns else "") + e.question}
-                )
-                turns.append({"from": "gpt", "value": e.answer})
-            png = (Path(tmp) / f"{image_id}.png").read_bytes()
+            for q, a in c.turns:
+                if a.startswith("There is no "):
+                    a, n_declines = lrv_decline(a, n_declines), n_declines + 1
+                turns.append({"from": "human", "value": (f"{IMAGE_TOKEN}\n" if not turns else "") + q})
+                turns.append({"from": "gpt", "value": a})
+            png = (Path(tmp) / Path(c.image).name).read_bytes()
             rows.append(
                 {
-                    "id": image_id,
-                    "image": {"bytes": png, "path": f"{image_id}.png"},
+                    "id": c.id,
+                    "image": {"bytes": png, "path": f"{c.id}.png"},
                     "conversations": turns,
                     "data_source": "lrv_chart",
                 }
             )
+    for k in range(min(duplicates, len(rows) // 2)):
+        source = rows[2 * k]
+        with Image.open(io.BytesIO(source["image"]["bytes"])) as im:
+            buf = io.BytesIO()
+            im.save(buf, format="PNG", compress_level=1)  # other bytes, same pixels
+        rows.append(
+            {
+                "id": f"{source['id']}-copy",
+                "image": {"bytes": buf.getvalue(), "path": f"{source['id']}-copy.png"},
+                "conversations": source["conversations"][:2],
+                "data_source": "lrv_chart",
+            }
+        )
+    if len(rows) > 1:
+        rows.append({**rows[1], "conversations": rows[1]["conversations"][:2]})  # a repeated id
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.Table.from_pylist(rows), path)

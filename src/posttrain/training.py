@@ -9,49 +9,49 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from PIL import Image
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import PrinterCallback
 
 from posttrain.config import Quantization
-from posttrain.data import Example
+from posttrain.data import Example, group_conversations
+from posttrain.images import load_pixels
 from posttrain.models import image_token_count
-from posttrain.template import IGNORE_INDEX, encode_example, pad_batch
-
-
-def load_pixels(
-    processor, data_dir: Path, examples: list[Example], batch_size: int = 256
-) -> dict[str, torch.Tensor]:
-    """Preprocess every distinct image once: image_id -> pixel_values (3, H, W)."""
-    paths = {e.image_id: data_dir / e.image for e in examples}
-    ids = sorted(paths)
-    pixels = {}
-    for start in range(0, len(ids), batch_size):
-        chunk = ids[start : start + batch_size]
-        images = [Image.open(paths[i]).convert("RGB") for i in chunk]
-        values = processor.image_processor(images=images, return_tensors="pt")["pixel_values"]  # (b, 3, H, W)
-        pixels.update(zip(chunk, values))
-    return pixels
+from posttrain.template import IGNORE_INDEX, conversation_text, encode_conversation, pad_batch
 
 
 class TeacherForcedDataset(torch.utils.data.Dataset):
-    """(input_ids, labels, pixel_values) per example; labels are -100 on prompt and image tokens."""
+    """One sequence per conversation: the image once, every turn, the loss on every answer.
+
+    LLaVA-1.5's own SFT format (`posttrain.template.encode_conversation` with ``supervise_history``):
+    labels are -100 on the image, the user turns and the template; each answer and its EOS are kept.
+    """
 
     def __init__(self, examples: list[Example], data_dir: Path, processor):
-        self.processor = processor
         n_image_tokens = image_token_count(processor)
+        self.conversations = group_conversations(examples)
         self.encoded = [
-            encode_example(processor.tokenizer, e.question, e.answer, n_image_tokens) for e in examples
+            encode_conversation(
+                processor.tokenizer, c.turns[:-1], *c.turns[-1], n_image_tokens, supervise_history=True
+            )
+            for c in self.conversations
         ]
-        self.image_ids = [e.image_id for e in examples]
-        self.pixels = load_pixels(processor, data_dir, examples)
+        self.images = [c.image for c in self.conversations]
+        self.pixels = load_pixels(processor, data_dir, self.images)
 
     def __len__(self) -> int:
         return len(self.encoded)
 
+    @property
+    def turns(self) -> int:
+        return sum(len(c.turns) for c in self.conversations)
+
+    @property
+    def tokens(self) -> int:
+        return sum(len(ids) for ids, _ in self.encoded)
+
     def __getitem__(self, i: int) -> dict:
         ids, labels = self.encoded[i]
-        return {"input_ids": ids, "labels": labels, "pixel_values": self.pixels[self.image_ids[i]]}
+        return {"input_ids": ids, "labels": labels, "pixel_values": self.pixels[self.images[i]]}
 
 
 @dataclass
@@ -194,7 +194,6 @@ def train_tiny_base(
         train_tokenizer,
         write_provenance,
     )
-    from posttrain.template import completion_text, prompt_text
 
     train = load_split(data_dir, "pretrain_train")
     if not train:
@@ -204,14 +203,14 @@ def train_tiny_base(
     # The tokenizer sees the text of both train splits (never a test split): study words get tokens too.
     corpus = train + load_split(data_dir, "study_train")
     tokenizer = train_tokenizer(
-        [prompt_text(e.question) + completion_text(e.answer) for e in corpus], params.tiny.vocab_size
+        [conversation_text(e.history, e.question, e.answer) for e in corpus], params.tiny.vocab_size
     )
     model, processor = build_tiny_llava(tokenizer, params.tiny, params.seed)
     dataset = TeacherForcedDataset(train, data_dir, processor)
     t = params.train
     print(
-        f"tiny LLaVA: {count_params(model) / 1e6:.2f} M params, all trainable; {len(dataset)} examples; "
-        f"{t.max_steps} steps × batch {t.batch_size} = "
+        f"tiny LLaVA: {count_params(model) / 1e6:.2f} M params, all trainable; {len(dataset)} conversations "
+        f"({dataset.turns} turns, {dataset.tokens:,} tokens); {t.max_steps} steps × batch {t.batch_size} = "
         f"{t.max_steps * t.batch_size / len(dataset):.1f} epochs",
         flush=True,
     )
@@ -247,7 +246,9 @@ def train_tiny_base(
             architecture="LlavaForConditionalGeneration",
             params=to_dict(params),
             training=summary,
-            train_examples=len(dataset),
+            train_conversations=len(dataset),
+            train_turns=dataset.turns,
+            train_tokens=dataset.tokens,
         )
     return summary
 
@@ -294,7 +295,7 @@ def quantization_config(quantization: Quantization):
 
 def check_training_memory(
     base_dir: Path,
-    texts: list[tuple[str, str]],
+    sequences: list[tuple[tuple[tuple[str, str], ...], str, str]],
     *,
     section: str,
     batch_size: int,
@@ -309,7 +310,8 @@ def check_training_memory(
 
     Args:
         base_dir: the `base` stage's folder (its config and processor are read, not its weights).
-        texts: (question, answer) of every training sequence; the longest sets the sequence length.
+        sequences: (history, question, answer) of every training sequence, as `encode_conversation` takes
+            them; the longest sets the sequence length.
         section: the params section, for the message (``sft.common`` or ``dpo``).
         batch_size: rows per micro-batch.
         sequences_per_row: 1 for SFT, 2 for a DPO pair (chosen and rejected).
@@ -322,14 +324,14 @@ def check_training_memory(
     Raises:
         posttrain.memory.BatchTooLargeError: the estimate exceeds 95% of the GPU's memory.
     """
-    if not torch.cuda.is_available() or not texts:
+    if not torch.cuda.is_available() or not sequences:
         return
     from posttrain.memory import check_fits, estimate_training
     from posttrain.models import base_config_and_processor
 
     config, processor = base_config_and_processor(base_dir)
     n_image = image_token_count(processor)
-    seq_len = max(len(encode_example(processor.tokenizer, q, a, n_image)[0]) for q, a in texts)
+    seq_len = max(len(encode_conversation(processor.tokenizer, h, q, a, n_image)[0]) for h, q, a in sequences)
     estimate = estimate_training(
         config,
         sequences=batch_size * sequences_per_row,
@@ -428,7 +430,7 @@ def train_sft_variant(
     train = load_split(data_dir, "study_train")
     check_training_memory(
         base_dir,
-        [(e.question, e.answer) for e in train],
+        [(c.turns[:-1], *c.turns[-1]) for c in group_conversations(train)],
         section="sft.common",
         batch_size=common.batch_size,
         sequences_per_row=1,
@@ -459,7 +461,8 @@ def train_sft_variant(
     print(
         f"{name}: LoRA r={common.rank} alpha={variant.alpha} dropout={variant.dropout}; "
         f"{count_params(model, trainable_only=True):,} trainable of {count_params(model):,} params; "
-        f"{len(dataset)} examples, {common.max_steps} steps × batch {common.batch_size} × accumulation "
+        f"{len(dataset)} conversations ({dataset.turns} turns, {dataset.tokens:,} tokens), "
+        f"{common.max_steps} steps × batch {common.batch_size} × accumulation "
         f"{common.gradient_accumulation} = {common.max_steps * effective / len(dataset):.1f} epochs; "
         f"{'nf4' if qconfig else dtype}, checkpointing {common.gradient_checkpointing}, liger {common.liger}",
         flush=True,
@@ -499,6 +502,8 @@ def train_sft_variant(
             base_provenance=base_prov,
             params={"common": to_dict(common), "variant": to_dict(variant), "seed": seed},
             training=summary,
-            train_examples=len(dataset),
+            train_conversations=len(dataset),
+            train_turns=dataset.turns,
+            train_tokens=dataset.tokens,
         )
     return summary
