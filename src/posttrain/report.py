@@ -161,8 +161,12 @@ def examples_page(items: dict[str, list[dict]], data_dir: Path, n: int) -> str:
             r = by_id[name][row["id"]]
             cls = "ok" if r.get("correct") else "bad"
             cells.append(f"<td class='{cls}'>{html.escape(r['response'])}</td>")
+        earlier = "".join(
+            f"<small>USER: {html.escape(q)}<br>ASSISTANT: {html.escape(a)}</small><br>"
+            for q, a in row.get("history", ())
+        )
         out.append(
-            f"<tr><td><img src='{src}' width='168'></td><td>{html.escape(row['prompt'])}<br><small>"
+            f"<tr><td><img src='{src}' width='168'></td><td>{earlier}{html.escape(row['prompt'])}<br><small>"
             f"{html.escape(row.get('family', ''))}</small></td><td>{html.escape(row['reference'])}</td>"
             + "".join(cells)
             + "</tr>"
@@ -225,9 +229,17 @@ def build_report(
     md = [
         "# posttrain report",
         "",
-        f"Data: {data_report['source']}; study test {splits['study_test']['examples']} questions on "
-        f"{splits['study_test']['images']} images; "
-        f"retention test {splits['pretrain_test']['examples']} questions.",
+        f"Data: {data_report['source']}; study test {splits['study_test']['examples']} questions "
+        f"({splits['study_test'].get('negatives', 0)} negative) in "
+        f"{splits['study_test'].get('conversations', '?')} conversations on {splits['study_test']['images']} "
+        f"images; retention test {splits['pretrain_test']['examples']} questions. Every turn is asked after "
+        "its conversation's earlier turns (reference answers as history)"
+        + (
+            f"; {data_report['load']['duplicate_images']} conversations share an image with another, kept on "
+            "one side of the split."
+            if data_report.get("load", {}).get("duplicate_images")
+            else "."
+        ),
         "Every value is `mean [95% bootstrap CI]`; scores are 0–100, `loss` is NLL per answer token.",
         critic_note,
         "",
