@@ -25,7 +25,7 @@ IMAGE_TOKENS = 576  # LLaVA-1.5: (336 / 14)² patches
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rows", type=int, default=1776, help="charts in the stand-in parquet (LRV Chart: 1,776)")
+    ap.add_argument("--rows", type=int, default=1776, help="charts (LRV Chart: 1,776 rows)")
     ap.add_argument("--out", default="bench/results/tokens.json")
     args = ap.parse_args()
 
@@ -56,7 +56,9 @@ def main() -> None:
     result = {
         "command": "python bench/tokens.py",
         "machine": f"{platform.machine()}, Python {platform.python_version()} (tokenization only)",
-        "data": {k: report[k] for k in ("rows_kept", "conversations", "examples", "images", "duplicate_images")},
+        "data": {
+            k: report[k] for k in ("rows_kept", "conversations", "examples", "images", "duplicate_images")
+        },
         "turns_per_conversation": round(len(examples) / len(conversations), 3),
         "per_turn": before,
         "per_conversation": after,
