@@ -24,10 +24,13 @@ def main() -> None:
     report = prepare_data(params, args.out)
     for name, split in report["splits"].items():
         print(
-            f"{name:>15}: {split['examples']:>5} examples, {split['images']:>5} images, "
-            f"{split['negatives']:>4} negative"
+            f"{name:>15}: {split['examples']:>5} turns in {split['conversations']:>5} conversations, "
+            f"{split['images']:>5} images, {split['negatives']:>4} negative"
         )
-    skipped = report["load"].get("skipped") or {}
+    load = report["load"]
+    if load.get("duplicate_images"):
+        print(f"{load['duplicate_images']} conversations share an image with an earlier one (kept together)")
+    skipped = load.get("skipped") or {}
     if skipped:
         print("skipped rows:", ", ".join(f"{k}={v}" for k, v in skipped.items()))
     print(f"prepared {args.out} in {time.perf_counter() - t0:.1f}s")

@@ -22,9 +22,17 @@ def sfte(base_dir):
 @pytest.fixture(scope="module")
 def pairs(prepared):
     rows = []
-    for e in load_split(prepared, "study_train")[:8]:
+    train = load_split(prepared, "study_train")
+    followups = [e for e in train if e.history][:2]  # the first two pairs are asked after earlier turns
+    for e in followups + [e for e in train if e not in followups][:6]:
         rows.append(
-            {"image": e.image, "prompt": e.question, "chosen": e.answer, "rejected": "I do not know."}
+            {
+                "image": e.image,
+                "prompt": e.question,
+                "history": [list(t) for t in e.history],
+                "chosen": e.answer,
+                "rejected": "I do not know.",
+            }
         )
     return rows
 
@@ -47,6 +55,10 @@ def test_collator_marks_only_the_completions(base_dir, prepared, pairs):
         kept = b["input_ids"][i][b["completion_mask"][i].bool()]
         assert tok.decode(kept) == f" {pairs[i % 2][key]}</s>"
         assert b["input_ids"][i][0] == tok.bos_token_id
+        # the prompt is the turn after its conversation's earlier turns, as it was sampled
+        prompt = tok.decode(b["input_ids"][i][~b["completion_mask"][i].bool() & b["attention_mask"][i].bool()])
+        (q, a), row = pairs[i % 2]["history"][-1], pairs[i % 2]
+        assert prompt.endswith(f"USER: {q} ASSISTANT: {a}</s>USER: {row['prompt']} ASSISTANT:")
 
 
 def test_policy_and_reference_equal_sfte_before_any_step(base_dir, sfte, prepared, pairs, tmp_path):

@@ -49,6 +49,24 @@ def test_lrv_parquet_has_the_dataset_schema_and_loads(tmp_path):
     assert Image.open(tmp_path / "images" / Path(examples[0].image).name).size == (336, 336)
 
 
+def test_lrv_parquet_has_followups_duplicates_and_lrv_declines(tmp_path):
+    """The stand-in is shaped like the hub data: conversations with follow-ups, LRV declines, repeats."""
+    from posttrain.standin import LRV_DECLINES
+
+    path = write_lrv_parquet(tmp_path / "lrv.parquet", images=24, size=112, duplicates=3)
+    rows = list(load_lrv_rows(str(path), "h", "lrv_chart", "", "train"))
+    examples, report = flatten_rows(rows, tmp_path / "images")
+    assert report["rows_kept"] == 24 + 3 + 1 and report["images"] == 24
+    assert report["duplicate_images"] == 4 and report["repeated_ids"] == 1  # 3 copies, 1 repeated id
+    followups = [e for e in examples if e.question.startswith("And the ")]
+    assert followups and all(e.history for e in followups)
+    negatives = [e for e in examples if e.negative]
+    assert negatives and report["negatives"] == len(negatives)
+    stems = {d.split("{")[0] for d in LRV_DECLINES}
+    assert all(not e.answer.startswith("There is no ") for e in negatives)  # LRV's wordings, not ours
+    assert len({s for s in stems if any(e.answer.startswith(s) for e in negatives)}) >= 3
+
+
 def test_emphasised_rows_are_sampled(tmp_path):
     config = shrink(load_config("llava-1.5-7b"))
     folder = write_llava(tmp_path / "llava", config, TEXTS)
@@ -96,6 +114,8 @@ def test_e2e_runs_every_stage_of_the_study_preset_on_standins(e2e_run):
     }
     checks = summary["checks"]
     assert checks["image_tokens"] == 576 and checks["train_sequence_tokens"]["min"] > 576
+    # one training sequence per conversation: fewer sequences than turns, every answer supervised
+    assert checks["train_conversations"] < checks["train_turns"]
     assert checks["ensemble"] == {
         "exact_average": True,
         "members": ["sft1", "sft2"],
