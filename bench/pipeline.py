@@ -61,6 +61,18 @@ def training_speed(clone: Path) -> dict:
     return training
 
 
+def cpu_model() -> str:
+    """The CPU's model name as lscpu reports it (float results differ between instruction sets)."""
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return platform.processor() or "unknown CPU"
+    fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
+    name = fields.get("Model name", "unknown CPU").strip()
+    avx512 = "AVX-512" if "avx512f" in fields.get("Flags", "") else "no AVX-512"
+    return f"{name} ({avx512})"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", help="also write the figures here")
@@ -77,7 +89,7 @@ def main() -> None:
         )
         training = training_speed(clone)
     result = {
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}",
+        "machine": f"{cpu_model()}, {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
         "fresh_clone_repro_seconds": total,
         "stage_seconds": stages,
         "noop_repro_seconds": noop,
