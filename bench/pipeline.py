@@ -89,7 +89,9 @@ def main() -> None:
         )
         training = training_speed(clone)
     result = {
-        "machine": f"{cpu_model()}, {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
+        "machine": (
+            f"{cpu_model()}, {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+        ),
         "fresh_clone_repro_seconds": total,
         "stage_seconds": stages,
         "noop_repro_seconds": noop,

@@ -56,7 +56,8 @@ def test_collator_marks_only_the_completions(base_dir, prepared, pairs):
         assert tok.decode(kept) == f" {pairs[i % 2][key]}</s>"
         assert b["input_ids"][i][0] == tok.bos_token_id
         # the prompt is the turn after its conversation's earlier turns, as it was sampled
-        prompt = tok.decode(b["input_ids"][i][~b["completion_mask"][i].bool() & b["attention_mask"][i].bool()])
+        in_prompt = ~b["completion_mask"][i].bool() & b["attention_mask"][i].bool()
+        prompt = tok.decode(b["input_ids"][i][in_prompt])
         (q, a), row = pairs[i % 2]["history"][-1], pairs[i % 2]
         assert prompt.endswith(f"USER: {q} ASSISTANT: {a}</s>USER: {row['prompt']} ASSISTANT:")
 
