@@ -59,7 +59,7 @@ def test_collator_marks_only_the_completions(base_dir, prepared, pairs):
         in_prompt = ~b["completion_mask"][i].bool() & b["attention_mask"][i].bool()
         prompt = tok.decode(b["input_ids"][i][in_prompt])
         (q, a), row = pairs[i % 2]["history"][-1], pairs[i % 2]
-        assert prompt.endswith(f"USER: {q} ASSISTANT: {a}</s>USER: {row['prompt']} ASSISTANT:")
+        assert prompt.endswith(f"{q} ASSISTANT: {a}</s>USER: {row['prompt']} ASSISTANT:")
 
 
 def test_policy_and_reference_equal_sfte_before_any_step(base_dir, sfte, prepared, pairs, tmp_path):

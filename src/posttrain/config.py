@@ -76,7 +76,7 @@ class TinyParams:
 
 @dataclass(frozen=True)
 class TrainParams:
-    max_steps: int = 1800
+    max_steps: int = 1000
     batch_size: int = 32
     learning_rate: float = 2e-3
     warmup_steps: int = 30
