@@ -40,6 +40,7 @@ def main() -> None:
         ensemble_method=params.ensemble.method.value if "sfte" in args.models else None,
         preferences=json.loads(prefs.read_text()) if prefs.exists() else None,
         dpo_rounds=json.loads(dpo_prov.read_text()).get("rounds") if dpo_prov.exists() else None,
+        judge=params.preferences.judge.value,
     )
     print(f"wrote {args.metrics}/report.md, report.png, examples.html for {', '.join(args.models)}")
 

@@ -9,6 +9,7 @@ import pytest
 
 from posttrain.__main__ import main
 from posttrain.compare import CompareError, compare, format_markdown, format_p, load_responses
+from posttrain.metrics import holm_adjust
 
 REFS = [
     "The highest bar is 2019 with 45 units.",
@@ -82,7 +83,7 @@ def test_cli_json_structure(files, tmp_path, capsys):
         assert entry["n"] == 6
         assert list(entry["metrics"]) == ["bleu", "rouge_l"]  # no critic, short_answer, negative fields
         for m in entry["metrics"].values():
-            assert set(m) == {"mean", "ci"}
+            assert set(m) == {"mean", "ci", "n"} and m["n"] == 6
             assert len(m["ci"]) == 2
             assert m["ci"][0] <= m["mean"] + 1e-9 and m["mean"] <= m["ci"][1] + 1e-9
         if name == "base":
@@ -90,7 +91,7 @@ def test_cli_json_structure(files, tmp_path, capsys):
         else:
             assert list(entry["vs_baseline"]) == ["bleu", "rouge_l"]
             for d in entry["vs_baseline"].values():
-                assert set(d) == {"delta", "ci", "p"}
+                assert set(d) == {"delta", "ci", "p", "p_holm", "n"} and d["n"] == 6
                 assert len(d["ci"]) == 2
                 assert 0 <= d["p"] <= 1
     # markdown: both tables
@@ -126,7 +127,7 @@ def test_responses_equal_to_references_score_100(files, tmp_path, capsys):
     assert metrics["bleu"]["ci"] == [pytest.approx(100.0), pytest.approx(100.0)]
 
 
-def test_critic_only_when_present_everywhere(tmp_path, capsys):
+def test_missing_critic_scores_leave_the_critic_in(tmp_path, capsys):
     scores = [80, 70, 60, 50, 40, 30]
     a = _write(tmp_path / "a.jsonl", _rows(WEAK, critic_score=scores))
     b = _write(tmp_path / "b.jsonl", _rows(REFS, critic_score=[90] * 6))
@@ -137,10 +138,23 @@ def test_critic_only_when_present_everywhere(tmp_path, capsys):
     assert result["models"]["a"]["metrics"]["critic"]["mean"] == pytest.approx(55.0)
     assert result["models"]["b"]["vs_baseline"]["critic"]["delta"] == pytest.approx(35.0)
 
-    # one row of b without a critic score: critic disappears for every model
+    # one unparsable reply (null) and one row without the field: b's mean uses its 4 scored rows, the
+    # paired test the 4 rows scored for both: a's [80, 70, 60, 30] -> mean 60, delta 90 - 60 = 30
     rows = _rows(REFS, critic_score=[90] * 6)
-    del rows[3]["critic_score"]
+    rows[3]["critic_score"] = None
+    del rows[4]["critic_score"]
     _write(b, rows)
+    assert main(["compare", "--baseline", "a", "--json", str(out_json), str(a), str(b)]) == 0
+    result = json.loads(out_json.read_text())
+    critic_a, critic_b = (result["models"][m]["metrics"]["critic"] for m in "ab")
+    assert critic_a["mean"] == pytest.approx(55.0) and critic_a["n"] == 6
+    assert critic_b["mean"] == pytest.approx(90.0) and critic_b["n"] == 4
+    paired = result["models"]["b"]["vs_baseline"]["critic"]
+    assert paired["delta"] == pytest.approx(30.0) and paired["n"] == 4
+    assert "n=4" in capsys.readouterr().out  # n is shown where it is below the split's size
+
+    # a model with no score at all has no critic mean: the metric is left out for every model
+    _write(b, _rows(REFS, critic_score=[None] * 6))
     assert main(["compare", "--baseline", "a", "--json", str(out_json), str(a), str(b)]) == 0
     result = json.loads(out_json.read_text())
     for entry in result["models"].values():
@@ -325,3 +339,37 @@ def test_cli_subprocess(files, tmp_path):
     )
     assert proc.returncode == 2
     assert proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr
+
+
+def test_holm_adjusted_p_values_decide_the_significance_sentences():
+    """A raw p below 0.05 among many tests is not called significant when Holm's adjustment lifts it."""
+    from posttrain.compare import compare
+    from posttrain.report import significance_summary
+
+    result = compare(
+        {"a": _rows(WEAK, critic_score=[50] * 6), "b": _rows(REFS, critic_score=[50] * 6)}, "a", 200, 0
+    )
+    entry = result["models"]["b"]["vs_baseline"]
+    raw = [entry[m]["p"] for m in entry]
+    assert [entry[m]["p_holm"] for m in entry] == pytest.approx(holm_adjust(raw))
+    fake = {
+        "models": {
+            "a": {"vs_baseline": {}},
+            "b": {
+                "vs_baseline": {
+                    "bleu": {"delta": 3.0, "p": 0.03, "p_holm": 0.06},
+                    "critic": {"delta": 9.0, "p": 0.001, "p_holm": 0.002},
+                }
+            },
+        }
+    }
+    summary = significance_summary(fake, "a")
+    assert "significant: critic (+9.00, Holm p=0.002); not significant: bleu." in summary
+
+
+def test_deltas_only_leaves_the_means_table_out():
+    """The report shows each split's means once; its paired sections print only the deltas."""
+    result = compare({"a": _rows(WEAK), "b": _rows(REFS)}, "a", 100, 0)
+    full, deltas = format_markdown(result), format_markdown(result, deltas_only=True)
+    assert "| model | n | bleu | rouge_l |" in full and "| model | n |" not in deltas
+    assert deltas.startswith("| model | bleu | rouge_l |") and "| b | +" in deltas

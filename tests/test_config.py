@@ -60,6 +60,9 @@ def test_every_problem_reported_at_once():
         ({"sft": {"common": {"gradient_accumulation": 0}}}, "sft.common.gradient_accumulation: must be > 0"),
         ({"dpo": {"gradient_accumulation": -1}}, "dpo.gradient_accumulation: must be > 0"),
         ({"sft": {"common": {"liger": "yes"}}}, "sft.common.liger: expected"),
+        ({"dpo": {"loss_type": "robust"}}, "dpo.loss_type: 'robust' with dpo.label_smoothing 0 is plain DPO"),
+        ({"dpo": {"label_smoothing": 0.7}}, "dpo.label_smoothing: 0.7 is not in [0, 0.5)"),
+        ({"dpo": {"loss_type": "robusto", "label_smoothing": 0.1}}, "dpo.loss_type: 'robusto' is not one of"),
     ],
 )
 def test_impossible_values_name_key_and_fix(data, fragment):

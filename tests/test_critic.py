@@ -68,13 +68,27 @@ def test_prompts_keep_braces_in_fields() -> None:
         ("final score:90/100", 90.0),
         ("The answer is right. FINAL SCORE : 7", 7.0),
         ("I give it 75 out of 100", 75.0),
-        ("score 150 then 40", 40.0),
         ("no number", None),
         ("", None),
-        ("Mentions 2019 and 3.5 and Qwen2 but then 60.", 60.0),
         ("The value 42 is right. Final Score: 95", 95.0),
         ("Final Score: 120", None),
         ("0 out of 100", 0.0),
+        ("Score: 85.", 85.0),
+        ("**Final Score:** 70", 70.0),
+        # only explicit score statements count: numbers about the chart are not scores
+        ("the red bar is 35, but the chart shows 40. I would give it a score of 20 out of 100", 20.0),
+        ("Mentions 2019 and 3.5 and Qwen2 but then 60.", None),
+        ("score 150 then 40", None),
+        ("The response says the value in 2019 was 45", None),
+        # a 0-10 scale is rescaled to 0-100
+        ("Score: 8/10", 80.0),
+        ("I rate it 7 out of 10.", 70.0),
+        ("7.5/10", 75.0),
+        # several statements: the last one (the critic's conclusion)
+        ("A first guess would be 60/100, but after checking the axis: Final Score: 40", 40.0),
+        # a reply cut off by max_new_tokens before its score
+        ("The response correctly identifies the red bar as the tallest, but its value of 35 is", None),
+        ("The response is wrong about 3/10/2020 dates", None),
     ],
 )
 def test_parse_score(text: str, score: float | None) -> None:

@@ -157,3 +157,15 @@ def test_two_rounds_sample_from_the_first_round_and_keep_both_adapters(
     final = {k: 50.0 for k in rounds[0]["evaluation"]}
     table = rounds_table(prov["rounds"], final).splitlines()
     assert len(table) == 4 and table[2].startswith("| 1 | 8 |") and table[3].startswith("| 2 |")
+
+
+def test_robust_loss_gets_its_label_smoothing(base_dir, sfte, prepared, pairs, tmp_path):
+    """dpo.label_smoothing reaches TRL: robust DPO without it would be plain DPO."""
+    from dataclasses import replace
+
+    from posttrain.config import DpoLoss
+
+    model, processor = policy_from_adapter(base_dir, sfte, "cpu")
+    params = replace(PARAMS, loss_type=DpoLoss.ROBUST, label_smoothing=0.1)
+    trainer = dpo_trainer(model, processor, pairs, prepared, params, tmp_path / "ck", 0, [])
+    assert trainer.args.loss_type == ["robust"] and trainer.args.label_smoothing == 0.1

@@ -6,10 +6,10 @@ import pytest
 from posttrain.data import AnswerType, Example
 from posttrain.evaluation import (
     aggregate,
+    chance_lines,
     extract_short_answer,
     family_accuracy,
     is_correct,
-    majority_baselines,
     score_items,
 )
 
@@ -82,11 +82,15 @@ def test_declined_positive_question_commits_to_no_answer():
     assert rows[0]["extracted"] is None and rows[0]["declined"] and not rows[0]["correct"]
 
 
-def test_majority_baseline_by_hand():
-    """Train answers for bar_value: 7,7,3 -> guess 7. Test answers 7,3,7,1 -> 2 of 4 right = 50."""
-    train = [_ex(short=s) for s in ("7", "7", "3")]
-    test = [_ex(short=s) for s in ("7", "3", "7", "1")]
-    assert majority_baselines(train, test) == {"bar_value": 50.0}
+def test_chance_line_is_the_best_constant_answer_on_the_test_split():
+    from posttrain.compare import answer_spread
+
+    """Test answers 3,3,3,7,1: the best constant, "3", is right 3 of 5 = 60, whatever training held
+    (a training majority of "7" would have drawn the line at 20)."""
+    test = [_ex(short=s) for s in ("3", "3", "3", "7", "1")]
+    assert chance_lines(test) == {"bar_value": 60.0}
+    rows = score_items(test, ["The value is 3."] * 4 + ["The value is 7."], [1.0] * 5, [1] * 5, [0.0] * 5)
+    assert answer_spread(rows) == {"bar_value": {"distinct": 2, "top_share": 0.8}}
 
 
 def test_aggregate_by_hand():
@@ -131,3 +135,111 @@ def test_bootstrap_ci_is_deterministic():
         [float(i) for i in range(30)],
     )
     assert aggregate(rows, "", 200, 7) == aggregate(rows, "", 200, 7)
+
+
+def test_unparsable_critic_replies_are_kept_counted_and_shown():
+    """A critic reply without a score keeps its text in the row, is left out of the mean, and the
+    report lists it per model with examples."""
+    from posttrain.critic import parse_score
+    from posttrain.report import unparsable_section
+
+    replies = ["Final Score: 80", "the red bar is 35, but the chart shows 40 and", "Score: 6/10"]
+    scores = [parse_score(r) for r in replies]
+    assert scores == [80.0, None, 60.0]
+    examples = [_ex(short=str(i)) for i in range(3)]
+    rows = score_items(examples, ["a", "b", "c"], [1.0] * 3, [1] * 3, scores, replies)
+    assert [r["critic_reply"] for r in rows] == replies
+    m = aggregate(rows, "", resamples=50, seed=0)
+    assert m["critic"] == 70.0 and m["critic_unparsable"] == 1  # the mean of the two scored items
+    assert "critic_reply" not in score_items(examples[:1], ["a"], [1.0], [1], [5.0])[0]  # reference critic
+    section = "\n".join(unparsable_section({"base": rows, "sft1": rows[:1]}))
+    assert "| base | 1 of 3 | the red bar is 35, but the chart shows 40 and |" in section
+    assert "| sft1 | 0 of 1 |  |" in section
+
+
+def test_report_says_whether_dpo_learned():
+    from posttrain.report import dpo_signal_section
+
+    learned = {
+        "round": 1,
+        "training": {
+            "pairs": 100,
+            "steps": 7,
+            "loss": 0.61,
+            "rewards/accuracies": 0.8,
+            "rewards/margins": 0.2,
+        },
+    }
+    flat = {
+        "round": 2,
+        "training": {
+            "pairs": 50,
+            "steps": 3,
+            "loss": 0.6929,
+            "rewards/accuracies": 0.43,
+            "rewards/margins": 0.001,
+        },
+    }
+    text = "\n".join(dpo_signal_section([learned, flat]))
+    assert (
+        "| 1 | 100 | 7 | 0.610 | 80.0% | 0.200 |" in text and "| 2 | 50 | 3 | 0.693 | 43.0% | 0.001 |" in text
+    )
+    assert "Round 2: the loss stayed at ln 2 (0.693)" in text and "Round 1:" not in text
+    chance = {"round": 1, "training": {"loss": 0.65, "rewards/accuracies": 0.5}}
+    assert "no better than chance" in "\n".join(dpo_signal_section([chance]))
+
+
+def test_proportions_get_wilson_intervals_not_degenerate_bootstraps():
+    """15 negatives never declined: 0 with [0, 20.39] (Wilson), not the bootstrap's [0, 0]; per family too."""
+    neg = _ex(family="bar_value_negative", short=None, atype=AnswerType.DECLINE, negative=True)
+    rows = score_items([neg] * 15, ["The red bar has a value of 7."] * 15, [1.0] * 15, [1] * 15, [0.0] * 15)
+    m = aggregate(rows, "", resamples=50, seed=0)
+    assert (m["negative_acc"], m["negative_acc_ci_low"]) == (0.0, 0.0)
+    assert m["negative_acc_ci_high"] == pytest.approx(20.3883, abs=1e-3)
+    fam = family_accuracy(rows, ["bar_value_negative"], 50, 0)
+    assert fam["acc_bar_value_negative_ci_high"] == pytest.approx(20.3883, abs=1e-3)
+
+
+def test_family_table_shows_n_chance_line_and_constant_answerers():
+    from posttrain.report import family_table
+
+    metrics = {
+        m: {
+            "acc_line_trend": acc,
+            "acc_line_trend_ci_low": 40.0,
+            "acc_line_trend_ci_high": 70.0,
+            "chance_line_trend": 62.0,
+        }
+        for m, acc in (("base", 62.0), ("sft1", 55.0))
+    }
+    spread = {
+        "base": {"line_trend": {"distinct": 1, "top_share": 1.0}},
+        "sft1": {"line_trend": {"distinct": 2, "top_share": 0.6}},
+    }
+    table = family_table(metrics, spread, {"line_trend": 37}, {"line_trend": "study"})
+    assert "| family | pool | n | chance line | base | sft1 |" in table
+    row = next(line for line in table.splitlines() if line.startswith("| line_trend"))
+    assert row.startswith("| line_trend | study | 37 | 62.0 |") and row.count("(constant)") == 1
+
+
+def test_preference_statistics_read_as_percentages_with_the_judge_named():
+    from posttrain.report import preferences_section
+
+    stats = {
+        "prompts": 1357,
+        "identical_rate": 4.9374,
+        "judged_pairs": 1290,
+        "order_consistency_rate": 100.0,
+        "tie_rate": 11.3953,
+        "pairs_kept": 1143,
+        "reference_agreement": 100.0,
+        "reference_decisive_rate": 100.0,
+    }
+    text = "\n".join(preferences_section(stats, "reference"))
+    assert (
+        "Judge: `reference`" in text
+        and "| ties | 11.4% |" in text
+        and "| pairs kept for DPO | 1143 |" in text
+    )
+    assert "100% by construction" in text
+    assert "by construction" not in "\n".join(preferences_section(stats, "self"))

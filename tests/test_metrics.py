@@ -292,3 +292,30 @@ def test_item_stats_is_frozen():
     s = ItemStats("x", np.zeros((2, 2)), "mean")
     with pytest.raises(AttributeError):
         s.name = "y"  # type: ignore[misc]
+
+
+def test_holm_adjust_by_hand():
+    """p = (0.01, 0.04, 0.03, 0.005), m = 4. Sorted: 0.005, 0.01, 0.03, 0.04 ->
+    4*0.005 = 0.02; 3*0.01 = 0.03; 2*0.03 = 0.06; max(0.06, 1*0.04) = 0.06 (monotone).
+    Back in input order: 0.03, 0.06, 0.06, 0.02. Raw 0.04 and 0.03 were "significant" at 5%; not after."""
+    from posttrain.metrics import holm_adjust
+
+    adjusted = holm_adjust([0.01, 0.04, 0.03, 0.005])
+    assert adjusted == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert holm_adjust([0.5, None, 0.9]) == [1.0, None, 1.0]  # m = 2; monotone: max(2 * 0.5, 0.9)
+    assert holm_adjust([0.4, 0.4]) == pytest.approx([0.8, 0.8])
+    assert holm_adjust([]) == []
+
+
+def test_wilson_interval_by_hand():
+    """Wilson (1927) score interval, z = 1.959964 (z² = 3.841459), d = 1 + z²/n.
+    0 of 15: d = 1.256097; centre (z²/30)/d = 0.101942, half-width z·sqrt(z²/900)/d = 0.101942
+    -> [0, 0.203883]: not the bootstrap's [0, 0]. 15 of 15 mirrors it: [0.796117, 1].
+    8 of 10: d = 1.384146; centre (0.8 + 0.192073)/d = 0.716740; half z·sqrt(0.016 + 0.0096037)/d = 0.226578
+    -> [0.490162, 0.943318]."""
+    from posttrain.metrics import wilson_interval
+
+    assert wilson_interval(0, 15) == pytest.approx((0.0, 0.20390), abs=1e-4)
+    assert wilson_interval(15, 15) == pytest.approx((0.79610, 1.0), abs=1e-4)
+    assert wilson_interval(8, 10) == pytest.approx((0.49016, 0.94332), abs=1e-4)
+    assert wilson_interval(0, 0) == (None, None)

@@ -65,3 +65,9 @@ def test_committed_lock_matches_code_and_params():
     assert proc.returncode == 0, proc.stderr
     stale = [line for line in proc.stdout.splitlines() if line.startswith("Running stage")]
     assert not stale, f"dvc.lock is stale; run `dvc repro` and commit dvc.lock and metrics/: {stale}"
+
+
+def test_dpo_declares_all_of_evaluate():
+    """The dpo stage evaluates its intermediate rounds with all of `evaluate`, so it depends on all of it."""
+    spec = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    assert "evaluate" in spec["dpo"]["params"]

@@ -3,8 +3,9 @@
 Input is one JSONL per model (the model name is the file stem). Each row holds ``id``, ``prompt``,
 ``reference`` and ``response``, and optionally:
 
-- ``critic_score`` (0-100): a judge's score, used as given; metric ``critic`` when every row of
-  every model has one.
+- ``critic_score`` (0-100 or null): a judge's score, used as given; metric ``critic`` when every model
+  has at least one. A null (the judge gave no parsable score) leaves that row out of the model's mean, and
+  out of every paired test that involves the model: pairs use the rows scored for both.
 - ``short_answer`` (str or null) and ``extracted`` (str or null): metric ``relaxed_acc`` on rows
   with a non-null short answer. The prediction is ``extracted`` when the row has that field
   (null never matches), else the whole response, stripped.
@@ -16,8 +17,14 @@ Input is one JSONL per model (the model name is the file stem). Each row holds `
 Rows are paired across models by ``id``. `compare` returns::
 
     {"models": {NAME: {"n": N,
-                       "metrics": {METRIC: {"mean": x, "ci": [lo, hi]}},
-                       "vs_baseline": {METRIC: {"delta": d, "ci": [lo, hi], "p": p}}}}}
+                       "metrics": {METRIC: {"mean": x, "ci": [lo, hi], "n": n}},
+                       "vs_baseline": {METRIC: {"delta": d, "ci": [lo, hi], "p": p, "p_holm": q,
+                                                "n": n}}}}}
+
+``p_holm`` is Holm's adjustment of ``p`` over every test of the comparison (all models and metrics against
+the baseline), the one to read when asking which of the many differences are significant. A metric's ``n``
+counts the rows it is computed on (rows with a short answer for relaxed_acc, negative rows for negative_acc,
+scored rows for critic; for a paired test, rows that count for both).
 
 where the baseline's ``vs_baseline`` is ``{}``. Undefined numbers (NaN) are None.
 """
@@ -26,6 +33,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -33,10 +41,12 @@ from posttrain.metrics import (
     ItemStats,
     bleu_item_stats,
     bootstrap_ci,
+    holm_adjust,
     mean_stats,
     paired_bootstrap,
     relaxed_match,
     rouge_l,
+    wilson_interval,
 )
 
 REQUIRED_FIELDS = ("id", "prompt", "reference", "response")
@@ -182,6 +192,12 @@ def _relaxed_value(row: dict) -> float | None:
     return 100.0 * relaxed_match(prediction, str(target))
 
 
+def _critic_value(row: dict) -> float | None:
+    """The row's critic score, None when the judge gave none."""
+    score = row.get("critic_score")
+    return None if score is None else float(score)
+
+
 def _negative_value(row: dict) -> float | None:
     """100 if a negative row was declined, 0 if not, None for rows that are not negative."""
     if not row.get("negative"):
@@ -200,7 +216,7 @@ def available_metrics(models: dict[str, list[dict]]) -> list[str]:
     """
     all_rows = [row for rows in models.values() for row in rows]
     present = ["bleu", "rouge_l"]
-    if all_rows and all(row.get("critic_score") is not None for row in all_rows):
+    if models and all(any(row.get("critic_score") is not None for row in rows) for rows in models.values()):
         present.append("critic")
     if all(any(row.get("short_answer") is not None for row in rows) for rows in models.values()):
         present.append("relaxed_acc")
@@ -228,7 +244,7 @@ def item_stats(rows: list[dict], metric: str) -> ItemStats:
     if metric == "rouge_l":
         return mean_stats(metric, [rouge_l(r["response"], r["reference"]) for r in rows])
     if metric == "critic":
-        return mean_stats(metric, [float(r["critic_score"]) for r in rows])
+        return mean_stats(metric, [_critic_value(r) for r in rows])
     if metric == "relaxed_acc":
         return mean_stats(metric, [_relaxed_value(r) for r in rows])
     if metric == "negative_acc":
@@ -246,8 +262,9 @@ def compare(models: dict[str, list[dict]], baseline: str, n_resamples: int = 100
     """Score every model, with bootstrap CIs and paired-bootstrap deltas against the baseline.
 
     Rows are paired by ``id``; every model must have the same ids (order may differ). CIs are
-    percentile bootstrap intervals (`posttrain.metrics.bootstrap_ci`), deltas and p-values come
-    from `posttrain.metrics.paired_bootstrap`; the same seed is used everywhere, so all metrics
+    percentile bootstrap intervals (`posttrain.metrics.bootstrap_ci`) for means and Wilson intervals
+    (`posttrain.metrics.wilson_interval`) for the proportions relaxed_acc and negative_acc; deltas and
+    p-values come from `posttrain.metrics.paired_bootstrap`; the same seed is used everywhere, so all metrics
     and models see the same resampled item sets.
 
     Args:
@@ -275,17 +292,73 @@ def compare(models: dict[str, list[dict]], baseline: str, n_resamples: int = 100
     for name in aligned:
         entry: dict = {"n": len(order), "metrics": {}, "vs_baseline": {}}
         for m in metrics:
-            lo, hi = bootstrap_ci(stats[name][m], n_resamples=n_resamples, seed=seed)
-            entry["metrics"][m] = {"mean": _num(stats[name][m].value()), "ci": [_num(lo), _num(hi)]}
+            lo, hi = _interval(aligned[name], stats[name][m], m, n_resamples, seed)
+            entry["metrics"][m] = {
+                "mean": _num(stats[name][m].value()),
+                "ci": [_num(lo), _num(hi)],
+                "n": _counted(aligned[name], m),
+            }
             if name != baseline:
-                d = paired_bootstrap(stats[baseline][m], stats[name][m], n_resamples=n_resamples, seed=seed)
+                a, b = _paired_rows(aligned[baseline], aligned[name], m)
+                d = paired_bootstrap(item_stats(a, m), item_stats(b, m), n_resamples=n_resamples, seed=seed)
                 entry["vs_baseline"][m] = {
                     "delta": _num(d["delta"]),
                     "ci": [_num(d["ci"][0]), _num(d["ci"][1])],
                     "p": _num(d["p"]),
+                    "n": _counted(a, m),
                 }
         result["models"][name] = entry
+    # one correction over every test of this comparison (every model x metric against the baseline)
+    tests = [(e, m) for e in result["models"].values() for m in e["vs_baseline"]]
+    for (e, m), p in zip(tests, holm_adjust([e["vs_baseline"][m]["p"] for e, m in tests])):
+        e["vs_baseline"][m]["p_holm"] = p
     return result
+
+
+PROPORTIONS = ("relaxed_acc", "negative_acc")
+
+
+def _interval(rows: list[dict], stats: ItemStats, metric: str, n_resamples: int, seed: int):
+    """95% interval of one model's metric: Wilson for proportions, percentile bootstrap for means."""
+    if metric not in PROPORTIONS:
+        return bootstrap_ci(stats, n_resamples=n_resamples, seed=seed)
+    value = _relaxed_value if metric == "relaxed_acc" else _negative_value
+    counted = [v for v in (value(r) for r in rows) if v is not None]
+    lo, hi = wilson_interval(sum(v > 0 for v in counted), len(counted))
+    return (math.nan, math.nan) if lo is None else (100.0 * lo, 100.0 * hi)
+
+
+def answer_spread(rows: list[dict]) -> dict[str, dict]:
+    """Per family: how many distinct short answers a model gave and the share of its most common one.
+
+    A share near 1 flags a constant answerer, whose accuracy is the chance line's, not reading.
+    """
+    out = {}
+    for family in sorted({r["family"] for r in rows if r.get("short_answer") is not None}):
+        given = [r["extracted"] for r in rows if r["family"] == family and r.get("short_answer") is not None]
+        counts = Counter(str(x).lower() for x in given if x is not None)
+        top = counts.most_common(1)[0][1] if counts else 0
+        out[family] = {"distinct": len(counts), "top_share": top / len(given) if given else 0.0}
+    return out
+
+
+def _counted(rows: list[dict], metric: str) -> int:
+    """How many rows a metric is computed on (all rows for bleu and rouge_l)."""
+    value = {"critic": _critic_value, "relaxed_acc": _relaxed_value, "negative_acc": _negative_value}.get(
+        metric
+    )
+    return len(rows) if value is None else sum(value(r) is not None for r in rows)
+
+
+def _paired_rows(a: list[dict], b: list[dict], metric: str) -> tuple[list[dict], list[dict]]:
+    """The two models' aligned rows for a paired test: for critic, only rows scored for both count."""
+    if metric != "critic":
+        return a, b
+    both = [x.get("critic_score") is not None and y.get("critic_score") is not None for x, y in zip(a, b)]
+    return (
+        [x if keep else {**x, "critic_score": None} for x, keep in zip(a, both)],
+        [y if keep else {**y, "critic_score": None} for y, keep in zip(b, both)],
+    )
 
 
 def _align(rows: list[dict], order: list) -> list[dict]:
@@ -305,6 +378,18 @@ def _fmt(x: float | None, signed: bool = False) -> str:
     return f"{x:+.1f}" if signed else f"{x:.1f}"
 
 
+def _holm_note(p_holm: float | None) -> str:
+    """``, Holm p=…`` beside a raw p-value."""
+    return "" if p_holm is None else f", Holm {format_p(p_holm)}"
+
+
+def _n_note(n: int | None, total: int, inline: bool = False) -> str:
+    """``n=K`` where a metric counts fewer rows than the table's n (a subset, or unscored rows left out)."""
+    if n is None or n >= total:
+        return ""
+    return f", n={n}" if inline else f" n={n}"
+
+
 def format_p(p: float | None) -> str:
     """``p=0.123``, or ``p<0.001``: the bootstrap does not resolve below 1/B, so tiny values are a bound."""
     if p is None:
@@ -312,7 +397,7 @@ def format_p(p: float | None) -> str:
     return "p<0.001" if p < 0.001 else f"p={p:.3f}"
 
 
-def format_markdown(result: dict) -> str:
+def format_markdown(result: dict, deltas_only: bool = False) -> str:
     """Render a `compare` result as markdown tables.
 
     The first table has one row per model and ``mean [lo, hi]`` per metric; the second, titled
@@ -321,6 +406,7 @@ def format_markdown(result: dict) -> str:
 
     Args:
         result: As returned by `compare`.
+        deltas_only: only the "vs <baseline>" table (where the means are shown elsewhere).
 
     Returns:
         Markdown text ending in a newline.
@@ -335,16 +421,21 @@ def format_markdown(result: dict) -> str:
     metrics += [m for m in models[names[0]]["metrics"] if m not in metrics]
 
     lines = ["| model | n | " + " | ".join(metrics) + " |", "|---|---:|" + "---:|" * len(metrics)]
-    for name in names:
+    for name in [] if deltas_only else names:
         cells = []
         for m in metrics:
             v = models[name]["metrics"][m]
-            cells.append(f"{_fmt(v['mean'])} [{_fmt(v['ci'][0])}, {_fmt(v['ci'][1])}]")
+            cells.append(
+                f"{_fmt(v['mean'])} [{_fmt(v['ci'][0])}, {_fmt(v['ci'][1])}]"
+                + _n_note(v.get("n"), models[name]["n"])
+            )
         lines.append(f"| {name} | {models[name]['n']} | " + " | ".join(cells) + " |")
 
     others = [n for n in names if n != baseline]
+    if deltas_only:
+        lines = []
     if baseline and others:
-        lines += ["", f"vs {baseline}", ""]
+        lines += [] if deltas_only else ["", f"vs {baseline}", ""]
         lines += ["| model | " + " | ".join(metrics) + " |", "|---|" + "---:|" * len(metrics)]
         for name in others:
             cells = []
@@ -352,7 +443,8 @@ def format_markdown(result: dict) -> str:
                 d = models[name]["vs_baseline"][m]
                 cells.append(
                     f"{_fmt(d['delta'], True)} [{_fmt(d['ci'][0], True)}, {_fmt(d['ci'][1], True)}]"
-                    f" ({format_p(d['p'])})"
+                    f" ({format_p(d['p'])}{_holm_note(d.get('p_holm'))}"
+                    f"{_n_note(d.get('n'), models[name]['n'], inline=True)})"
                 )
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -224,7 +224,12 @@ class DpoLoss(str, Enum):
     SIGMOID = "sigmoid"  # the DPO paper's loss
     IPO = "ipo"
     HINGE = "hinge"
-    ROBUST = "robust"
+    ROBUST = "robust"  # cDPO/robust DPO: assumes a share `label_smoothing` of the verdicts are flipped
+
+    @property
+    def needs_label_smoothing(self) -> bool:
+        """Robust DPO (Chowdhury et al. 2024) with label_smoothing 0 is plain DPO."""
+        return self is DpoLoss.ROBUST
 
 
 @dataclass(frozen=True)
@@ -250,6 +255,7 @@ class DpoParams:
     gradient_checkpointing: bool = False
     warmup_steps: int = 5
     rounds: int = 1  # each extra round samples from the last round's model, judges and trains again
+    label_smoothing: float = 0.0  # assumed share of wrong verdicts (robust); must be in (0, 0.5) for robust
 
 
 @dataclass(frozen=True)
@@ -464,6 +470,13 @@ def _check(p: Params, problems: list[str]) -> None:
     for name in ("beta", "learning_rate", "epochs", "batch_size", "gradient_accumulation", "rounds"):
         positive(f"dpo.{name}", getattr(dp, name))
     positive("dpo.warmup_steps", dp.warmup_steps, zero_ok=True)
+    if dp.label_smoothing is not None and not 0 <= dp.label_smoothing < 0.5:
+        problems.append(f"dpo.label_smoothing: {dp.label_smoothing} is not in [0, 0.5)")
+    elif dp.loss_type is not None and dp.loss_type.needs_label_smoothing and not dp.label_smoothing:
+        problems.append(
+            "dpo.loss_type: 'robust' with dpo.label_smoothing 0 is plain DPO; set dpo.label_smoothing to the "
+            "share of verdicts you expect to be wrong (e.g. 0.1), or use loss_type: sigmoid"
+        )
     for name in ("batch_size", "max_new_tokens", "resamples"):
         positive(f"evaluate.{name}", getattr(ev, name))
     if ev.critic.kind.needs_model and not ev.critic.model:

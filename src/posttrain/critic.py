@@ -80,35 +80,43 @@ def qwen_render(prompt: str) -> str:
 # Parsing critic outputs
 # --------------------------------------------------------------------------------------------
 
-_FINAL_SCORE = re.compile(r"final\s*score\s*:?\s*\**\s*(\d+(?:\.\d+)?)", re.IGNORECASE)
-# A whole integer: not part of a word, a decimal ("3.5" gives neither 3 nor 5) or a negative number.
-_INTEGER = re.compile(r"(?<![\w.\-])(\d+)(?!\w|\.\d)")
+_NUMBER = r"(\d+(?:\.\d+)?)"
+# "out of 100", "/100", "/ 10": the scale a score is given on (100 before 10, so 100 is not read as 10)
+_SCALE = r"\s*(?:/|out\s+of)\s*(100|10)(?![\d/]|\.\d)"
+# An explicit score statement: "Final Score: 85", "score of 20 (out of 100)", "Score: 8/10", or a number
+# given on a scale: "75/100", "7 out of 10". A bare number ("the bar is 35") is never a score.
+_SCORE_STATEMENT = re.compile(
+    rf"(?:\bscore\b\W{{0,3}}(?:is\s+|of\s+|=\s*)?\**\s*{_NUMBER}(?:{_SCALE})?)"
+    rf"|(?:(?<![\w./]){_NUMBER}{_SCALE})",
+    re.IGNORECASE,
+)
 
 
 def parse_score(text: str) -> float | None:
-    """Read a 0-100 score out of a pointwise critic output.
+    """Read a 0-100 score out of a pointwise critic output, only where the critic states one.
 
-    1. ``Final Score: <n>`` (any case, optional spaces, ``Final Score: 85/100`` reads 85): its value, or
-       None when it lies outside 0-100 (the critic broke the scale; no other number is trusted then).
-    2. Otherwise the first whole integer in 0-100 anywhere in the text ("I give it 75 out of 100" -> 75,
-       "score 150 then 40" -> 40). Decimals, numbers glued to words ("Qwen2") and negatives are skipped.
-    3. Otherwise None.
+    Accepted statements (any case): ``Final Score: 85`` (LLaVA-Critic's), ``Score: 85``, ``a score of 20
+    out of 100``, ``75/100``, ``75 out of 100``; a 0-10 scale (``Score: 8/10``, ``7 out of 10``) is
+    rescaled to 0-100. When the text holds several, the LAST one counts (the critic's conclusion follows its
+    reasoning). A number that is not stated as a score ("the red bar is 35") is never read, so a reply cut
+    off by ``max_new_tokens`` before its score is None, as is a stated score outside its scale.
 
     Args:
         text: The critic's generated text.
 
     Returns:
-        The score as a float, or None when the text holds none.
+        The score as a float in [0, 100], or None when the text states none.
     """
-    m = _FINAL_SCORE.search(text)
-    if m is not None:
-        value = float(m.group(1))
-        return value if 0 <= value <= 100 else None
-    for m in _INTEGER.finditer(text):
-        value = int(m.group(1))
-        if 0 <= value <= 100:
-            return float(value)
-    return None
+    matches = list(_SCORE_STATEMENT.finditer(text))
+    if not matches:
+        return None
+    m = matches[-1]
+    number, scale = (m.group(1), m.group(2)) if m.group(1) is not None else (m.group(3), m.group(4))
+    value = float(number)
+    top = float(scale) if scale else 100.0
+    if not 0 <= value <= top:
+        return None
+    return value * 100.0 / top
 
 
 _BETTER = r"(?:better|superior|preferred|preferable|stronger)"

@@ -81,6 +81,7 @@ def dpo_trainer(
         output_dir=str(output_dir),
         beta=params.beta,
         loss_type=[params.loss_type.value],
+        label_smoothing=params.label_smoothing,
         learning_rate=params.learning_rate,
         num_train_epochs=params.epochs,
         per_device_train_batch_size=params.batch_size,

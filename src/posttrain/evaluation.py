@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 import re
 import time
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +30,7 @@ from posttrain.metrics import (
     parse_number,
     relaxed_match,
     rouge_l,
+    wilson_interval,
 )
 from posttrain.models import image_token_count
 from posttrain.template import encode_conversation, encode_prompt
@@ -78,10 +78,18 @@ def score_items(
     nll_sums: list[float],
     token_counts: list[int],
     critic_scores: list[float | None],
+    critic_replies: list[str] | None = None,
 ) -> list[dict]:
-    """One row per item, in the `compare` schema plus the per-item numbers the metrics need."""
+    """One row per item, in the `compare` schema plus the per-item numbers the metrics need.
+
+    With a critic model, each row keeps the critic's reply (``critic_reply``), so an unparsable score can be
+    read back.
+    """
     rows = []
-    for e, response, nll, n_tok, critic in zip(examples, responses, nll_sums, token_counts, critic_scores):
+    replies = critic_replies if critic_replies is not None else [None] * len(examples)
+    for e, response, nll, n_tok, critic, reply in zip(
+        examples, responses, nll_sums, token_counts, critic_scores, replies
+    ):
         # a declined positive question commits to no answer ("There is no red bar" does not answer "red")
         extracted = None if is_decline(response) else extract_short_answer(response, e.answer_type)
         rows.append(
@@ -98,6 +106,7 @@ def score_items(
                 "declined": is_decline(response),
                 "correct": is_correct(e, response, extracted),
                 "critic_score": critic,
+                **({"critic_reply": reply} if reply is not None else {}),
                 "family": e.family,
                 "nll": nll,
                 "n_tokens": n_tok,
@@ -106,20 +115,21 @@ def score_items(
     return rows
 
 
-def majority_baselines(train: list[Example], test: list[Example]) -> dict[str, float]:
-    """Accuracy (0–100) per family of always giving that family's most common train answer.
+def chance_lines(test: list[Example]) -> dict[str, float]:
+    """Accuracy (0–100) per family of the best constant answer on the test split itself.
 
-    The chance line a model must clear to show it reads the chart rather than the question.
-    Families without short answers (negatives) have no such baseline.
+    The chance line a model must clear to show it reads the chart rather than the question: the most
+    common training answer can score below it when the test split leans the other way (a model answering
+    "increasing" to every line_trend item scores the share of increasing lines, whatever training held).
+    Families without short answers (negatives) have none.
     """
     out = {}
     for family in sorted({e.family for e in test if e.short_answer is not None}):
-        answers = Counter(e.short_answer for e in train if e.family == family)
-        if not answers:
-            continue
-        guess = answers.most_common(1)[0][0]
         items = [e for e in test if e.family == family]
-        out[family] = 100.0 * sum(relaxed_match(guess, e.short_answer) for e in items) / len(items)
+        candidates = sorted({e.short_answer for e in items})
+        out[family] = max(
+            100.0 * sum(relaxed_match(c, e.short_answer) for e in items) / len(items) for c in candidates
+        )
     return out
 
 
@@ -132,11 +142,22 @@ def _with_ci(out: dict, name: str, stats: ItemStats, resamples: int, seed: int, 
         out[key] = None if v is None else round(float(v), 4)
 
 
+def _with_wilson(out: dict, name: str, values: list[float | None]) -> None:
+    """A proportion (values 100/0, None = not counted) with its Wilson 95% interval, 0-100."""
+    counted = [v for v in values if v is not None]
+    lo, hi = wilson_interval(sum(v > 0 for v in counted), len(counted))
+    out[name] = round(float(np.mean(counted)), 4) if counted else None
+    out[f"{name}_ci_low"] = None if lo is None else round(100.0 * lo, 4)
+    out[f"{name}_ci_high"] = None if hi is None else round(100.0 * hi, 4)
+
+
 def aggregate(rows: list[dict], prefix: str, resamples: int, seed: int) -> dict:
     """Flat metrics of one split: every core metric with a 95% CI, keys prefixed with `prefix`.
 
     `loss` is the mean NLL per answer token over all answer tokens (sums of NLL over sums of tokens),
-    `perplexity` its exponential (CI bounds transform with it); scores are 0–100.
+    `perplexity` its exponential (CI bounds transform with it); scores are 0–100. Means (loss, BLEU,
+    ROUGE-L, critic) get percentile-bootstrap intervals; proportions (relaxed_acc, negative_acc) get Wilson
+    intervals, which do not collapse to [0, 0] on small groups.
     """
     out: dict = {f"{prefix}n_items": len(rows)}
     if not rows:
@@ -155,32 +176,30 @@ def aggregate(rows: list[dict], prefix: str, resamples: int, seed: int) -> dict:
         resamples,
         seed,
     )
-    per_item = {
+    means = {
         "rouge_l": [rouge_l(r["response"], r["reference"]) for r in rows],
         "critic": [r["critic_score"] for r in rows],
+    }
+    for name, values in means.items():
+        _with_ci(out, f"{prefix}{name}", mean_stats(name, values), resamples, seed)
+    proportions = {
         "relaxed_acc": [
             100.0 * r["correct"] if not r["negative"] and r["short_answer"] is not None else None
             for r in rows
         ],
         "negative_acc": [100.0 * r["declined"] if r["negative"] else None for r in rows],
     }
-    for name, values in per_item.items():
-        _with_ci(out, f"{prefix}{name}", mean_stats(name, values), resamples, seed)
+    for name, values in proportions.items():
+        _with_wilson(out, f"{prefix}{name}", values)
     out[f"{prefix}critic_unparsable"] = sum(r["critic_score"] is None for r in rows)
     return out
 
 
 def family_accuracy(rows: list[dict], families: list[str], resamples: int, seed: int) -> dict:
-    """``acc_<family>``: share of correct answers (0–100) per question family, with 95% CIs."""
+    """``acc_<family>``: share of correct answers (0–100) per question family, with Wilson 95% intervals."""
     out: dict = {}
     for f in families:
-        _with_ci(
-            out,
-            f"acc_{f}",
-            mean_stats(f, [100.0 * r["correct"] if r["family"] == f else None for r in rows]),
-            resamples,
-            seed,
-        )
+        _with_wilson(out, f"acc_{f}", [100.0 * r["correct"] if r["family"] == f else None for r in rows])
     return out
 
 
@@ -271,25 +290,25 @@ def evaluate_model(
             if examples
             else ([], [])
         )
+        replies = None
         if critic is None:
             scores = reference_critic(examples, responses)
         else:
-            scores, _ = critic.score(
+            scores, replies = critic.score(
                 critic_images(data_dir, examples),
                 [e.context_question() for e in examples],
                 responses,
                 batch_size=params.critic.batch_size,
                 max_new_tokens=params.critic.max_new_tokens,
             )
-        rows = score_items(examples, responses, nll, counts, scores)
+        rows = score_items(examples, responses, nll, counts, scores, replies)
         write_jsonl(items_dir / split / f"{name}.jsonl", rows)
         all_rows += rows
         metrics.update(aggregate(rows, prefix, params.resamples, params.seed))
-        train = load_split(data_dir, split.replace("_test", "_train"))
-        metrics.update({f"majority_{f}": round(v, 4) for f, v in majority_baselines(train, examples).items()})
+        metrics.update({f"chance_{f}": round(v, 4) for f, v in chance_lines(examples).items()})
         print(f"{name}/{split}: {len(rows)} items in {time.perf_counter() - t0:.1f}s", flush=True)
     metrics.update(family_accuracy(all_rows, families, params.resamples, params.seed))
     for f in families:  # same keys in every file, also where a split has no item of a family
-        metrics.setdefault(f"majority_{f}", None)
+        metrics.setdefault(f"chance_{f}", None)
     write_json_atomic(metrics_path, metrics)
     return metrics

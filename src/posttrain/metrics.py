@@ -361,3 +361,55 @@ def paired_bootstrap(
     else:
         p = min(1.0, 2.0 * min(float(np.mean(deltas <= 0)), float(np.mean(deltas >= 0))))
     return {"delta": delta, "ci": [lo, hi], "p": p}
+
+
+def holm_adjust(p_values: list[float | None]) -> list[float | None]:
+    """Holm's step-down adjusted p-values (Holm 1979, "A simple sequentially rejective multiple test
+    procedure", Scand. J. Statist. 6:65-70); controls the family-wise error rate over the m tests.
+
+    Sort the m defined p-values ascending, p_(1) <= ... <= p_(m); the adjusted value of the i-th is
+    ``max_{j <= i} min(1, (m - j + 1) * p_(j))``. Rejecting where the adjusted value is below alpha is
+    Holm's procedure at level alpha. None (an undefined test) stays None and does not count in m.
+
+    Args:
+        p_values: Raw p-values, in any order.
+
+    Returns:
+        Adjusted p-values in the same order.
+    """
+    defined = sorted((p, i) for i, p in enumerate(p_values) if p is not None and not math.isnan(p))
+    m = len(defined)
+    out: list[float | None] = [None] * len(p_values)
+    running = 0.0
+    for rank, (p, i) in enumerate(defined):
+        running = max(running, min(1.0, (m - rank) * p))
+        out[i] = running
+    return out
+
+
+Z_95 = 1.959963984540054  # two-sided 95% normal quantile
+
+
+def wilson_interval(successes: int, n: int, z: float = Z_95) -> tuple[float | None, float | None]:
+    """Wilson score interval for a proportion (Wilson 1927, "Probable inference, the law of succession,
+    and statistical inference", JASA 22:209-212).
+
+    With p = successes/n and d = 1 + z²/n: centre (p + z²/2n)/d, half-width z·sqrt(p(1-p)/n + z²/4n²)/d.
+    Unlike the percentile bootstrap it does not collapse to [0, 0] or [1, 1] at 0 or n successes, and it
+    keeps its coverage on small groups.
+
+    Args:
+        successes: Items counted as correct.
+        n: Items.
+        z: Normal quantile of the coverage (1.96 for 95%).
+
+    Returns:
+        (lo, hi) as proportions in [0, 1]; (None, None) when n is 0.
+    """
+    if n == 0:
+        return (None, None)
+    p = successes / n
+    d = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / d
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
+    return (max(0.0, centre - half), min(1.0, centre + half))

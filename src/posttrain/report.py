@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import html
 import json
+import math
 from pathlib import Path
 
 import matplotlib
@@ -12,7 +13,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from posttrain.compare import compare, format_markdown, format_p  # noqa: E402
+from posttrain.compare import answer_spread, compare, format_markdown, format_p  # noqa: E402
 from posttrain.io import read_json, read_jsonl, write_text_atomic  # noqa: E402
 
 PLOTTED = ("relaxed_acc", "negative_acc", "critic", "rouge_l", "bleu")
@@ -36,8 +37,18 @@ def metrics_table(metrics: dict[str, dict], prefix: str = "") -> str:
     return "\n".join(lines) + "\n"
 
 
-def family_table(metrics: dict[str, dict]) -> str:
-    """Markdown: accuracy per question family for each model, beside the majority-answer baseline."""
+def family_table(
+    metrics: dict[str, dict],
+    spread: dict[str, dict[str, dict]] | None = None,
+    counts: dict[str, int] | None = None,
+    pools: dict[str, str] | None = None,
+) -> str:
+    """Markdown: accuracy per question family for each model, beside the chance line.
+
+    A model that gives one answer to at least 90% of a family's items is flagged ``(constant)``: its
+    accuracy there is a chance line of its own. `counts` (items per family) are shown as n, `pools` (study
+    or retention) label each family.
+    """
     families = sorted(
         k.removeprefix("acc_")
         for k in next(iter(metrics.values()))
@@ -45,14 +56,21 @@ def family_table(metrics: dict[str, dict]) -> str:
     )
     names = list(metrics)
     lines = [
-        "| family | majority baseline | " + " | ".join(names) + " |",
-        "|---|---:|" + "---:|" * len(names),
+        "| family | pool | n | chance line | " + " | ".join(names) + " |",
+        "|---|---|---:|---:|" + "---:|" * len(names),
     ]
     for f in families:
         first = metrics[names[0]]
-        base = first.get(f"majority_{f}")
-        cells = " | ".join(_cell(metrics[n], f"acc_{f}") for n in names)
-        lines.append(f"| {f} | {'—' if base is None else f'{base:.1f}'} | {cells} |")
+        base = first.get(f"chance_{f}")
+
+        def flag(name: str, family: str = f) -> str:
+            s = (spread or {}).get(name, {}).get(family)
+            return " (constant)" if s and s["top_share"] >= 0.9 else ""
+
+        cells = " | ".join(_cell(metrics[n], f"acc_{f}") + flag(n) for n in names)
+        n = (counts or {}).get(f, "")
+        pool = (pools or {}).get(f, "")
+        lines.append(f"| {f} | {pool} | {n} | {'—' if base is None else f'{base:.1f}'} | {cells} |")
     return "\n".join(lines) + "\n"
 
 
@@ -77,17 +95,25 @@ def rounds_table(rounds: list[dict], final: dict) -> str:
 
 
 def significance_summary(result: dict, baseline: str) -> str:
-    """Plain sentences: which differences against the baseline are significant at 5% and which are not."""
+    """Plain sentences: which differences against the baseline are significant at 5% after Holm's
+    correction over the table's tests, and which are not.
+    """
     lines = []
     for name, entry in result["models"].items():
         if name == baseline:
             continue
+
+        def adjusted(d: dict) -> float | None:
+            return d.get("p_holm", d["p"])
+
         sig = [
-            f"{m} ({d['delta']:+.2f}, {format_p(d['p'])})"
+            f"{m} ({d['delta']:+.2f}, Holm {format_p(adjusted(d))})"
             for m, d in entry["vs_baseline"].items()
-            if d["p"] is not None and d["p"] < SIGNIFICANCE
+            if adjusted(d) is not None and adjusted(d) < SIGNIFICANCE
         ]
-        not_sig = [m for m, d in entry["vs_baseline"].items() if d["p"] is None or d["p"] >= SIGNIFICANCE]
+        not_sig = [
+            m for m, d in entry["vs_baseline"].items() if adjusted(d) is None or adjusted(d) >= SIGNIFICANCE
+        ]
         lines.append(
             f"- **{name}** vs {baseline}: significant: {', '.join(sig) or 'none'}; "
             f"not significant: {', '.join(not_sig) or 'none'}."
@@ -175,6 +201,105 @@ def examples_page(items: dict[str, list[dict]], data_dir: Path, n: int) -> str:
     return "\n".join(out) + "\n"
 
 
+LN2 = math.log(2)
+
+
+def dpo_signal_section(rounds: list[dict]) -> list[str]:
+    """Markdown: DPO's training signal per round (pairs, steps, last loss, reward accuracy and margin).
+
+    DPO's loss starts at ln 2 (policy = reference, every margin 0); a last loss within 0.01 of it, or a
+    reward accuracy at or below one half, means the policy did not move towards the chosen answers, and the
+    section says so.
+    """
+    lines = [
+        "## DPO's training signal",
+        "",
+        "Values of the last logged step (TRL); the loss starts at ln 2 = 0.693 when the policy equals its "
+        "reference.",
+        "",
+        "| round | pairs | steps | loss | reward accuracy | reward margin |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
+    notes = []
+    for entry in rounds:
+        t = entry.get("training", {})
+        loss, accuracy, margin = t.get("loss"), t.get("rewards/accuracies"), t.get("rewards/margins")
+
+        def cell(x, fmt="{:.3f}"):
+            return "n/a" if x is None else fmt.format(x)
+
+        lines.append(
+            f"| {entry.get('round', '?')} | {t.get('pairs', 'n/a')} | {t.get('steps', 'n/a')} | "
+            f"{cell(loss)} | {cell(accuracy, '{:.1%}')} | {cell(margin)} |"
+        )
+        if loss is not None and abs(loss - LN2) < 0.01:
+            notes.append(
+                f"Round {entry.get('round', '?')}: the loss stayed at ln 2 ({loss:.3f}): DPO did not learn "
+                "from these pairs."
+            )
+        elif accuracy is not None and accuracy <= 0.5:
+            notes.append(
+                f"Round {entry.get('round', '?')}: reward accuracy {accuracy:.1%} is no better than chance."
+            )
+    return [*lines, "", *notes, *([""] if notes else [])]
+
+
+PREFERENCE_ROWS = (
+    ("prompts", "training turns sampled twice", "{:.0f}"),
+    ("identical_rate", "identical candidates (never a pair)", "{:.1f}%"),
+    ("judged_pairs", "pairs judged in both orders", "{:.0f}"),
+    ("order_consistency_rate", "same verdict in both orders", "{:.1f}%"),
+    ("tie_rate", "ties", "{:.1f}%"),
+    ("pairs_kept", "pairs kept for DPO", "{:.0f}"),
+    ("reference_agreement", "kept pairs whose chosen answer ground truth also prefers", "{:.1f}%"),
+    ("reference_decisive_rate", "kept pairs where ground truth prefers one answer", "{:.1f}%"),
+)
+
+
+def preferences_section(preferences: dict, judge: str | None) -> list[str]:
+    """Markdown: the judge as a reward signal, rates as percentages, the judge named."""
+    lines = [
+        "## Self-critique preferences",
+        "",
+        f"Judge: `{judge or 'unknown'}`. How good is it as a reward signal? Agreement is with the "
+        "ground-truth (reference) judge on the same pairs.",
+        "",
+        "| statistic | value |",
+        "|---|---:|",
+    ]
+    for key, label, fmt in PREFERENCE_ROWS:
+        value = preferences.get(key)
+        lines.append(f"| {label} | {'n/a' if value is None else fmt.format(value)} |")
+    if judge == "reference":
+        lines += [
+            "",
+            "With the `reference` judge the verdicts are ground truth: agreement with the reference and "
+            "order consistency are 100% by construction, not evidence of a good judge.",
+        ]
+    return [*lines, ""]
+
+
+def unparsable_section(items: dict[str, list[dict]], n_examples: int = 2) -> list[str]:
+    """Markdown: per model, how many critic replies held no score, with up to `n_examples` of them."""
+    lines = [
+        "## Critic replies without a score",
+        "",
+        "A reply counts only where the critic states a score (`posttrain.critic.parse_score`); these items "
+        "are left out of the model's critic mean and of its paired critic tests (n is shown there).",
+        "",
+        "| model | unparsable | examples |",
+        "|---|---:|---|",
+    ]
+    for name, rows in items.items():
+        missing = [r for r in rows if r.get("critic_score") is None]
+        shown = "<br>".join(
+            html.escape(" ".join(str(r.get("critic_reply", "")).split())[:160]) or "(empty)"
+            for r in missing[:n_examples]
+        )
+        lines.append(f"| {name} | {len(missing)} of {len(rows)} | {shown} |")
+    return [*lines, ""]
+
+
 def build_report(
     models: list[str],
     metrics_dir: Path,
@@ -188,6 +313,7 @@ def build_report(
     ensemble_method: str | None = None,
     preferences: dict | None = None,
     dpo_rounds: list[dict] | None = None,
+    judge: str | None = None,
 ) -> str:
     """Write ``report.md``, ``report.png`` and ``examples.html`` into `metrics_dir`; return the markdown.
 
@@ -204,15 +330,24 @@ def build_report(
         ensemble_method: how SFTe was built (``ensemble.method``); an inexact one is labelled as such.
         preferences: the `preferences` stage's statistics, if it ran.
         dpo_rounds: the `dpo` stage's rounds (from its provenance); with more than one, a table per round.
+        judge: the preference judge (``preferences.judge``), named beside its statistics.
     """
     if baseline not in models:
         raise ValueError(f"report.baseline {baseline!r} is not among the evaluated models {models}")
     metrics = {m: read_json(metrics_dir / f"{m}.json", produced_by=f"evaluate@{m}") for m in models}
     study = {m: read_jsonl(items_dir / "study_test" / f"{m}.jsonl") for m in models}
+    retention = {m: read_jsonl(items_dir / "pretrain_test" / f"{m}.jsonl") for m in models}
+    spread = {m: answer_spread(study[m] + retention[m]) for m in models}
     paired = compare(study, baseline, n_resamples=resamples, seed=seed)
     second = "sfte" if "sfte" in models and baseline != "sfte" and len(models) > 2 else None
     paired_sfte = compare(study, second, n_resamples=resamples, seed=seed) if second else None
     data_report = read_json(data_dir / "report.json", produced_by="prepare")
+    family_counts: dict[str, int] = {}
+    family_pools: dict[str, str] = {}
+    for split, pool in (("study_test", "study"), ("pretrain_test", "retention")):
+        for family, n in data_report["splits"].get(split, {}).get("families", {}).items():
+            family_counts[family] = family_counts.get(family, 0) + n
+            family_pools[family] = pool
     plot_metrics(metrics, metrics_dir / "report.png")
     write_text_atomic(metrics_dir / "examples.html", examples_page(study, data_dir, n_examples))
 
@@ -251,15 +386,17 @@ def build_report(
         metrics_table(metrics, "retain_"),
         "## Accuracy per question family",
         "",
-        "The majority baseline always gives the family's most common training answer: the chance line.",
+        "The chance line is the accuracy of the best constant answer on the test split; n is the family's "
+        "test items; `(constant)` marks a model giving one answer to at least 90% of them. Intervals are "
+        "Wilson 95%.",
         "",
-        family_table(metrics),
+        family_table(metrics, spread, family_counts, family_pools),
         f"## Paired bootstrap against {baseline} (study test split)",
         "",
         f"Same resampled items for both models ({resamples} resamples); two-sided p-values. "
-        f"Significant means p < {SIGNIFICANCE}.",
+        f"Significant means Holm-adjusted p < {SIGNIFICANCE} over the table's tests (raw p beside it).",
         "",
-        format_markdown(paired),
+        format_markdown(paired, deltas_only=True),
         significance_summary(paired, baseline),
     ]
     if paired_sfte:
@@ -268,9 +405,11 @@ def build_report(
             "",
             "Does DPO (or any single variant) beat the ensemble it came from?",
             "",
-            format_markdown(paired_sfte),
+            format_markdown(paired_sfte, deltas_only=True),
             significance_summary(paired_sfte, "sfte"),
         ]
+    if critic_is_model or any(r.get("critic_score") is None for rows in study.values() for r in rows):
+        md += unparsable_section(study)
     if ensemble_method:
         exact = ensemble_method == "cat"
         md += [
@@ -287,17 +426,9 @@ def build_report(
             "",
         ]
     if preferences:
-        md += [
-            "## Self-critique preferences",
-            "",
-            "How good is the judge as a reward signal? Agreement is with the ground-truth judge on the "
-            "same pairs.",
-            "",
-            "| statistic | value |",
-            "|---|---:|",
-        ]
-        md += [f"| {k} | {v} |" for k, v in preferences.items()]
-        md += [""]
+        md += preferences_section(preferences, judge)
+    if dpo_rounds and "sfte_dpo" in metrics:
+        md += dpo_signal_section(dpo_rounds)
     if dpo_rounds and len(dpo_rounds) > 1 and "sfte_dpo" in metrics:
         md += [
             "## DPO rounds",
