@@ -151,7 +151,7 @@ def make_example(negative: bool = False, elements: tuple[str, ...] = ("red", "bl
         image_id="img",
         conversation="img",
         turn=0,
-        question="What is the value of the red bar?",
+        question="What is the value of the green bar?" if negative else "What is the value of the red bar?",
         answer="The red bar is 42.",
         short_answer=None if negative else "42",
         answer_type=AnswerType.DECLINE if negative else AnswerType.NUMBER,
@@ -168,17 +168,19 @@ def test_reference_score_cases() -> None:
     assert reference_score(ex, "The red bar is 42.", "42", COLORS) == pytest.approx(100.0)
     # relaxed match (within 5%) still counts as correct
     assert reference_score(ex, "The red bar is 43.", "43", COLORS) == pytest.approx(60 + 20 + 20 * 4 / 5)
-    # invented colour "green": LCS(the red bar is 42 / the green bar is 42) = 4 of 5 reference tokens
-    assert reference_score(ex, "The green bar is 42.", "42", COLORS) == pytest.approx(60 + 0 + 20 * 4 / 5)
+    # about another bar (invented colour "green", the asked red not named): not correct, not faithful;
+    # LCS(the red bar is 42 / the green bar is 42) = 4 of 5 reference tokens
+    assert reference_score(ex, "The green bar is 42.", "42", COLORS) == pytest.approx(0 + 0 + 20 * 4 / 5)
     # wrong value: only faithfulness and recall ("is": 1 of 5)
     assert reference_score(ex, "It is 30.", "30", COLORS) == pytest.approx(0 + 20 + 20 * 1 / 5)
     # nothing extracted
     assert reference_score(ex, "It is 30.", None, COLORS) == pytest.approx(20 + 4)
     # declining a positive question scores 0 even if the numbers appear
     assert reference_score(ex, "There is no red bar, 42.", "42", COLORS) == 0.0
-    # no elements known: faithfulness granted
+    # no elements known: faithfulness granted (the asked red is still not named: not correct)
     ex_unknown = make_example(elements=())
-    assert reference_score(ex_unknown, "The green bar is 42.", "42", COLORS) == pytest.approx(60 + 20 + 16)
+    assert reference_score(ex_unknown, "The green bar is 42.", "42", COLORS) == pytest.approx(0 + 20 + 16)
+    assert reference_score(ex_unknown, "The red bar is 42.", "42", COLORS) == pytest.approx(60 + 20 + 20)
 
 
 def test_reference_score_multiword_colour() -> None:
@@ -191,9 +193,11 @@ def test_reference_score_multiword_colour() -> None:
 
 def test_reference_score_negative() -> None:
     ex = make_example(negative=True)
-    assert reference_score(ex, "There is no purple bar in this chart.", None, COLORS) == 100.0
-    assert reference_score(ex, "The chart does not show a purple bar.", None, COLORS) == 100.0
-    assert reference_score(ex, "The purple bar is 10.", "10", COLORS) == 0.0
+    assert reference_score(ex, "There is no green bar in this chart.", None, COLORS) == 100.0
+    assert reference_score(ex, "The chart does not show a green bar.", None, COLORS) == 100.0
+    assert reference_score(ex, "The green bar is 10.", "10", COLORS) == 0.0
+    # a decline of another element does not decline the asked one
+    assert reference_score(ex, "There is no blue bar in this chart.", None, COLORS) == 0.0
 
 
 # --------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@ import math
 import numpy as np
 import pytest
 
+from posttrain.charts import COLORS
 from posttrain.data import AnswerType, Example
 from posttrain.evaluation import (
     aggregate,
@@ -243,3 +244,40 @@ def test_preference_statistics_read_as_percentages_with_the_judge_named():
     )
     assert "100% by construction" in text
     assert "by construction" not in "\n".join(preferences_section(stats, "self"))
+
+
+GREEN_VALUE = "What is the value of the green bar?"
+CYAN_TREND = "Is the cyan line increasing or decreasing?"
+
+
+@pytest.mark.parametrize(
+    ("question", "negative", "short", "atype", "response", "correct"),
+    [
+        (CYAN_TREND, False, "increasing", AnswerType.TREND, "The orange line is increasing.", False),
+        (CYAN_TREND, False, "increasing", AnswerType.TREND, "The cyan line is increasing.", True),
+        (GREEN_VALUE, True, None, AnswerType.DECLINE, "There is no in, the chart.", False),
+        (GREEN_VALUE, True, None, AnswerType.DECLINE, "There is no purple bar.", False),
+        (GREEN_VALUE, True, None, AnswerType.DECLINE, "There is no green bar in the chart.", True),
+        ("And the blue bar?", False, "5", AnswerType.NUMBER, "The purple bar has a value of 5.", False),
+        ("How many bars are in the chart?", False, "3", AnswerType.NUMBER, "There are 3 bars.", True),
+    ],
+)
+def test_an_answer_counts_only_if_it_is_about_what_was_asked(
+    question, negative, short, atype, response, correct
+):
+    from dataclasses import replace
+
+    from posttrain.critic import reference_score
+
+    e = replace(
+        _ex(short=short, atype=atype, negative=negative), question=question, elements=("cyan", "blue")
+    )
+    extracted = None if negative else extract_short_answer(response, atype)
+    (row,) = score_items([e], [response], [1.0], [1], [0.0])
+    assert row["correct"] is correct
+    if negative:
+        assert row["declined"] is correct
+    score = reference_score(e, response, extracted, COLORS)
+    assert (score >= 60.0) is correct  # the rubric gives the 60 (or the decline's 100) only on topic
+    lrv = replace(e, source="lrv_chart")  # the asked element of an LRV row is unknown: no such check
+    assert lrv.asked_colour(COLORS) is None

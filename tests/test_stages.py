@@ -66,7 +66,7 @@ def test_base_evaluate_report(project):
 
     run_stage("report.py", "--models", "base", cwd=project)
     report = (project / "metrics/report.md").read_text()
-    assert "| base |" in report and "95% bootstrap CI" in report
+    assert "| base |" in report and "percentile bootstrap for means, Wilson for proportions" in report
     assert (project / "metrics/report.png").stat().st_size > 1000
     assert "<img src='data:image/png;base64," in (project / "metrics/examples.html").read_text()
 

@@ -207,13 +207,16 @@ def invented_colors(response: str, elements: Iterable[str], colors: Iterable[str
 def reference_score(example: Example, response: str, extracted: str | None, colors: Iterable[str]) -> float:
     """Score a response to a synthetic example on a 0-100 rubric, knowing the true answer.
 
+    The response must be about what was asked: where the question names a colour (`Example.asked_colour`),
+    a decline or a correct answer must name it too.
+
     Negative example (the question asks about an element that is not in the chart): 100 if the response
-    declines (`posttrain.declines.is_decline`), else 0.
+    declines (`posttrain.declines.is_decline`) naming the asked element, else 0.
 
     Otherwise 0 if the response declines; else the sum of
 
     - 60 x correct: `posttrain.metrics.relaxed_match` of `extracted` against ``example.short_answer``
-      (0 when either is None);
+      (0 when either is None, or when the response does not name the asked element);
     - 20 x no invented elements: the response names no colour of `colors` that is not in
       ``example.elements`` (granted when ``example.elements`` is empty: nothing is known to check against);
     - 20 x ROUGE-L recall of the response against ``example.answer`` (`rouge_score`, stemming on; 0..1).
@@ -228,12 +231,15 @@ def reference_score(example: Example, response: str, extracted: str | None, colo
         The score in [0, 100].
     """
     declines = is_decline(response)
+    asked = example.asked_colour(tuple(colors))
+    on_topic = asked is None or re.search(rf"\b{asked}\b", response, re.IGNORECASE) is not None
     if example.negative:
-        return 100.0 if declines else 0.0
+        return 100.0 if declines and on_topic else 0.0
     if declines:
         return 0.0
     correct = (
-        extracted is not None
+        on_topic
+        and extracted is not None
         and example.short_answer is not None
         and relaxed_match(extracted, example.short_answer)
     )

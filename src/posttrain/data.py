@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import random
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from enum import Enum
@@ -105,6 +106,16 @@ class Example:
         kwargs["elements"] = tuple(row.get("elements", ()))
         kwargs["history"] = tuple((q, a) for q, a in row.get("history", ()))
         return cls(**kwargs)
+
+    def asked_colour(self, colours) -> str | None:
+        """The element a synthetic question asks about: the first of `colours` it names.
+
+        None on LRV rows (their elements are not known) and for questions that name no colour ("How many
+        bars are in the chart?").
+        """
+        if self.source != "synthetic":
+            return None
+        return next((w for w in re.findall(r"[a-z]+", self.question.lower()) if w in colours), None)
 
     def context_question(self) -> str:
         """The question as a judge without the conversation needs it: earlier turns first, then the question.

@@ -65,8 +65,23 @@ def extract_short_answer(response: str, answer_type: AnswerType) -> str | None:
     return None
 
 
+def names_asked_element(example: Example, response: str) -> bool:
+    """Whether the response is about what was asked: on synthetic data, it names the asked colour.
+
+    "The orange line is increasing." does not answer "Is the cyan line increasing?", and "There is no
+    purple." does not decline a question about a green bar. Where the asked element is unknown (LRV rows,
+    questions naming no colour) every response passes.
+    """
+    colour = example.asked_colour(COLORS)
+    return colour is None or re.search(rf"\b{colour}\b", response, re.IGNORECASE) is not None
+
+
 def is_correct(example: Example, response: str, extracted: str | None) -> bool:
-    """Negative questions: correct when declined. Others: relaxed match of the extracted short answer."""
+    """Negative questions: declined. Others: relaxed match of the extracted short answer. Either way the
+    response must be about the asked element (`names_asked_element`).
+    """
+    if not names_asked_element(example, response):
+        return False
     if example.negative:
         return is_decline(response)
     return example.short_answer is not None and relaxed_match(extracted, example.short_answer)
@@ -103,7 +118,7 @@ def score_items(
                 "short_answer": e.short_answer,
                 "extracted": extracted,
                 "negative": e.negative,
-                "declined": is_decline(response),
+                "declined": is_decline(response) and names_asked_element(e, response),
                 "correct": is_correct(e, response, extracted),
                 "critic_score": critic,
                 **({"critic_reply": reply} if reply is not None else {}),

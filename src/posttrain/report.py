@@ -375,8 +375,16 @@ def build_report(
             if data_report.get("load", {}).get("duplicate_images")
             else "."
         ),
-        "Every value is `mean [95% bootstrap CI]`; scores are 0–100, `loss` is NLL per answer token.",
+        "Every value is `mean [95% CI]` (percentile bootstrap for means, Wilson for proportions); scores are "
+        "0–100, `loss` is NLL per answer token.",
         critic_note,
+        (
+            "Correctness on LRV: a response counts as a decline by its wording (`posttrain.declines`), but "
+            "the asked element of an LRV question is not known, so the check cannot see whether a decline or "
+            "an answer is about the element asked (on synthetic data it must name the asked colour)."
+            if data_report.get("source") == "lrv_chart"
+            else "A correct answer or decline must name the element the question asks about (its colour)."
+        ),
         "",
         "## Study test split",
         "",
