@@ -103,11 +103,11 @@ def test_flatten_examples_and_images(tmp_path: Path) -> None:
 
     e = by_id["chart_001-0"]
     assert (e.question, e.answer, e.short_answer) == ("What is the value of A?", "42.", "42")
+    assert e.answer_type is AnswerType.NUMBER
     red = pixel_id("red")
     assert e.image == f"images/{red}.png" and e.image_id == red
     assert (e.conversation, e.turn, e.history) == ("chart_001", 0, ())
-    assert (e.answer_type, e.family, e.negative, e.chart_type, e.elements, e.source) == (
-        AnswerType.TEXT,
+    assert (e.family, e.negative, e.chart_type, e.elements, e.source) == (
         "lrv",
         False,
         "unknown",
@@ -117,7 +117,7 @@ def test_flatten_examples_and_images(tmp_path: Path) -> None:
 
     long = by_id["chart_002-0"]
     assert long.question == "Which bar is tallest?"
-    assert long.short_answer is None  # more than 3 words
+    assert (long.short_answer, long.answer_type) == ("30", AnswerType.NUMBER)  # the sentence's number
     neg = by_id["chart_002-1"]
     assert neg.question == "Is there a purple bar?"
     assert (neg.conversation, neg.turn) == ("chart_002", 1)
@@ -348,7 +348,7 @@ def test_check_bad_fraction(tmp_path: Path) -> None:
 
 
 def test_short_answer_rule() -> None:
-    assert lrv.short_answer_of("Yes.") == "Yes"
-    assert lrv.short_answer_of(" 12.5% ") == "12.5%"
-    assert lrv.short_answer_of("one two three.") == "one two three"
-    assert lrv.short_answer_of("one two three four") is None
+    assert lrv.short_answer_of("Yes.") == ("yes", AnswerType.YES_NO)
+    assert lrv.short_answer_of(" 12.5% ") == ("12.5", AnswerType.NUMBER)
+    assert lrv.short_answer_of("one two three.") == ("one two three", AnswerType.TEXT)
+    assert lrv.short_answer_of("one two three four") == (None, AnswerType.TEXT)

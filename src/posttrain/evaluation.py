@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from posttrain.answers import extract
 from posttrain.charts import COLORS
 from posttrain.config import EvaluateParams
 from posttrain.data import AnswerType, Example, load_split
@@ -27,7 +28,6 @@ from posttrain.metrics import (
     bleu_item_stats,
     bootstrap_ci,
     mean_stats,
-    parse_number,
     relaxed_match,
     rouge_l,
     wilson_interval,
@@ -38,31 +38,16 @@ from posttrain.template import encode_conversation, encode_prompt
 # (evaluation split, metric prefix): the study test split, and the retention test of the pretrain families.
 EVAL_SPLITS = (("study_test", ""), ("pretrain_test", "retain_"))
 CORE_METRICS = ("loss", "perplexity", "bleu", "rouge_l", "critic", "relaxed_acc", "negative_acc")
-_WORDS = {
-    AnswerType.YES_NO: ("yes", "no"),
-    AnswerType.TREND: ("increasing", "decreasing"),
-    AnswerType.COLOR: tuple(COLORS),
-}
 
 
 def extract_short_answer(response: str, answer_type: AnswerType) -> str | None:
-    """The short answer a response commits to, by the question's answer type.
+    """The short answer a response commits to, by the question's answer type (`posttrain.answers.extract`).
 
-    Numbers: the first number. Colours, yes/no, trends: the first word of that vocabulary. Free text: the
-    whole response without a trailing period. Negative questions have none (they are scored by declining).
+    Numbers: the first that is not a year ("In 2019 the value was 45." -> 45). Colours, yes/no, trends: the
+    first word of that vocabulary (trend words such as "rose" or "fell" included). Free text: the whole
+    response without a trailing period. Negative questions have none (they are scored by declining).
     """
-    if answer_type is AnswerType.DECLINE:
-        return None
-    if answer_type is AnswerType.NUMBER:
-        number = parse_number(response)
-        return None if number is None else f"{number:g}"
-    if answer_type is AnswerType.TEXT:
-        return response.strip().rstrip(".").strip()
-    vocab = _WORDS[answer_type]
-    for word in re.findall(r"[a-z]+", response.lower()):
-        if word in vocab:
-            return word
-    return None
+    return extract(response, answer_type)
 
 
 def names_asked_element(example: Example, response: str) -> bool:

@@ -25,6 +25,7 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from posttrain.answers import short_answer_of
 from posttrain.data import AnswerType, Example, image_hash
 from posttrain.declines import is_decline
 
@@ -230,27 +231,20 @@ def _conversation_id(raw_id: object, row_index: int, used: set[str]) -> str:
     return image_id
 
 
-def short_answer_of(answer: str) -> str | None:
-    """Return the whole answer without a trailing period when it has at most 3 words, else None."""
-    text = answer.strip()
-    if not text or len(text.split()) > 3:
-        return None
-    text = text[:-1].rstrip() if text.endswith(".") else text
-    return text or None
-
-
 def conversation_examples(
     conversation: str, image_id: str, pairs: list[tuple[str, str]], source: str = SOURCE
 ) -> list[Example]:
     """The turns of one LRV conversation as examples, each with its history.
 
     A reference answer that declines (`posttrain.declines.is_decline`) makes the turn a negative
-    (``AnswerType.DECLINE``, family ``lrv_negative``, no short answer); otherwise the short answer is the
-    answer itself, without a trailing period, when it has at most 3 words.
+    (``AnswerType.DECLINE``, family ``lrv_negative``, no short answer); otherwise the short answer and its
+    type are what the sentence states (`posttrain.answers.short_answer_of`: a number, yes/no, a colour, a
+    trend, or a whole answer of at most 3 words), or None.
     """
     examples = []
     for turn, (question, answer) in enumerate(pairs):
         negative = is_decline(answer)
+        short, answer_type = (None, AnswerType.DECLINE) if negative else short_answer_of(answer)
         examples.append(
             Example(
                 id=f"{conversation}-{turn}",
@@ -260,8 +254,8 @@ def conversation_examples(
                 turn=turn,
                 question=question,
                 answer=answer,
-                short_answer=None if negative else short_answer_of(answer),
-                answer_type=AnswerType.DECLINE if negative else AnswerType.TEXT,
+                short_answer=short,
+                answer_type=answer_type,
                 chart_type="unknown",
                 family="lrv_negative" if negative else "lrv",
                 negative=negative,

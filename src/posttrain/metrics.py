@@ -26,6 +26,8 @@ _NUMBER = re.compile(
     r"(?P<sign>(?<![\w])[-\u2212\u2013])?\$?"
     r"(?P<digits>\d{1,3}(?:,\d{3})+(?:\.\d+)?(?!\d)|\d+(?:\.\d+)?|\.\d+)"
 )
+# A target that is a year: matched exactly, not within the relative tolerance.
+_YEAR_TARGET = re.compile(r"(?:18|19|20)\d\d")
 # A string that is a number and nothing else (units allowed: "$", "%", trailing period).
 _WHOLE_NUMBER = re.compile(r"\s*\$?[-\u2212\u2013]?\$?[\d.,]+\s*%?\s*\.?\s*")
 
@@ -65,6 +67,15 @@ def parse_number(text: str) -> float | None:
     return -value if m.group("sign") else value
 
 
+def number_values(text: str) -> list[tuple[str, float]]:
+    """Every number of `text` in order, as (its digits as written, its value); see `parse_number`."""
+    out = []
+    for m in _NUMBER.finditer(text):
+        value = float(m.group("digits").replace(",", ""))
+        out.append((m.group("digits"), -value if m.group("sign") else value))
+    return out
+
+
 def _parse_whole_number(text: str) -> float | None:
     """Return the number `text` consists of ("12%", "$1,234", "-3.5."), or None if it is not one."""
     if _WHOLE_NUMBER.fullmatch(text) is None:
@@ -91,7 +102,8 @@ def relaxed_match(prediction: str | None, target: str, tolerance: float = 0.05) 
     exact after stripping whitespace and one trailing period.
 
     The target must be a number in full so that a textual target such as "Q1 2019" is not read
-    as 1; the prediction is searched for its first number so that "The answer is 42." matches 42.
+    as 1; the prediction is searched for its first number so that "The answer is 42." matches 42. A
+    target that is a year (1800-2099, four digits) must match exactly: 2016 is not "within 5%" of 2015.
 
     Args:
         prediction: The model's answer; None (nothing extracted) never matches.
@@ -108,6 +120,8 @@ def relaxed_match(prediction: str | None, target: str, tolerance: float = 0.05) 
     if target_num is not None and pred_num is not None:
         if target_num == 0:
             return pred_num == 0
+        if _YEAR_TARGET.fullmatch(target.strip().rstrip(".")):  # 2016 is not "within 5%" of 2015
+            return pred_num == target_num
         return abs(pred_num - target_num) <= tolerance * abs(target_num) * (1 + 1e-9)
     return _normalize_text(prediction) == _normalize_text(target)
 
