@@ -373,3 +373,20 @@ def test_deltas_only_leaves_the_means_table_out():
     full, deltas = format_markdown(result), format_markdown(result, deltas_only=True)
     assert "| model | n | bleu | rouge_l |" in full and "| model | n |" not in deltas
     assert deltas.startswith("| model | bleu | rouge_l |") and "| b | +" in deltas
+
+
+def test_relaxed_accuracy_uses_the_evaluations_verdict_when_rows_carry_it():
+    """The evaluation marks "The orange line is increasing." wrong for a cyan question although its
+    extracted word matches: the report's paired tests must count it as the metrics files do."""
+    from posttrain.compare import item_stats
+
+    row = {
+        "id": 1,
+        "prompt": "Is the cyan line increasing?",
+        "reference": "The cyan line is increasing.",
+        "response": "The orange line is increasing.",
+        "short_answer": "increasing",
+        "extracted": "increasing",
+    }
+    assert item_stats([row], "relaxed_acc").value() == 100.0  # another tool's row: matched on the text
+    assert item_stats([{**row, "correct": False}], "relaxed_acc").value() == 0.0

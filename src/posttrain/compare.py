@@ -8,7 +8,8 @@ Input is one JSONL per model (the model name is the file stem). Each row holds `
   out of every paired test that involves the model: pairs use the rows scored for both.
 - ``short_answer`` (str or null) and ``extracted`` (str or null): metric ``relaxed_acc`` on rows
   with a non-null short answer. The prediction is ``extracted`` when the row has that field
-  (null never matches), else the whole response, stripped.
+  (null never matches), else the whole response, stripped; a row's own ``correct`` (true/false), as the
+  evaluation writes it, is used as given.
 - ``negative`` (bool) and ``declined`` (bool): metric ``negative_acc``, the percentage of
   negative rows (``negative`` true) the model declined. Needs ``negative`` on every row and
   ``declined`` on every negative row.
@@ -59,6 +60,7 @@ _OPTIONAL_FIELDS: tuple[tuple[str, tuple[type, ...], str], ...] = (
     ("extracted", (str,), "a string"),
     ("negative", (bool,), "true/false"),
     ("declined", (bool,), "true/false"),
+    ("correct", (bool,), "true/false"),
 )
 
 
@@ -184,10 +186,16 @@ def check_rows(models: dict[str, list[dict]]) -> None:
 
 
 def _relaxed_value(row: dict) -> float | None:
-    """100/0 relaxed accuracy of one row, None when it has no short answer."""
+    """100/0 relaxed accuracy of one row, None when it has no short answer.
+
+    A row that carries ``correct`` (the evaluation's verdict, which also checks that the answer is about
+    the asked element) is scored by it, so the report's paired tests agree with the metrics files.
+    """
     target = row.get("short_answer")
     if target is None:
         return None
+    if isinstance(row.get("correct"), bool):
+        return 100.0 * row["correct"]
     prediction = row["extracted"] if "extracted" in row else row["response"].strip()
     return 100.0 * relaxed_match(prediction, str(target))
 
