@@ -109,3 +109,39 @@ def test_no_surviving_pair_is_a_clear_error(tiny, prepared):
     )
     with pytest.raises(NoPairsError, match=r"only \d+ preference pairs survived.*4 prompts.*identical"):
         make_preferences(model, processor, examples, prepared, params, CriticParams())
+
+
+def test_self_judge_builds_pairs_when_its_verdicts_are_consistent(tiny, prepared, monkeypatch):
+    """The self-judge path end to end, with a judge that reads the pairwise prompt: it prefers the first
+    response exactly when that one is the longer. Both orders then agree, so every pair of distinct samples
+    of different length is kept, longer answer chosen, with its turn's history."""
+    import posttrain.preferences as prefs
+    from posttrain.generation import answer_nll as real_answer_nll
+
+    model, processor = tiny
+    tok = processor.tokenizer
+
+    def judge_by_length(model_, tokenizer, pixels, sequences, *, batch_size):
+        if not sequences or "The first response: [" not in tokenizer.decode(sequences[0][0]):
+            return real_answer_nll(model_, tokenizer, pixels, sequences, batch_size=batch_size)
+        nll = []
+        for ids, labels in sequences:
+            text = tok.decode([i for i, lab in zip(ids, labels) if lab == -100], skip_special_tokens=True)
+            first = text.split("The first response: [", 1)[1].split("]\nThe second response: [", 1)
+            second = first[1].split("]\nASSISTANT:", 1)[0]
+            verdict = tok.decode([lab for lab in labels if lab != -100], skip_special_tokens=True).strip()
+            want = (
+                "first" if len(first[0]) > len(second) else "second" if len(second) > len(first[0]) else "tie"
+            )
+            nll.append(0.0 if verdict == prefs.VERDICTS[want] else 10.0)
+        return nll, [1] * len(sequences)
+
+    monkeypatch.setattr(prefs, "answer_nll", judge_by_length)
+    examples = [e for e in load_split(prepared, "study_train") if e.history][:8]
+    params = PreferencesParams(judge=Judge.SELF, temperature=1.5, max_new_tokens=8, batch_size=8, min_pairs=1)
+    pairs, stats = make_preferences(model, processor, examples, prepared, params, CriticParams())
+    assert stats["order_consistency_rate"] == 100.0 and stats["pairs_kept"] == len(pairs) >= 1
+    by_id = {e.id: e for e in examples}
+    for p in pairs:
+        assert len(p["chosen"]) > len(p["rejected"])
+        assert p["history"] == [list(t) for t in by_id[p["id"]].history] and p["history"]
