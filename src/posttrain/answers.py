@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 
 from posttrain.data import AnswerType
-from posttrain.metrics import number_values
+from posttrain.metrics import YEAR, number_values
 
 # Colour names charts use (the synthetic charts' seven among them).
 COLOUR_WORDS = (
@@ -43,12 +43,16 @@ _TREND = {
     "decreasing": re.compile(r"\b(?:decreas\w*|fall\w*|fell|declin\w*|drop\w*|downward)\b", re.IGNORECASE),
 }
 _YES_NO = re.compile(r"^\W*(yes|no)\b", re.IGNORECASE)
-_YEAR = re.compile(r"(?:18|19|20)\d\d")
 _LABEL = re.compile(r"\b[A-Za-z]+-?\d+\b")  # "Q3", "COVID-19": labels, not values
 
 
 def _values(text: str) -> list[tuple[str, float]]:
     return number_values(_LABEL.sub(" ", text))
+
+
+def names(response: str, word: str) -> bool:
+    """Whether `response` names `word` as a whole word, in any case ("The Cyan line" names cyan)."""
+    return re.search(rf"\b{re.escape(word)}\b", response, re.IGNORECASE) is not None
 
 
 def answer_number(text: str) -> float | None:
@@ -58,7 +62,7 @@ def answer_number(text: str) -> float | None:
     glued to a word are labels, not values ("Q3", "COVID-19").
     """
     values = _values(text)
-    plain = [v for digits, v in values if not _YEAR.fullmatch(digits)]
+    plain = [v for digits, v in values if not YEAR.fullmatch(digits)]
     if plain:
         return plain[0]
     return values[0][1] if values else None
@@ -87,7 +91,7 @@ def short_answer_of(answer: str) -> tuple[str | None, AnswerType]:
     if m := _YES_NO.match(text):
         return m.group(1).lower(), AnswerType.YES_NO
     values = _values(text)
-    plain = [v for digits, v in values if not _YEAR.fullmatch(digits)]
+    plain = [v for digits, v in values if not YEAR.fullmatch(digits)]
     if plain:
         return f"{plain[0]:g}", AnswerType.NUMBER
     colours = sorted(set(_colours(text)))

@@ -120,6 +120,16 @@ def draw_chart(chart: Chart, size: int) -> Image.Image:
     return img
 
 
+def _value_answer(colour: str, value: int) -> str:
+    return f"The {colour} bar has a value of {value}."
+
+
+def _compare_answer(colour: str, other: str, taller: bool) -> str:
+    if taller:
+        return f"Yes, the {colour} bar is taller than the {other} bar."
+    return f"No, the {colour} bar is shorter than the {other} bar."
+
+
 def _qa(family: str, chart: Chart, rng: random.Random) -> tuple[str, str, str, AnswerType]:
     """(question, answer sentence, short answer, answer type) for a positive question."""
     c, v = chart.colors, chart.values
@@ -140,17 +150,12 @@ def _qa(family: str, chart: Chart, rng: random.Random) -> tuple[str, str, str, A
         i, j = rng.sample(range(len(c)), 2)
         yes = v[i] > v[j]
         q = f"Is the {c[i]} bar taller than the {c[j]} bar?"
-        a = (
-            f"Yes, the {c[i]} bar is taller than the {c[j]} bar."
-            if yes
-            else f"No, the {c[i]} bar is shorter than the {c[j]} bar."
-        )
-        return q, a, "yes" if yes else "no", AnswerType.YES_NO
+        return q, _compare_answer(c[i], c[j], yes), "yes" if yes else "no", AnswerType.YES_NO
     if family == "bar_value":
         i = rng.randrange(len(c))
         return (
             f"What is the value of the {c[i]} bar?",
-            f"The {c[i]} bar has a value of {v[i]}.",
+            _value_answer(c[i], v[i]),
             str(v[i]),
             AnswerType.NUMBER,
         )
@@ -222,21 +227,16 @@ def _followup_qa(
     colour = rng.choice(fresh)
     i = c.index(colour)
     if family == "bar_value":
-        return (
-            f"And the {colour} bar?",
-            f"The {colour} bar has a value of {v[i]}.",
-            str(v[i]),
-            AnswerType.NUMBER,
-        )
+        return f"And the {colour} bar?", _value_answer(colour, v[i]), str(v[i]), AnswerType.NUMBER
     if family == "bar_compare":
         other = asked[1]
         yes = v[i] > v[c.index(other)]
-        a = (
-            f"Yes, the {colour} bar is taller than the {other} bar."
-            if yes
-            else f"No, the {colour} bar is shorter than the {other} bar."
+        return (
+            f"And the {colour} bar?",
+            _compare_answer(colour, other, yes),
+            "yes" if yes else "no",
+            AnswerType.YES_NO,
         )
-        return f"And the {colour} bar?", a, "yes" if yes else "no", AnswerType.YES_NO
     raise ValueError(f"family {family!r} has no follow-up")
 
 

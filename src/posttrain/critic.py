@@ -23,6 +23,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from posttrain.answers import names
 from posttrain.data import Example
 from posttrain.declines import is_decline
 from posttrain.metrics import relaxed_match
@@ -232,7 +233,7 @@ def reference_score(example: Example, response: str, extracted: str | None, colo
     """
     declines = is_decline(response)
     asked = example.asked_colour(tuple(colors))
-    on_topic = asked is None or re.search(rf"\b{asked}\b", response, re.IGNORECASE) is not None
+    on_topic = asked is None or names(response, asked)
     if example.negative:
         return 100.0 if declines and on_topic else 0.0
     if declines:

@@ -9,13 +9,12 @@ file per model and split, so every later comparison is paired.
 from __future__ import annotations
 
 import math
-import re
 import time
 from pathlib import Path
 
 import numpy as np
 
-from posttrain.answers import extract
+from posttrain.answers import extract, names
 from posttrain.charts import COLORS
 from posttrain.config import EvaluateParams
 from posttrain.data import AnswerType, Example, load_split
@@ -33,7 +32,7 @@ from posttrain.metrics import (
     wilson_interval,
 )
 from posttrain.models import image_token_count
-from posttrain.template import encode_conversation, encode_prompt
+from posttrain.template import IGNORE_INDEX, encode_conversation
 
 # (evaluation split, metric prefix): the study test split, and the retention test of the pretrain families.
 EVAL_SPLITS = (("study_test", ""), ("pretrain_test", "retain_"))
@@ -58,7 +57,7 @@ def names_asked_element(example: Example, response: str) -> bool:
     questions naming no colour) every response passes.
     """
     colour = example.asked_colour(COLORS)
-    return colour is None or re.search(rf"\b{colour}\b", response, re.IGNORECASE) is not None
+    return colour is None or names(response, colour)
 
 
 def is_correct(example: Example, response: str, extracted: str | None) -> bool:
@@ -271,7 +270,8 @@ def evaluate_model(
         sequences = [
             encode_conversation(tokenizer, e.history, e.question, e.answer, n_image_tokens) for e in examples
         ]
-        prompts = [encode_prompt(tokenizer, e.history, e.question, n_image_tokens) for e in examples]
+        # the generation prompt is the sequence without its supervised answer (the last tokens)
+        prompts = [ids[: len(ids) - sum(lab != IGNORE_INDEX for lab in labels)] for ids, labels in sequences]
         responses = (
             generate(
                 model,

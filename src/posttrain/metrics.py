@@ -27,7 +27,7 @@ _NUMBER = re.compile(
     r"(?P<digits>\d{1,3}(?:,\d{3})+(?:\.\d+)?(?!\d)|\d+(?:\.\d+)?|\.\d+)"
 )
 # A target that is a year: matched exactly, not within the relative tolerance.
-_YEAR_TARGET = re.compile(r"(?:18|19|20)\d\d")
+YEAR = re.compile(r"(?:18|19|20)\d\d")
 # A string that is a number and nothing else (units allowed: "$", "%", trailing period).
 _WHOLE_NUMBER = re.compile(r"\s*\$?[-\u2212\u2013]?\$?[\d.,]+\s*%?\s*\.?\s*")
 
@@ -120,7 +120,7 @@ def relaxed_match(prediction: str | None, target: str, tolerance: float = 0.05) 
     if target_num is not None and pred_num is not None:
         if target_num == 0:
             return pred_num == 0
-        if _YEAR_TARGET.fullmatch(target.strip().rstrip(".")):  # 2016 is not "within 5%" of 2015
+        if YEAR.fullmatch(target.strip().rstrip(".")):  # 2016 is not "within 5%" of 2015
             return pred_num == target_num
         return abs(pred_num - target_num) <= tolerance * abs(target_num) * (1 + 1e-9)
     return _normalize_text(prediction) == _normalize_text(target)
