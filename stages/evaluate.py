@@ -10,7 +10,7 @@ Writes per-item rows to data/eval/{study_test,pretrain_test}/<model>.jsonl and t
 import argparse
 from pathlib import Path
 
-from posttrain.config import load_params
+from posttrain.config import downstream_quantization, load_params
 from posttrain.evaluation import evaluate_model
 from posttrain.models import load_model
 from posttrain.runtime import setup
@@ -30,7 +30,7 @@ def main() -> None:
 
     params = load_params(args.params)
     device = setup(params.base.threads)
-    model, processor = load_model(args.model, Path(args.models), device)
+    model, processor = load_model(args.model, Path(args.models), device, downstream_quantization(params))
     metrics = evaluate_model(
         args.model,
         model,

@@ -10,7 +10,7 @@ candidates, agreement with the ground-truth judge).
 import argparse
 from pathlib import Path
 
-from posttrain.config import load_params
+from posttrain.config import downstream_quantization, load_params
 from posttrain.data import load_split
 from posttrain.io import atomic_dir, write_json_atomic, write_jsonl
 from posttrain.models import load_model
@@ -30,7 +30,7 @@ def main() -> None:
 
     params = load_params(args.params)
     device = setup(params.base.threads)
-    model, processor = load_model(args.policy, Path(args.models), device)
+    model, processor = load_model(args.policy, Path(args.models), device, downstream_quantization(params))
     examples = load_split(args.data, "study_train")
     if params.preferences.max_prompts:
         examples = examples[: params.preferences.max_prompts]

@@ -90,6 +90,7 @@ def make_adapter(
     seed: int = 0,
     fingerprint=None,
     scale: float | None = 0.05,
+    base_quantization: str = "none",
 ) -> Path:
     """A LoRA adapter with random non-zero A and B (as if trained), saved with provenance.
 
@@ -111,7 +112,12 @@ def make_adapter(
             if "lora_" in name and scale is not None:
                 p.copy_(torch.randn_like(p) * scale)
     peft.save_pretrained(out)
-    write_provenance(out, kind="adapter", base_fingerprint=fingerprint or base_fingerprint(base_dir))
+    write_provenance(
+        out,
+        kind="adapter",
+        base_fingerprint=fingerprint or base_fingerprint(base_dir),
+        base_quantization=base_quantization,
+    )
     return out
 
 

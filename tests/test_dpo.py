@@ -149,6 +149,7 @@ def test_two_rounds_sample_from_the_first_round_and_keep_both_adapters(
     ).exists()
     prov = json.loads((out / "provenance.json").read_text())
     assert len(prov["rounds"]) == 2 and prov["start_adapter"] == str(sfte)
+    assert prov["base_quantization"] == "none"  # trained on the base as the preset holds it after SFT
     # round 1 is evaluated on the way (round 2 is sfte_dpo, evaluated by evaluate@sfte_dpo)
     assert "relaxed_acc_ci_high" in rounds[0]["evaluation"] and "evaluation" not in rounds[1]
     assert (out / "rounds/round1/eval/study_test/round1.jsonl").exists()

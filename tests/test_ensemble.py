@@ -1,6 +1,7 @@
 """SFTe is the average of the SFT models: `cat` is exact, the study's `linear` is not (DESIGN trap 3)."""
 
 import copy
+import json
 
 import pytest
 import torch
@@ -8,7 +9,7 @@ from conftest import make_adapter
 from peft import PeftModel
 
 from posttrain.config import EnsembleMethod, EnsembleParams
-from posttrain.ensembling import build_ensemble, combine
+from posttrain.ensembling import build_ensemble, combine, members_together
 from posttrain.models import load_base
 
 
@@ -82,12 +83,27 @@ def test_cat_logits_equal_the_averaged_merged_model(base_dir, members, mean_delt
         [encode_prompt(processor.tokenizer, e.history, e.question, image_token_count(processor))]
     )
     pixels = load_pixels(processor, prepared, [e.image])[e.image][None]
+    together = members_together(load_base(base_dir)[0], members)  # the check bench/nf4.py runs on nf4
+    single = PeftModel.from_pretrained(load_base(base_dir)[0], str(members["sft1"])).eval()
     with torch.no_grad():
         a = ensemble(input_ids=ids, pixel_values=pixels).logits
         b = averaged.eval()(input_ids=ids, pixel_values=pixels).logits
+        c = together(input_ids=ids, pixel_values=pixels).logits
+        one = single(input_ids=ids, pixel_values=pixels).logits
         a2 = ensemble(input_ids=ids, pixel_values=pixels).logits
     assert torch.allclose(a, b, atol=1e-4)
+    assert torch.allclose(a, c, atol=1e-4)
+    assert (a - one).abs().max() > 100 * (a - c).abs().max(), "the members differ: the check can fail"
     assert torch.equal(a, a2), "dropout must be off at evaluation"
+    prov = json.loads((out / "provenance.json").read_text())
+    assert prov["base_quantization"] == "none"  # the members' base, for the stages after SFT
+
+
+def test_members_trained_on_differently_held_bases_are_refused(base_dir, members, tmp_path):
+    qlora = make_adapter(base_dir, tmp_path / "qlora", alpha=16, base_quantization="nf4")
+    with pytest.raises(ValueError, match=r"different precisions .*'qlora': 'nf4'.*sft.common.quantization"):
+        build_ensemble(base_dir, {**members, "qlora": qlora}, EnsembleParams(), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_members_from_another_base_are_refused(base_dir, members, tmp_path):

@@ -137,6 +137,13 @@ class Quantization(str, Enum):
         return self is Quantization.NF4
 
 
+class BaseWeights(str, Enum):
+    """How the stages after SFT (preferences, DPO, evaluation) hold the base weights under the adapters."""
+
+    AS_TRAINED = "as_trained"  # as SFT trained on it: nf4 when sft.common.quantization is nf4
+    UNQUANTIZED = "unquantized"  # full precision on CPU, bf16 on CUDA, whatever SFT trained on
+
+
 class EnsembleMethod(str, Enum):
     """How the SFT adapters are combined into one (PEFT `add_weighted_adapter`)."""
 
@@ -197,6 +204,11 @@ def _default_variants() -> dict[str, SftVariant]:
 class SftParams:
     common: SftCommon = field(default_factory=SftCommon)
     variants: dict[str, SftVariant] = field(default_factory=_default_variants)
+
+
+@dataclass(frozen=True)
+class AdaptersParams:
+    base_weights: BaseWeights = BaseWeights.AS_TRAINED
 
 
 @dataclass(frozen=True)
@@ -289,6 +301,7 @@ class Params:
     base: BaseParams = field(default_factory=BaseParams)
     prepare: PrepareParams = field(default_factory=PrepareParams)
     sft: SftParams = field(default_factory=SftParams)
+    adapters: AdaptersParams = field(default_factory=AdaptersParams)
     ensemble: EnsembleParams = field(default_factory=EnsembleParams)
     preferences: PreferencesParams = field(default_factory=PreferencesParams)
     dpo: DpoParams = field(default_factory=DpoParams)
@@ -508,6 +521,17 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     with open(path, encoding="utf-8") as f:
         data = yaml.safe_load(f) or {}
     return parse_params(data, str(path))
+
+
+def downstream_quantization(params: Params) -> Quantization:
+    """How the stages after SFT hold the base weights: as SFT trained on them, unless told otherwise.
+
+    Every model in the comparison (the base row too) is loaded this way, so a delta against the base measures
+    the adapters, not a change of precision.
+    """
+    if params.adapters.base_weights is BaseWeights.AS_TRAINED:
+        return params.sft.common.quantization
+    return Quantization.NONE
 
 
 def to_dict(obj: Any) -> Any:

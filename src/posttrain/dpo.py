@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from posttrain.config import Quantization
 from posttrain.template import encode_completion, encode_prompt, pad_batch
 
 
@@ -53,15 +54,21 @@ class PreferenceCollator:
         }
 
 
-def policy_from_adapter(base_dir: Path, adapter_dir: Path, device: str):
-    """Base model + the adapter in `adapter_dir` as its only, trainable adapter ``default``."""
+def policy_from_adapter(
+    base_dir: Path, adapter_dir: Path, device: str, quantization: Quantization = Quantization.NONE
+):
+    """The base, held as `quantization` says, with `adapter_dir` as its only, trainable adapter."""
     from peft import PeftModel
 
-    from posttrain.models import load_base
+    from posttrain.models import load_base, quantization_config
 
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    model, processor, _ = load_base(base_dir, device=device, dtype=dtype)
-    model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=True).to(device)
+    model, processor, _ = load_base(
+        base_dir, device=device, dtype=dtype, quantization_config=quantization_config(quantization)
+    )
+    model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=True)
+    if quantization is Quantization.NONE:
+        model = model.to(device)  # an nf4 base is already placed by its device_map
     return model, processor
 
 
@@ -128,8 +135,11 @@ def train_dpo(
     out_dir: Path,
     checkpoint_dir: Path,
     live_dir: Path | None,
+    quantization: Quantization = Quantization.NONE,
 ) -> dict:
     """One DPO round: the adapter in `start_adapter` trained on `pairs`, saved to `out_dir`.
+
+    The base is held as `quantization` says: nf4 (QLoRA DPO) when SFT trained the adapters on nf4.
 
     The caller makes `out_dir` atomic (it is a folder inside `posttrain.io.atomic_dir`).
 
@@ -151,12 +161,12 @@ def train_dpo(
         sequences_per_row=2,  # chosen and rejected
         target_regex=target,
         rank=adapter_config["r"],
-        quantized=False,
+        quantized=quantization is Quantization.NF4,
         checkpointing=params.gradient_checkpointing,
         liger=False,
     )
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, processor = policy_from_adapter(base_dir, start_adapter, device)
+    model, processor = policy_from_adapter(base_dir, start_adapter, device, quantization)
     callbacks = [ProgressCallback(every=5, batch_size=params.batch_size)]
     live = _live(live_dir)
     if live is not None:
@@ -187,7 +197,9 @@ def train_dpo(
 ROUND_METRICS = ("relaxed_acc", "negative_acc", "critic", "rouge_l", "bleu", "loss", "retain_relaxed_acc")
 
 
-def evaluate_round(base_dir: Path, adapter: Path, data_dir: Path, params, name: str, device: str) -> dict:
+def evaluate_round(
+    base_dir: Path, adapter: Path, data_dir: Path, params, name: str, device: str, quantization: Quantization
+) -> dict:
     """Evaluate an intermediate round's adapter like `evaluate@<model>`; items and metrics stay in its folder.
 
     Returns:
@@ -195,7 +207,7 @@ def evaluate_round(base_dir: Path, adapter: Path, data_dir: Path, params, name: 
     """
     from posttrain.evaluation import evaluate_model
 
-    model, processor = policy_from_adapter(base_dir, adapter, device)
+    model, processor = policy_from_adapter(base_dir, adapter, device, quantization)
     model.eval()
     metrics = evaluate_model(
         name, model, processor, data_dir, params, adapter / "eval", adapter / "eval" / "metrics.json"
@@ -225,18 +237,21 @@ def run_rounds(
         One entry per round: its preference statistics, training summary and, for rounds before the last, the
         evaluation of that round's model.
     """
+    from posttrain.config import downstream_quantization
     from posttrain.data import load_split
     from posttrain.io import atomic_dir
-    from posttrain.models import base_fingerprint, write_provenance
+    from posttrain.models import base_fingerprint, check_base_quantization, write_provenance
     from posttrain.preferences import make_preferences
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    quantization = downstream_quantization(params)
+    check_base_quantization(sfte_dir, "ensemble", quantization)
     rounds = []
     with atomic_dir(out_dir) as tmp:
         adapter, pairs, stats = sfte_dir, first_pairs, first_stats
         for r in range(1, params.dpo.rounds + 1):
             if r > 1:
-                model, processor = policy_from_adapter(base_dir, adapter, device)
+                model, processor = policy_from_adapter(base_dir, adapter, device, quantization)
                 examples = load_split(data_dir, "study_train")
                 if params.preferences.max_prompts:
                     examples = examples[: params.preferences.max_prompts]
@@ -251,12 +266,12 @@ def run_rounds(
             # summaries are in the provenance
             live = live_dir if r == params.dpo.rounds else None
             summary = train_dpo(
-                base_dir, adapter, pairs, data_dir, params.dpo, seed, dest, checkpoint_dir, live
+                base_dir, adapter, pairs, data_dir, params.dpo, seed, dest, checkpoint_dir, live, quantization
             )
             entry = {"round": r, "preferences": stats, "training": summary}
             if r < params.dpo.rounds:  # the last round is `sfte_dpo`, evaluated by evaluate@sfte_dpo
                 entry["evaluation"] = evaluate_round(
-                    base_dir, dest, data_dir, params.evaluate, f"round{r}", device
+                    base_dir, dest, data_dir, params.evaluate, f"round{r}", device, quantization
                 )
             rounds.append(entry)
             adapter = dest
@@ -270,6 +285,7 @@ def run_rounds(
             base=str(base_dir),
             base_fingerprint=base_fingerprint(base_dir),
             start_adapter=str(sfte_dir),
+            base_quantization=quantization.value,  # how the base was held while DPO trained
             rounds=rounds,
             params={"dpo": to_dict(params.dpo), "preferences": to_dict(params.preferences), "seed": seed},
         )

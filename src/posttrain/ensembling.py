@@ -18,7 +18,13 @@ import torch
 
 from posttrain.config import EnsembleMethod, EnsembleParams, to_dict
 from posttrain.io import atomic_dir
-from posttrain.models import base_fingerprint, load_base, read_provenance, write_provenance
+from posttrain.models import (
+    base_fingerprint,
+    load_base,
+    read_provenance,
+    trained_quantization,
+    write_provenance,
+)
 
 ENSEMBLE = "ensemble"
 _PEFT_COMBINATION = {
@@ -47,6 +53,12 @@ def check_members(base_dir: Path, members: dict[str, Path], method: EnsembleMeth
         raise ValueError(
             f"members {sorted(wrong)} were trained on a different base model than {base_dir} "
             f"({fingerprint}); rerun `dvc repro sft` so every variant starts from the same base"
+        )
+    held = {n: trained_quantization(d, f"sft@{n}").value for n, d in members.items()}
+    if len(set(held.values())) > 1:
+        raise ValueError(
+            f"members were trained on the base held in different precisions {held}; give every variant the "
+            "same sft.common.quantization and rerun `dvc repro sft`"
         )
     ranks = {n: adapter_rank(d) for n, d in members.items()}
     if method.needs_equal_ranks and len(set(ranks.values())) > 1:
@@ -83,6 +95,29 @@ def combine(model, members: dict[str, Path], params: EnsembleParams):
     for n in names:
         model.delete_adapter(n)
     return model.eval()  # merged adapters keep dropout modules: off for evaluation
+
+
+def members_together(model, members: dict[str, Path]):
+    """The average model computed another way: every member active at once, each scaled by 1/N.
+
+    Each adapted layer then adds Σ (1/N)·s_i·B_i·A_i·x, the averaged delta, without building a combined
+    adapter or merging anything into the base, so it also works where merging cannot be exact (an nf4
+    base). The reference `combine` is checked against (tests on the CPU; `bench/nf4.py` on the nf4 base).
+    """
+    from peft import PeftModel
+    from peft.tuners.lora import LoraLayer
+
+    names = list(members)
+    model = PeftModel.from_pretrained(model, str(members[names[0]]), adapter_name=names[0])
+    for n in names[1:]:
+        model.load_adapter(str(members[n]), adapter_name=n)
+    model.base_model.set_adapter(names)
+    for module in model.modules():
+        if isinstance(module, LoraLayer):
+            for n in names:
+                if n in module.scaling:
+                    module.scaling[n] /= len(names)
+    return model.eval()
 
 
 def build_ensemble(base_dir: Path, members: dict[str, Path], params: EnsembleParams, out_dir: Path) -> dict:
@@ -124,6 +159,8 @@ def build_ensemble(base_dir: Path, members: dict[str, Path], params: EnsemblePar
             base=str(base_dir),
             base_fingerprint=base_fingerprint(base_dir),
             params=to_dict(params),
+            # the members' (all equal, checked above): the base the averaged adapter is meant to sit on
+            base_quantization=trained_quantization(members[next(iter(members))], "sft").value,
             ensemble=summary,
             member_provenance={n: read_provenance(d, f"sft@{n}") for n, d in members.items()},
         )

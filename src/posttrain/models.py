@@ -24,7 +24,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from posttrain.config import TinyParams
+from posttrain.config import Quantization, TinyParams
 from posttrain.template import CHAT_TEMPLATE, IMAGE_TOKEN
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", IMAGE_TOKEN]
@@ -204,20 +204,85 @@ def base_fingerprint(folder: str | Path) -> str:
     return f"sha256:{h.hexdigest()}"
 
 
-def load_model(name: str, models_dir: Path, device: str = "cpu"):
+def quantization_config(quantization: Quantization):
+    """Bitsandbytes settings for QLoRA nf4, or None; nf4 without CUDA is an error before anything loads."""
+    if quantization is Quantization.NONE:
+        return None
+    if not torch.cuda.is_available():
+        raise RuntimeError(
+            "the base is to be held in nf4 (sft.common.quantization: nf4), which needs a CUDA GPU "
+            "(bitsandbytes 4-bit); none is visible. Use sft.common.quantization: none on this machine."
+        )
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_compute_dtype=torch.bfloat16,
+        bnb_4bit_use_double_quant=True,
+        # skip lists match full module names: the vision tower and projector stay in bf16
+        llm_int8_skip_modules=["model.vision_tower", "model.multi_modal_projector", "lm_head"],
+    )
+
+
+def producing_stage(name: str) -> str:
+    """The `dvc.yaml` stage that writes the model `name` (for "rerun `dvc repro <stage>`" messages)."""
+    return {"base": "base", "sfte": "ensemble", "sfte_dpo": "dpo"}.get(name, f"sft@{name}")
+
+
+def trained_quantization(adapter: str | Path, stage: str) -> Quantization:
+    """How the base weights were held while the adapter in `adapter` was trained (its provenance says)."""
+    prov = read_provenance(adapter, stage)
+    if "base_quantization" not in prov:
+        raise ValueError(
+            f"{adapter}/{PROVENANCE} does not say how the base was held while it trained "
+            f"(base_quantization); it predates this version: rerun `dvc repro {stage}`"
+        )
+    return Quantization(prov["base_quantization"])
+
+
+def check_base_quantization(adapter: str | Path, stage: str, quantization: Quantization) -> None:
+    """Refuse to put an adapter trained on the unquantized base onto an nf4 one: that is no study's setting.
+
+    The reverse (nf4-trained adapter on the unquantized base) is `adapters.base_weights: unquantized`.
+    """
+    trained = trained_quantization(adapter, stage)
+    if quantization is Quantization.NF4 and trained is not Quantization.NF4:
+        raise ValueError(
+            f"{adapter} was trained on the {trained.value} base, but the base is to be loaded in nf4 "
+            f"(sft.common.quantization: nf4 with adapters.base_weights: as_trained): the adapter is stale; "
+            f"rerun `dvc repro {stage}`"
+        )
+
+
+def load_model(
+    name: str, models_dir: Path, device: str = "cpu", quantization: Quantization = Quantization.NONE
+):
     """Load a pipeline model by name: ``base``, or an adapter stage's output applied to the base.
+
+    Args:
+        name: ``base``, or the name of an adapter folder in `models_dir`.
+        models_dir: the folder of the pipeline's models (``models/``).
+        device: ``cpu`` or ``cuda``.
+        quantization: how the base weights are held (`posttrain.config.downstream_quantization`): nf4 is the
+            base as QLoRA trained on it; none is full precision on the CPU and bf16 on CUDA.
 
     Returns:
         (model, processor), the model in eval mode (dropout off).
     """
+    adapter = models_dir / name
+    if name != "base":
+        check_base_quantization(adapter, producing_stage(name), quantization)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    model, processor, _ = load_base(models_dir / "base", device=device, dtype=dtype)
+    model, processor, _ = load_base(
+        models_dir / "base", device=device, dtype=dtype, quantization_config=quantization_config(quantization)
+    )
     if name == "base":
         return model, processor
     from peft import PeftModel
 
-    adapter = models_dir / name
-    read_provenance(adapter, name)
-    model = PeftModel.from_pretrained(model, str(adapter)).to(device)
+    model = PeftModel.from_pretrained(model, str(adapter))
+    if quantization is Quantization.NONE:
+        model = model.to(device)  # an nf4 base is already placed by its device_map
     model.eval()
     return model, processor

@@ -12,10 +12,9 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import PrinterCallback
 
-from posttrain.config import Quantization
 from posttrain.data import Example, group_conversations
 from posttrain.images import load_pixels
-from posttrain.models import image_token_count
+from posttrain.models import image_token_count, quantization_config
 from posttrain.template import IGNORE_INDEX, conversation_text, encode_conversation, pad_batch
 
 
@@ -272,27 +271,6 @@ def language_model_regex(target_modules: tuple[str, ...]) -> str:
     return rf"(.*\.)?language_model\..*\.({names})"
 
 
-def quantization_config(quantization: Quantization):
-    """Bitsandbytes settings for QLoRA nf4, or None; nf4 without CUDA is an error before anything loads."""
-    if quantization is Quantization.NONE:
-        return None
-    if not torch.cuda.is_available():
-        raise RuntimeError(
-            "sft.common.quantization is 'nf4', which needs a CUDA GPU (bitsandbytes 4-bit); none is visible. "
-            "Use quantization: none on this machine."
-        )
-    from transformers import BitsAndBytesConfig
-
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_compute_dtype=torch.bfloat16,
-        bnb_4bit_use_double_quant=True,
-        # skip lists match full module names: the vision tower and projector stay in bf16
-        llm_int8_skip_modules=["model.vision_tower", "model.multi_modal_projector", "lm_head"],
-    )
-
-
 def check_training_memory(
     base_dir: Path,
     sequences: list[tuple[tuple[tuple[str, str], ...], str, str]],
@@ -501,6 +479,7 @@ def train_sft_variant(
             base_fingerprint=base_fingerprint(base_dir),
             base_provenance=base_prov,
             params={"common": to_dict(common), "variant": to_dict(variant), "seed": seed},
+            base_quantization=common.quantization.value,  # how the base was held while it trained
             training=summary,
             train_conversations=len(dataset),
             train_turns=dataset.turns,
