@@ -12,7 +12,7 @@ import shutil
 from pathlib import Path
 
 from posttrain.config import ModelKind, load_params, to_dict
-from posttrain.io import atomic_dir
+from posttrain.io import atomic_dir, write_json_atomic
 from posttrain.models import write_provenance
 from posttrain.runtime import setup
 from posttrain.training import train_tiny_base
@@ -25,6 +25,7 @@ def main() -> None:
     ap.add_argument("--out", default="models/base")
     ap.add_argument("--checkpoints", default="checkpoints/base")
     ap.add_argument("--live", default="dvclive/base")
+    ap.add_argument("--logs", default="logs", help="wall times and resumes (not a DVC output)")
     args = ap.parse_args()
 
     params = load_params(args.params).base
@@ -48,13 +49,11 @@ def main() -> None:
         Path(args.checkpoints),
         Path(args.live) if args.live else None,
     )
-    shutil.rmtree(
-        args.checkpoints, ignore_errors=True
-    )  # the model is saved; checkpoints only served resuming
+    shutil.rmtree(args.checkpoints, ignore_errors=True)  # the model is saved; they only served resuming
+    write_json_atomic(Path(args.logs) / "base.json", summary)  # timings: outside every DVC output
     print(
         f"base: {summary['steps']} steps in {summary['train_seconds']:.0f}s, "
-        f"final loss {summary['final_loss']:.4f}"
-        f" -> {args.out}"
+        f"final loss {summary['final_loss']:.4f} -> {args.out}"
     )
 
 

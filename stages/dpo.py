@@ -8,6 +8,7 @@ under models/sfte_dpo/rounds/) and the curves to dvclive/sfte_dpo/.
 """
 
 import argparse
+import shutil
 from pathlib import Path
 
 from posttrain.config import load_params
@@ -45,10 +46,11 @@ def main() -> None:
         Path(args.checkpoints),
         Path(args.live) if args.live else None,
     )
+    shutil.rmtree(args.checkpoints, ignore_errors=True)  # the adapter is saved; they only served resuming
     for r in rounds:
         t = r["training"]
         print(
-            f"round {r['round']}: {t['pairs']} pairs, {t['steps']} steps in {t['train_seconds']:.0f}s, "
+            f"round {r['round']}: {t['pairs']} pairs, {t['steps']} steps, "
             + ", ".join(f"{k} {v:.3f}" for k, v in t.items() if k.startswith("rewards/"))
         )
 

@@ -13,6 +13,7 @@ import shutil
 from pathlib import Path
 
 from posttrain.config import load_params
+from posttrain.io import write_json_atomic
 from posttrain.runtime import setup
 from posttrain.training import train_sft_variant
 
@@ -25,6 +26,7 @@ def main() -> None:
     ap.add_argument("--models", default="models")
     ap.add_argument("--checkpoints", default="checkpoints")
     ap.add_argument("--live", default="dvclive", help="DVCLive root; empty: no curves")
+    ap.add_argument("--logs", default="logs", help="wall times and resumes (not a DVC output)")
     args = ap.parse_args()
 
     params = load_params(args.params)
@@ -44,6 +46,7 @@ def main() -> None:
         Path(args.live) / args.variant if args.live else None,
     )
     shutil.rmtree(checkpoints, ignore_errors=True)
+    write_json_atomic(Path(args.logs) / f"{args.variant}.json", summary)  # timings: outside every DVC output
     print(
         f"{args.variant}: {summary['steps']} steps in {summary['train_seconds']:.0f}s, "
         f"final loss {summary['final_loss']:.4f} -> {args.models}/{args.variant}"

@@ -44,7 +44,7 @@ def test_base_evaluate_report(project):
         and prov["params"]["train"]["max_steps"] == 12
     )
     assert not (project / "checkpoints/base").exists()
-    assert (project / "dvclive/base/plots/metrics/train/loss.tsv").exists()
+    assert (project / "dvclive/base/plots/metrics/loss.tsv").exists()
 
     run_stage("evaluate.py", "--model", "base", cwd=project)
     metrics = json.loads((project / "metrics/base.json").read_text())

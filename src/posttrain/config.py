@@ -268,6 +268,7 @@ class DpoParams:
     warmup_steps: int = 5
     rounds: int = 1  # each extra round samples from the last round's model, judges and trains again
     label_smoothing: float = 0.0  # assumed share of wrong verdicts (robust); must be in (0, 0.5) for robust
+    save_steps: int = 20  # checkpoint interval for resuming a killed run; 0 disables
 
 
 @dataclass(frozen=True)
@@ -483,6 +484,7 @@ def _check(p: Params, problems: list[str]) -> None:
     for name in ("beta", "learning_rate", "epochs", "batch_size", "gradient_accumulation", "rounds"):
         positive(f"dpo.{name}", getattr(dp, name))
     positive("dpo.warmup_steps", dp.warmup_steps, zero_ok=True)
+    positive("dpo.save_steps", dp.save_steps, zero_ok=True)
     if dp.label_smoothing is not None and not 0 <= dp.label_smoothing < 0.5:
         problems.append(f"dpo.label_smoothing: {dp.label_smoothing} is not in [0, 0.5)")
     elif dp.loss_type is not None and dp.loss_type.needs_label_smoothing and not dp.label_smoothing:

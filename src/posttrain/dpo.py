@@ -8,6 +8,7 @@ special tokens and would drop the BOS every other stage sees.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,7 +102,9 @@ def dpo_trainer(
         precompute_ref_log_probs=False,  # must stay False for VLMs
         remove_unused_columns=False,
         logging_steps=1,  # DPO runs are short: keep every step's rewards and margins
-        save_strategy="no",
+        save_strategy="steps" if params.save_steps > 0 else "no",
+        save_steps=max(params.save_steps, 1),
+        save_total_limit=1,
         report_to="none",
         disable_tqdm=True,
         seed=seed,
@@ -143,12 +146,15 @@ def train_dpo(
 
     The caller makes `out_dir` atomic (it is a folder inside `posttrain.io.atomic_dir`).
 
-    Returns:
-        Training summary: steps, seconds, the last logged rewards/margins/accuracies.
-    """
-    import time
+    A run killed mid-training resumes from `checkpoint_dir` when its inputs are the same
+    (`posttrain.checkpoints`).
 
-    from posttrain.training import ProgressCallback, _live, check_training_memory, language_model_regex
+    Returns:
+        Training summary: steps, pairs, the last logged rewards/margins/accuracies; under ``timing`` the wall
+        time and the checkpoint resumed from (for logs, not provenance).
+    """
+    from posttrain.checkpoints import claim_checkpoints, file_digest, fit
+    from posttrain.training import ProgressCallback, check_training_memory, language_model_regex
 
     adapter_config = json.loads((start_adapter / "adapter_config.json").read_text())
     target = adapter_config["target_modules"]  # PEFT stores a regex string or a list of layer names
@@ -165,33 +171,33 @@ def train_dpo(
         checkpointing=params.gradient_checkpointing,
         liger=False,
     )
+    from posttrain.config import to_dict
+    from posttrain.models import base_fingerprint
+
+    claim_checkpoints(
+        checkpoint_dir,
+        {
+            "stage": "dpo",
+            "params": {"dpo": to_dict(params), "seed": seed, "base_quantization": quantization.value},
+            "pairs": hashlib.sha256(json.dumps(pairs, sort_keys=True).encode()).hexdigest(),
+            "start_adapter": file_digest(start_adapter / "adapter_model.safetensors"),
+            "base": base_fingerprint(base_dir),
+        },
+    )
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, processor = policy_from_adapter(base_dir, start_adapter, device, quantization)
     callbacks = [ProgressCallback(every=5, batch_size=params.batch_size)]
-    live = _live(live_dir)
-    if live is not None:
-        from transformers.integrations import DVCLiveCallback
-
-        callbacks.append(DVCLiveCallback(live=live))
     trainer = dpo_trainer(model, processor, pairs, data_dir, params, checkpoint_dir, seed, callbacks)
-    from transformers.trainer_callback import PrinterCallback
-
-    trainer.remove_callback(PrinterCallback)
-    t0 = time.perf_counter()
-    trainer.train()
-    seconds = time.perf_counter() - t0
-    if live is not None:
-        live.end()
+    result = fit(trainer, live_dir)
     logs = [h for h in trainer.state.log_history if "loss" in h]
     last = logs[-1] if logs else {}
     summary = {
-        "steps": trainer.state.global_step,
-        "train_seconds": round(seconds, 2),
+        "steps": result["steps"],
         "pairs": len(pairs),
         **{k: last[k] for k in last if k.startswith(("rewards/", "logps/")) or k == "loss"},
     }
     trainer.model.save_pretrained(out_dir, selected_adapters=["default"])  # not the frozen "ref" copy
-    return summary
+    return {**summary, "timing": result["timing"]}
 
 
 ROUND_METRICS = ("relaxed_acc", "negative_acc", "critic", "rouge_l", "bleu", "loss", "retain_relaxed_acc")
@@ -266,7 +272,22 @@ def run_rounds(
             # summaries are in the provenance
             live = live_dir if r == params.dpo.rounds else None
             summary = train_dpo(
-                base_dir, adapter, pairs, data_dir, params.dpo, seed, dest, checkpoint_dir, live, quantization
+                base_dir,
+                adapter,
+                pairs,
+                data_dir,
+                params.dpo,
+                seed,
+                dest,
+                checkpoint_dir / f"round{r}",
+                live,
+                quantization,
+            )
+            timing = summary.pop("timing")
+            print(
+                f"DPO round {r}: {summary['steps']} steps in {timing['train_seconds']:.0f}s"
+                + (f", resumed from {timing['resumed_from']}" if timing["resumed_from"] else ""),
+                flush=True,
             )
             entry = {"round": r, "preferences": stats, "training": summary}
             if r < params.dpo.rounds:  # the last round is `sfte_dpo`, evaluated by evaluate@sfte_dpo

@@ -358,7 +358,7 @@ def check_outputs(work: Path) -> dict:
         "sft_quantization": sft_prov["params"]["common"]["quantization"],
         "sft_liger": sft_prov["params"]["common"]["liger"],
         "base_quantization_after_sft": held["sfte_dpo"],  # DPO trained, and every model evaluated, on it
-        "sft_train_loss": sft_prov["training"].get("train_loss"),
+        "sft_final_loss": sft_prov["training"].get("final_loss"),
         "ensemble": read_provenance(models / "sfte", "ensemble")["ensemble"],
         "preferences": {
             k: prefs.get(k) for k in ("prompts", "identical_rate", "judged_pairs", "tie_rate", "pairs_kept")

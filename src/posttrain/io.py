@@ -16,10 +16,15 @@ from typing import Any
 def atomic_dir(target: str | Path) -> Iterator[Path]:
     """Yield a temporary folder beside `target`; on success it replaces `target` in one rename.
 
-    On an exception the temporary folder is removed and `target` is left as it was.
+    On an exception the temporary folder is removed and `target` is left as it was. Temporary folders of
+    `target` left by killed runs are removed first (one stage writes a target at a time: DVC locks the repo).
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
+    # a run killed outright (SIGKILL, power) leaves its temporary folder: the stage's next run removes it
+    for stale in [*target.parent.glob(f".{target.name}.tmp-*"), *target.parent.glob(f".{target.name}.old-*")]:
+        print(f"removing {stale}, left by a killed run", flush=True)
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         yield tmp

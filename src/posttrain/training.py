@@ -10,8 +10,8 @@ from pathlib import Path
 
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
-from transformers.trainer_callback import PrinterCallback
 
+from posttrain.checkpoints import claim_checkpoints, file_digest, fit
 from posttrain.data import Example, group_conversations
 from posttrain.images import load_pixels
 from posttrain.models import image_token_count, quantization_config
@@ -110,7 +110,14 @@ def training_arguments(
     gradient_accumulation: int = 1,
     gradient_checkpointing: bool = False,
 ) -> TrainingArguments:
-    """The Trainer settings every training run here shares (cosine schedule, checkpoints for resuming)."""
+    """The Trainer settings every training run here shares (cosine schedule, checkpoints for resuming).
+
+    The loss is logged every `logging_steps` or a divisor of `save_steps`, whichever divides it: a logged loss
+    averages the steps since the last log, so a run resumed from a checkpoint logs the same curve as one that
+    was never killed only if every checkpoint falls on a log.
+    """
+    if save_steps > 0:
+        logging_steps = math.gcd(logging_steps, save_steps)
     return TrainingArguments(
         output_dir=str(output_dir),
         max_steps=max_steps,
@@ -137,32 +144,14 @@ def training_arguments(
     )
 
 
-def run_trainer(model, args: TrainingArguments, dataset, collator, callbacks: list, resume: bool) -> dict:
-    """One Trainer call; resumes from the newest checkpoint in `args.output_dir` if asked and one exists."""
+def run_trainer(model, args: TrainingArguments, dataset, collator, callbacks: list, live_dir=None) -> dict:
+    """One Trainer call through `posttrain.checkpoints.fit` (resumes a killed run's checkpoint in
+    ``args.output_dir``; claim it with `claim_checkpoints` first).
+    """
     trainer = Trainer(
         model=model, args=args, train_dataset=dataset, data_collator=collator, callbacks=callbacks
     )
-    trainer.remove_callback(PrinterCallback)  # ProgressCallback prints a shorter line
-    # a checkpoint is complete once trainer_state.json is written (the Trainer writes it last); a run killed
-    # mid-save leaves a folder without it, which must not be resumed from
-    checkpoints = sorted(
-        (p.parent for p in Path(args.output_dir).glob("checkpoint-*/trainer_state.json")),
-        key=lambda p: int(p.name.split("-")[1]),
-    )
-    resume_from = str(checkpoints[-1]) if resume and checkpoints else None
-    if resume_from:
-        print(f"resuming from {resume_from}", flush=True)
-    t0 = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=resume_from)
-    seconds = time.perf_counter() - t0
-    history = [h for h in trainer.state.log_history if "loss" in h]
-    return {
-        "steps": trainer.state.global_step,
-        "train_seconds": round(seconds, 2),
-        "final_loss": history[-1]["loss"] if history else math.nan,
-        "train_loss": result.training_loss,
-        "resumed_from": resume_from,
-    }
+    return fit(trainer, live_dir)
 
 
 def train_tiny_base(
@@ -178,7 +167,8 @@ def train_tiny_base(
         params: the validated ``base`` section (`posttrain.config.BaseParams`).
         data_dir: the prepared folder.
         out_dir: where the model, processor and provenance go (written atomically).
-        checkpoint_dir: Trainer checkpoints; a rerun after a kill resumes from the newest one.
+        checkpoint_dir: Trainer checkpoints; a rerun after a kill resumes from the newest one if its inputs
+            are the same (`posttrain.checkpoints`).
         live_dir: DVCLive folder for the training curves, or None.
 
     Returns:
@@ -213,6 +203,14 @@ def train_tiny_base(
         f"{t.max_steps * t.batch_size / len(dataset):.1f} epochs",
         flush=True,
     )
+    claim_checkpoints(
+        checkpoint_dir,
+        {
+            "stage": "base",
+            "params": to_dict(params),
+            "data": file_digest(data_dir / "pretrain_train.jsonl", data_dir / "study_train.jsonl"),
+        },
+    )
     args = training_arguments(
         checkpoint_dir,
         max_steps=t.max_steps,
@@ -224,16 +222,9 @@ def train_tiny_base(
         save_steps=t.save_steps,
     )
     callbacks = [ProgressCallback(every=100, batch_size=t.batch_size)]
-    live = _live(live_dir)
-    if live is not None:
-        from transformers.integrations import DVCLiveCallback
-
-        callbacks.append(DVCLiveCallback(live=live))
-    summary = run_trainer(
-        model, args, dataset, TeacherForcedCollator(tokenizer.pad_token_id), callbacks, resume=True
-    )
-    if live is not None:
-        live.end()
+    collator = TeacherForcedCollator(tokenizer.pad_token_id)
+    summary = run_trainer(model, args, dataset, collator, callbacks, live_dir)
+    timing = summary.pop("timing")
     summary["params"] = count_params(model)
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp)
@@ -249,16 +240,7 @@ def train_tiny_base(
             train_turns=dataset.turns,
             train_tokens=dataset.tokens,
         )
-    return summary
-
-
-def _live(live_dir: Path | None):
-    """A DVCLive logger that writes only its own folder (the default `Live()` would rewrite dvc.yaml)."""
-    if live_dir is None:
-        return None
-    from dvclive import Live
-
-    return Live(dir=str(live_dir), dvcyaml=False, save_dvc_exp=False, report=None)
+    return {**summary, **timing}
 
 
 def language_model_regex(target_modules: tuple[str, ...]) -> str:
@@ -389,7 +371,8 @@ def train_sft_variant(
         base_dir: the `base` stage's folder.
         data_dir: the prepared folder.
         out_dir: the adapter folder, written atomically.
-        checkpoint_dir: Trainer checkpoints; a rerun after a kill resumes from the newest.
+        checkpoint_dir: Trainer checkpoints; a rerun after a kill resumes from the newest one if its inputs
+            are the same (`posttrain.checkpoints`).
         live_dir: DVCLive folder for the curves, or None.
 
     Returns:
@@ -445,6 +428,15 @@ def train_sft_variant(
         f"{'nf4' if qconfig else dtype}, checkpointing {common.gradient_checkpointing}, liger {common.liger}",
         flush=True,
     )
+    claim_checkpoints(
+        checkpoint_dir,
+        {
+            "stage": f"sft@{name}",
+            "params": {"common": to_dict(common), "variant": to_dict(variant), "seed": seed},
+            "data": file_digest(data_dir / "study_train.jsonl"),
+            "base": base_fingerprint(base_dir),
+        },
+    )
     args = training_arguments(
         checkpoint_dir,
         max_steps=common.max_steps,
@@ -459,15 +451,9 @@ def train_sft_variant(
         gradient_checkpointing=common.gradient_checkpointing,
     )
     callbacks = [ProgressCallback(every=50, batch_size=effective)]
-    live = _live(live_dir)
-    if live is not None:
-        from transformers.integrations import DVCLiveCallback
-
-        callbacks.append(DVCLiveCallback(live=live))
     collator = TeacherForcedCollator(processor.tokenizer.pad_token_id)
-    summary = run_trainer(model, args, dataset, collator, callbacks, resume=True)
-    if live is not None:
-        live.end()
+    summary = run_trainer(model, args, dataset, collator, callbacks, live_dir)
+    timing = summary.pop("timing")
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp)
         write_provenance(
@@ -485,4 +471,4 @@ def train_sft_variant(
             train_turns=dataset.turns,
             train_tokens=dataset.tokens,
         )
-    return summary
+    return {**summary, **timing}
