@@ -681,14 +681,17 @@ def read_params_text(text: str, source: str) -> Params:
     return params
 
 
-def load_params(path: str | Path = "params.yaml") -> Params:
-    """Read and validate a params file (see `read_params_text`)."""
-    path = Path(path)
+def read_params_file(path: str | Path) -> str:
+    """The text of a params file; a missing one is a `ParamsError`."""
     try:
-        text = path.read_text(encoding="utf-8")
+        return Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ParamsError(["the file does not exist; pass an existing params file"], str(path)) from None
-    return read_params_text(text, str(path))
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate a params file (see `read_params_text`)."""
+    return read_params_text(read_params_file(path), str(path))
 
 
 def downstream_quantization(params: Params) -> Quantization:

@@ -25,6 +25,7 @@ from transformers import (
 )
 
 from posttrain.config import Quantization, TinyParams
+from posttrain.errors import MissingInputError
 from posttrain.template import CHAT_TEMPLATE, IMAGE_TOKEN
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", IMAGE_TOKEN]
@@ -139,7 +140,7 @@ def write_provenance(folder: Path, **fields) -> None:
 def read_provenance(folder: str | Path, stage: str) -> dict:
     path = Path(folder) / PROVENANCE
     if not path.exists():
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"{path} is missing: {folder} was not produced by this pipeline. Run `dvc repro {stage}`."
         )
     return json.loads(path.read_text())
