@@ -3,6 +3,7 @@
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -45,3 +46,44 @@ def test_a_bug_keeps_its_traceback():
 
     with pytest.raises(KeyError):
         exit_status(bug)
+
+
+QUIET = """
+import sys
+from pathlib import Path
+
+import posttrain.models  # before setup, as the e2e runner and the benchmarks import it
+import posttrain.training
+from posttrain.runtime import setup
+
+setup(1)
+from transformers import AutoProcessor
+
+AutoProcessor.from_pretrained(sys.argv[1])
+model, _, _ = posttrain.models.load_base(sys.argv[1])
+model.is_gradient_checkpointing  # what TRL's DPO reads each step
+for on in (False, True):
+    posttrain.training.training_arguments(
+        sys.argv[2], max_steps=1, batch_size=1, learning_rate=1e-3, warmup_steps=0, weight_decay=0.0, seed=0,
+        save_steps=0, gradient_checkpointing=on,
+    )
+print("done")
+"""
+
+
+def test_loading_and_training_setup_print_no_library_noise(base_dir, tmp_path):
+    """No "CLIPImageProcessor requires torchvision" line, no gradient_checkpointing FutureWarning."""
+    proc = subprocess.run(
+        [sys.executable, "-c", QUIET, str(base_dir), str(tmp_path / "out")], capture_output=True, text=True
+    )
+    assert proc.returncode == 0 and proc.stdout == "done\n", proc.stderr
+    assert proc.stderr == ""
+
+
+def test_the_output_of_dvc_plots_show_is_not_committed():
+    """`dvc plots show` writes dvc_plots/index.html in the project: a rendering, not a source."""
+    root = Path(__file__).resolve().parents[1]
+    if not (root / ".git").exists():
+        pytest.skip("not a git checkout")
+    proc = subprocess.run(["git", "check-ignore", "-q", "dvc_plots/index.html"], cwd=root)
+    assert proc.returncode == 0
