@@ -13,9 +13,7 @@ from pathlib import Path
 
 from posttrain.config import ModelKind, load_params, to_dict
 from posttrain.io import atomic_dir, write_json_atomic
-from posttrain.models import write_provenance
-from posttrain.runtime import setup
-from posttrain.training import train_tiny_base
+from posttrain.runtime import run_command, setup
 
 
 def main() -> None:
@@ -30,6 +28,10 @@ def main() -> None:
 
     params = load_params(args.params).base
     setup(params.threads)
+    # only now that the params are valid: torch and transformers take seconds to import
+    from posttrain.models import write_provenance
+    from posttrain.training import train_tiny_base
+
     if params.model is ModelKind.HUB:
         with atomic_dir(args.out) as tmp:
             write_provenance(
@@ -58,4 +60,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

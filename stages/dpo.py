@@ -12,9 +12,8 @@ import shutil
 from pathlib import Path
 
 from posttrain.config import load_params
-from posttrain.dpo import run_rounds
 from posttrain.io import read_json, read_jsonl
-from posttrain.runtime import setup
+from posttrain.runtime import run_command, setup
 
 
 def main() -> None:
@@ -31,6 +30,9 @@ def main() -> None:
 
     params = load_params(args.params)
     setup(params.base.threads)
+    # only now that the params are valid: torch and transformers take seconds to import
+    from posttrain.dpo import run_rounds
+
     models = Path(args.models)
     pairs = read_jsonl(Path(args.pairs) / "pairs.jsonl")
     stats = read_json(args.preference_metrics, produced_by="preferences")
@@ -56,4 +58,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

@@ -10,8 +10,7 @@ import argparse
 from pathlib import Path
 
 from posttrain.config import load_params
-from posttrain.ensembling import build_ensemble
-from posttrain.runtime import setup
+from posttrain.runtime import run_command, setup
 
 
 def main() -> None:
@@ -26,6 +25,9 @@ def main() -> None:
 
     params = load_params(args.params)
     setup(params.base.threads)
+    # only now that the params are valid: torch and transformers take seconds to import
+    from posttrain.ensembling import build_ensemble
+
     models = Path(args.models)
     members = {name: models / name for name in args.members}
     summary = build_ensemble(models / "base", members, params.ensemble, Path(args.out))
@@ -36,4 +38,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

@@ -11,9 +11,7 @@ import argparse
 from pathlib import Path
 
 from posttrain.config import downstream_quantization, load_params
-from posttrain.evaluation import evaluate_model
-from posttrain.models import load_model
-from posttrain.runtime import setup
+from posttrain.runtime import run_command, setup
 
 
 def main() -> None:
@@ -30,6 +28,10 @@ def main() -> None:
 
     params = load_params(args.params)
     device = setup(params.base.threads)
+    # only now that the params are valid: torch and transformers take seconds to import
+    from posttrain.evaluation import evaluate_model
+    from posttrain.models import load_model
+
     model, processor = load_model(args.model, Path(args.models), device, downstream_quantization(params))
     metrics = evaluate_model(
         args.model,
@@ -52,4 +54,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

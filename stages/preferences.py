@@ -13,9 +13,7 @@ from pathlib import Path
 from posttrain.config import downstream_quantization, load_params
 from posttrain.data import load_split
 from posttrain.io import atomic_dir, write_json_atomic, write_jsonl
-from posttrain.models import load_model
-from posttrain.preferences import make_preferences
-from posttrain.runtime import setup
+from posttrain.runtime import run_command, setup
 
 
 def main() -> None:
@@ -30,6 +28,10 @@ def main() -> None:
 
     params = load_params(args.params)
     device = setup(params.base.threads)
+    # only now that the params are valid: torch and transformers take seconds to import
+    from posttrain.models import load_model
+    from posttrain.preferences import make_preferences
+
     model, processor = load_model(args.policy, Path(args.models), device, downstream_quantization(params))
     examples = load_split(args.data, "study_train")
     if params.preferences.max_prompts:
@@ -44,4 +46,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

@@ -11,6 +11,7 @@ import time
 
 from posttrain.config import load_params
 from posttrain.preparation import prepare_data
+from posttrain.runtime import run_command
 
 
 def main() -> None:
@@ -37,4 +38,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

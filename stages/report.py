@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 from posttrain.config import load_params
-from posttrain.report import build_report
+from posttrain.runtime import run_command
 
 
 def main() -> None:
@@ -24,6 +24,8 @@ def main() -> None:
     args = ap.parse_args()
 
     params = load_params(args.params)
+    from posttrain.report import build_report  # only now that the params are valid: matplotlib is slow
+
     r = params.report
     prefs = Path(args.metrics) / "preferences.json"
     dpo_prov = Path(args.models_dir) / "sfte_dpo" / "provenance.json"
@@ -46,4 +48,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

@@ -12,10 +12,9 @@ import argparse
 import shutil
 from pathlib import Path
 
-from posttrain.config import load_params
+from posttrain.config import ParamsError, load_params
 from posttrain.io import write_json_atomic
-from posttrain.runtime import setup
-from posttrain.training import train_sft_variant
+from posttrain.runtime import run_command, setup
 
 
 def main() -> None:
@@ -31,8 +30,12 @@ def main() -> None:
 
     params = load_params(args.params)
     if args.variant not in params.sft.variants:
-        raise SystemExit(f"unknown variant {args.variant!r}; sft.variants has {sorted(params.sft.variants)}")
+        known = ", ".join(sorted(params.sft.variants))
+        raise ParamsError([f"--variant {args.variant}: not a key of sft.variants ({known})"], args.params)
     setup(params.base.threads)
+    # only now that the params are valid: torch and transformers take seconds to import
+    from posttrain.training import train_sft_variant
+
     checkpoints = Path(args.checkpoints) / args.variant
     summary = train_sft_variant(
         args.variant,
@@ -54,4 +57,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

@@ -234,7 +234,7 @@ def test_mismatched_ids(files, tmp_path, capsys):
     rows[1]["id"] = "zz-extra"
     other = _write(tmp_path / "other.jsonl", rows)
     code, out, err = _run(["compare", "--baseline", "base", str(base), str(other)], capsys)
-    assert code == 2
+    assert code == 1
     assert "other.jsonl" in err and "base.jsonl" in err
     assert "'q1'" in err and "'zz-extra'" in err
     assert "Traceback" not in err
@@ -247,14 +247,14 @@ def test_duplicate_ids(files, tmp_path, capsys):
     rows[4]["id"] = "q2"
     dup = _write(tmp_path / "dup.jsonl", rows)
     code, _, err = _run(["compare", "--baseline", "base", str(base), str(dup)], capsys)
-    assert code == 2
+    assert code == 1
     assert "duplicate id 'q2'" in err and "dup.jsonl" in err and "line 3" in err and "line 5" in err
 
 
 def test_unknown_baseline(files, capsys):
     base, perfect, _ = files
     code, _, err = _run(["compare", "--baseline", "gpt", str(base), str(perfect)], capsys)
-    assert code == 2
+    assert code == 1
     assert "'gpt'" in err and "base" in err and "perfect" in err
 
 
@@ -264,7 +264,7 @@ def test_missing_field(files, tmp_path, capsys):
     del rows[2]["response"]
     bad = _write(tmp_path / "bad.jsonl", rows)
     code, _, err = _run(["compare", "--baseline", "base", str(base), str(bad)], capsys)
-    assert code == 2
+    assert code == 1
     assert "bad.jsonl:3" in err and "'response'" in err
 
 
@@ -273,7 +273,7 @@ def test_bad_optional_field_type(files, tmp_path, capsys):
     rows = _rows(REFS, critic_score=[1, 2, "high", 4, 5, 6])
     bad = _write(tmp_path / "bad.jsonl", rows)
     code, _, err = _run(["compare", "--baseline", "base", str(base), str(bad)], capsys)
-    assert code == 2
+    assert code == 1
     assert "bad.jsonl:3" in err and "'critic_score'" in err
 
 
@@ -282,9 +282,9 @@ def test_invalid_json_and_missing_file(files, tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"id": "q0"}\n{not json\n', encoding="utf-8")
     code, _, err = _run(["compare", "--baseline", "base", str(base), str(bad)], capsys)
-    assert code == 2 and "bad.jsonl" in err
+    assert code == 1 and "bad.jsonl" in err
     code, _, err = _run(["compare", "--baseline", "base", str(base), str(tmp_path / "missing.jsonl")], capsys)
-    assert code == 2 and "missing.jsonl" in err
+    assert code == 1 and "missing.jsonl" in err
 
 
 def test_load_responses_skips_blank_lines(tmp_path):
@@ -337,7 +337,7 @@ def test_cli_subprocess(files, tmp_path):
         text=True,
         check=False,
     )
-    assert proc.returncode == 2
+    assert proc.returncode == 1
     assert proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr
 
 

@@ -1,9 +1,20 @@
+import dataclasses
+import typing
 from pathlib import Path
 
 import pytest
 import yaml
 
-from posttrain.config import CriticKind, DataSource, ModelKind, ParamsError, load_params, parse_params
+from posttrain.config import (
+    CriticKind,
+    DataSource,
+    ModelKind,
+    Params,
+    ParamsError,
+    SftVariant,
+    load_params,
+    parse_params,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -85,7 +96,7 @@ def test_load_params_reads_yaml_as_data(tmp_path):
     path.write_text(yaml.safe_dump({"base": {"seed": 3}}))
     assert load_params(path).base.seed == 3
     path.write_text("base: !!python/object/apply:os.system ['echo hacked']\n")
-    with pytest.raises(yaml.YAMLError):
+    with pytest.raises(ParamsError, match="line 1"):
         load_params(path)
 
 
@@ -97,3 +108,163 @@ def test_hub_base_in_a_local_folder_needs_no_revision(tmp_path):
         }
     )
     assert p.base.hub_id == str(tmp_path) and p.base.revision == ""
+
+
+def _nested(key: str, value) -> dict:
+    """{"a": {"b": value}} for key "a.b"."""
+    *parents, leaf = key.split(".")
+    data = {leaf: value}
+    for k in reversed(parents):
+        data = {k: data}
+    return data
+
+
+def _numeric_keys(cls=Params, prefix: str = "") -> list[tuple[str, type]]:
+    """Every int and float key of the params, variants through sft.variants.sft1."""
+    out = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp, key = hints[f.name], f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(tp):
+            out += _numeric_keys(tp, f"{key}.")
+        elif typing.get_origin(tp) is dict:
+            out += _numeric_keys(SftVariant, f"{key}.sft1.")
+        elif tp in (int, float):
+            out.append((key, tp))
+    return out
+
+
+@pytest.mark.parametrize("key, tp", _numeric_keys())
+def test_every_number_is_range_checked(key, tp):
+    """No count, size, seed, rate or fraction of params.yaml may be negative: each says so by name."""
+    with pytest.raises(ParamsError) as e:
+        parse_params(_nested(key, tp(-1)))
+    assert any(p.startswith(f"{key}: ") and "-1" in p for p in e.value.problems), e.value.problems
+
+
+@pytest.mark.parametrize("key, tp", [(k, t) for k, t in _numeric_keys() if t is float])
+@pytest.mark.parametrize("text", [".inf", "-.inf", ".nan"])
+def test_non_finite_floats_are_rejected(tmp_path, key, tp, text):
+    """YAML reads .inf and .nan as floats; a NaN learning rate would train into NaN weights."""
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(_nested(key, 0.5)).replace("0.5", text))
+    with pytest.raises(ParamsError) as e:
+        load_params(path)
+    assert any(p.startswith(f"{key}: ") and "finite" in p for p in e.value.problems), e.value.problems
+
+
+@pytest.mark.parametrize(
+    "key, value, fragment",
+    [
+        ("base.seed", -1, "base.seed: must be >= 0"),
+        ("base.seed", 2**32, "base.seed: must be < 4294967296"),
+        ("base.tiny.patch_size", 0, "base.tiny.patch_size: must be > 0"),
+        ("base.tiny.vision_heads", 0, "base.tiny.vision_heads: must be > 0"),
+        ("base.tiny.text_heads", 0, "base.tiny.text_heads: must be > 0"),
+        ("base.tiny.vision_layers", -1, "base.tiny.vision_layers: must be > 0"),
+        ("base.tiny.text_layers", 0, "base.tiny.text_layers: must be > 0"),
+        ("base.tiny.vision_hidden", 65, "base.tiny.vision_hidden: 65 is not a multiple of base.tiny.vision"),
+        ("base.tiny.text_heads", 3, "base.tiny.text_hidden: 128 is not a multiple of base.tiny.text_heads 3"),
+        ("base.tiny.text_hidden", 132, "head size 132/4 = 33 is odd"),
+        ("base.tiny.vocab_size", 100, "base.tiny.vocab_size: must be >= 261"),
+        ("evaluate.critic.batch_size", 0, "evaluate.critic.batch_size: must be > 0"),
+        ("evaluate.critic.max_new_tokens", 0, "evaluate.critic.max_new_tokens: must be > 0"),
+        ("evaluate.seed", -3, "evaluate.seed: must be >= 0"),
+        ("report.seed", -3, "report.seed: must be >= 0"),
+        ("prepare.lrv.test_images", 0, "prepare.lrv.test_images: must be > 0"),
+        ("sft.common.weight_decay", -0.1, "sft.common.weight_decay: must be >= 0"),
+        ("dpo.epochs", 0, "dpo.epochs: must be > 0"),
+    ],
+)
+def test_sizes_counts_and_seeds_are_range_checked(key, value, fragment):
+    with pytest.raises(ParamsError) as e:  # never a ZeroDivisionError from the validator itself
+        parse_params(_nested(key, value))
+    assert fragment in str(e.value)
+
+
+def test_type_and_range_problems_are_reported_together():
+    data = {
+        "base": {"seed": "zero", "tiny": {"patch_size": 0, "vision_heads": 0}},
+        "dpo": {"beta": -1.0},
+        "evaluate": {"resamples": 0, "critic": "none"},
+    }
+    with pytest.raises(ParamsError) as e:
+        parse_params(data, "p.yaml")
+    problems = e.value.problems
+    assert len(problems) == 6, problems
+    for key in (
+        "base.seed",
+        "base.tiny.patch_size",
+        "base.tiny.vision_heads",
+        "dpo.beta",
+        "evaluate.resamples",
+        "evaluate.critic",
+    ):
+        assert sum(p.startswith(f"{key}: ") for p in problems) == 1, (key, problems)
+
+
+def test_duplicate_keys_are_rejected_with_their_lines(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text(
+        "dpo:\n"
+        "  learning_rate: 0.0001\n"
+        "  beta: 0.1\n"
+        "  learning_rate: 0.01\n"
+        "base:\n"
+        "  seed: 1\n"
+        "dpo:\n"
+        "  beta: 0.2\n"
+    )
+    with pytest.raises(ParamsError) as e:
+        load_params(path)
+    assert e.value.problems == [
+        "dpo.learning_rate: given twice (lines 2 and 4); YAML would silently keep the last, delete one",
+        "dpo: given twice (lines 1 and 7); YAML would silently keep the last, delete one",
+    ]
+
+
+@pytest.mark.parametrize("text", ["", "\n", "# every line a comment\n"])
+def test_an_empty_params_file_is_rejected(tmp_path, text):
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    with pytest.raises(ParamsError, match="empty"):
+        load_params(path)
+
+
+def test_a_yaml_syntax_error_is_a_params_error_naming_the_line(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("base:\n  seed: 0\n  threads: [2\ndpo:\n  beta: 0.1\n")
+    with pytest.raises(ParamsError) as e:
+        load_params(path)
+    (problem,) = e.value.problems
+    assert problem.startswith("line ") and "not valid YAML" in problem
+
+
+def test_a_missing_params_file_is_a_params_error(tmp_path):
+    with pytest.raises(ParamsError, match="does not exist"):
+        load_params(tmp_path / "parms.yaml")
+
+
+@pytest.mark.parametrize(
+    "key, value, hint, wrong_hint",
+    [
+        ("dpo.beta", "2e-3", "YAML 1.1 reads 2e-3 as a string: write 0.002 or 2.0e-3", None),
+        ("dpo.beta", "high", None, "2e-3"),
+        ("dpo.beta", "0.1", "remove the quotes", "2e-3"),
+        ("dpo.batch_size", "1e3", "write 1000", None),
+        ("dpo.batch_size", 16.0, "write 16", None),
+        ("dpo.batch_size", "many", None, "write"),
+        ("base.revision", 1234567, "quote it", None),
+        ("base.revision", None, "write '' for none", "quote it"),
+        ("base.revision", ["a"], None, "quote it"),
+        ("sft.common.target_modules", "q_proj", "write [q_proj]", None),
+    ],
+)
+def test_each_hint_fits_its_error(key, value, hint, wrong_hint):
+    with pytest.raises(ParamsError) as e:
+        parse_params(_nested(key, value))
+    (problem,) = [p for p in e.value.problems if p.startswith(f"{key}: ")]
+    if hint:
+        assert hint in problem
+    if wrong_hint:
+        assert wrong_hint not in problem

@@ -139,3 +139,50 @@ def test_check_training_memory_reads_the_base_without_its_weights(base_dir, prep
             liger=False,
         )
     assert loaded == []
+
+
+def _conversations(prepared) -> list:
+    from posttrain.data import group_conversations
+
+    return [(c.turns[:-1], *c.turns[-1]) for c in group_conversations(load_split(prepared, "study_train"))]
+
+
+def _check(base_dir, sequences, batch_size, sequences_per_row=1, section="sft.common"):
+    check_training_memory(
+        base_dir,
+        sequences,
+        section=section,
+        batch_size=batch_size,
+        sequences_per_row=sequences_per_row,
+        target_regex=language_model_regex(LINEAR),
+        rank=4,
+        quantized=False,
+        checkpointing=False,
+        liger=False,
+    )
+
+
+def test_a_batch_larger_than_the_data_is_clipped_and_said_on_the_cpu(base_dir, prepared, monkeypatch, capsys):
+    """HF Trainer's DataLoader hands out one short batch of every row: say so instead of staying silent."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    rows = _conversations(prepared)
+    _check(base_dir, rows, batch_size=10**6)
+    out = capsys.readouterr().out
+    assert f"sft.common.batch_size 1000000 is more than the {len(rows)} conversations to train on" in out
+    assert f"every batch holds all {len(rows)}" in out
+    pairs = rows[:5] * 2  # chosen and rejected of 5 pairs
+    _check(base_dir, pairs, batch_size=6, sequences_per_row=2, section="dpo")
+    assert "dpo.batch_size 6 is more than the 5 preference pairs to train on" in capsys.readouterr().out
+    _check(base_dir, rows, batch_size=len(rows))
+    assert capsys.readouterr().out == ""
+
+
+def test_on_cuda_the_estimate_counts_the_rows_a_batch_can_hold(base_dir, prepared, monkeypatch, capsys):
+    """Batch 10⁶ over a few dozen conversations is a batch of those conversations: it fits a 1 GB card."""
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: SimpleNamespace(total_memory=10**9))
+    _check(base_dir, _conversations(prepared), batch_size=10**6)
+    assert "step memory" in capsys.readouterr().out

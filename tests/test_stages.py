@@ -85,3 +85,87 @@ def test_bad_params_fail_before_any_work(project, tmp_path):
     )
     assert proc.returncode != 0 and "base.train.max_steps: must be > 0" in proc.stderr
     assert not (tmp_path / "m").exists()
+
+
+# A stage run under runpy, reporting afterwards whether torch was imported: validation must come first.
+RUN_REPORTING_TORCH = """
+import runpy, sys
+sys.argv = sys.argv[1:]
+try:
+    runpy.run_path(sys.argv[0], run_name="__main__")
+finally:
+    print("torch imported:", "torch" in sys.modules)
+"""
+
+STAGE_ARGS = {
+    "prepare.py": [],
+    "base.py": [],
+    "sft.py": ["--variant", "sft1"],
+    "ensemble.py": ["--members", "sft1", "sft2"],
+    "preferences.py": [],
+    "dpo.py": [],
+    "evaluate.py": ["--model", "base"],
+    "report.py": ["--models", "base"],
+}
+
+
+def run_failing(script: str, *args: str, cwd) -> tuple[str, str]:
+    """Run a stage that must fail on its input: exit status 1, no traceback; return (stdout, stderr)."""
+    import os
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-c", RUN_REPORTING_TORCH, str(ROOT / "stages" / script), *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    assert proc.returncode == 1, (proc.stdout, proc.stderr)
+    assert proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr, proc.stderr
+    return proc.stdout, proc.stderr
+
+
+@pytest.mark.parametrize("script", sorted(STAGE_ARGS))
+def test_every_stage_reports_bad_params_alone_before_loading_torch(script, micro_params_file, tmp_path):
+    import yaml
+
+    data = yaml.safe_load(micro_params_file.read_text())
+    data["base"]["seed"] = -1
+    data["dpo"]["beta"] = "high"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(data))
+    out, err = run_failing(script, *STAGE_ARGS[script], cwd=tmp_path)
+    assert "params.yaml: 2 problem(s)" in err
+    assert "base.seed: must be >= 0, got -1" in err and "dpo.beta: expected a number, got 'high'" in err
+    assert "torch imported: False" in out
+
+
+def test_a_yaml_syntax_error_is_reported_alone(micro_params_file, tmp_path):
+    (tmp_path / "params.yaml").write_text(micro_params_file.read_text().replace("dpo:", "dpo: [", 1))
+    _, err = run_failing("prepare.py", cwd=tmp_path)
+    assert "not valid YAML" in err and "line " in err
+
+
+def test_an_unknown_variant_is_reported_before_loading_torch(micro_params_file, tmp_path):
+    shutil.copy(micro_params_file, tmp_path / "params.yaml")
+    out, err = run_failing("sft.py", "--variant", "sft9", cwd=tmp_path)
+    assert "--variant sft9: not a key of sft.variants (sft1, sft2, sft3, sft4)" in err
+    assert "torch imported: False" in out
+
+
+def test_a_bad_data_file_is_reported_alone(micro_params_file, tmp_path):
+    """An LRV parquet without the expected columns: the data error's message, not a traceback."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import yaml
+
+    pq.write_table(pa.table({"id": ["a", "b"]}), tmp_path / "lrv.parquet")
+    data = yaml.safe_load(micro_params_file.read_text())
+    data["base"].update(model="hub", hub_id=str(tmp_path))  # a local folder needs no revision
+    data["prepare"].update(source="lrv_chart")
+    data["prepare"]["lrv"]["local_parquet"] = str(tmp_path / "lrv.parquet")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(data))
+    _, err = run_failing("prepare.py", cwd=tmp_path)
+    assert "lrv.parquet: missing columns" in err
+    assert not (tmp_path / "data" / "prepared").exists()

@@ -6,6 +6,7 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
+from posttrain.__main__ import main as cli
 from posttrain.config import CriticKind, DataSource, Judge, ModelKind, ParamsError, Quantization, load_params
 from posttrain.pinning import COMMIT, hub_sources, main, pin_file
 
@@ -92,3 +93,28 @@ def test_pin_command_reports_a_hub_failure_in_one_line(tmp_path, monkeypatch, ca
     monkeypatch.setattr(huggingface_hub.HfApi, "repo_info", offline)
     assert main([str(PRESET), str(tmp_path / "out.yaml")]) == 2
     assert "could not resolve a revision" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "edit, fragment",
+    [
+        (lambda t: t.replace("  beta: 0.1 ", "  beta: -1.0 ", 1), "dpo.beta: must be > 0, got -1.0"),
+        (lambda t: t.replace("dpo:", "dpo: [", 1), "not valid YAML"),
+        (lambda t: t + "dpo:\n  beta: 0.2\n", "dpo: given twice"),
+    ],
+)
+def test_pin_validates_before_it_writes(tmp_path, monkeypatch, capsys, edit, fragment):
+    """A params file with a problem is reported with exit status 1, and the destination keeps its content."""
+    import huggingface_hub
+
+    hub = FakeHub()
+    monkeypatch.setattr(huggingface_hub.HfApi, "repo_info", lambda self, *a, **k: hub.repo_info(*a, **k))
+    src, dst = tmp_path / "study.yaml", tmp_path / "params.yaml"
+    src.write_text(edit(PRESET.read_text()))
+    assert src.read_text() != PRESET.read_text()
+    dst.write_text("the params.yaml in use\n")
+    assert cli(["pin", str(src), str(dst)]) == 1
+    err = capsys.readouterr().err
+    assert fragment in err and "could not resolve" not in err and "Traceback" not in err
+    assert dst.read_text() == "the params.yaml in use\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml", "study.yaml"]  # no temporary left

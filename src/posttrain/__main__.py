@@ -15,11 +15,29 @@ import sys
 from pathlib import Path
 
 from posttrain.compare import CompareError, check_rows, compare, format_markdown, load_responses
+from posttrain.errors import InputError
 from posttrain.io import write_text_atomic
+from posttrain.runtime import exit_status
+
+HELP = "Commands of the posttrain project besides its DVC stages (dvc repro runs those)."
+COMPARE_EPILOG = """\
+Each FILE holds one JSON object per line, one per prompt; rows pair across the files by id.
+  required:  id (string or integer), prompt, reference, response (strings)
+  optional:  null or absent leaves the row out of that metric, except where noted
+    critic_score  number 0-100, a judge's score                -> critic
+    short_answer  string, the expected short answer            -> relaxed_acc
+    extracted     string, the answer read from the response    -> relaxed_acc (absent: the whole
+                  response is compared; null never matches)
+    correct       true/false, a verdict used as given          -> relaxed_acc
+    negative      true/false, the question names an absent     -> negative_acc (needed on every row)
+                  element, so the right answer declines
+    declined      true/false, the response declines            -> negative_acc (needed on negative rows)
+  Other fields (e.g. image) are ignored: the evaluation's data/eval/<split>/<model>.jsonl fit as they are.
+"""
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m posttrain", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m posttrain", description=HELP)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sub.add_parser("pin", help="resolve a params file's open hub revisions to commits (SRC [DST])")
     sub.add_parser("e2e", help="run every stage of the study preset on stand-ins of the hub files (WORKDIR)")
@@ -31,6 +49,8 @@ def _build_parser() -> argparse.ArgumentParser:
         "compare",
         help="compare models' responses (one JSONL per model; the model name is the file stem)",
         description="Metric means with bootstrap CIs per model, and paired-bootstrap deltas vs a baseline.",
+        epilog=COMPARE_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("files", nargs="+", type=Path, metavar="FILE", help="response JSONL, one per model")
     p.add_argument("--baseline", required=True, help="stem of the baseline model's file")
@@ -63,7 +83,10 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the command line; return the exit code (2 for bad input, with one message on stderr).
+    """Run the command line; return the exit code.
+
+    A bad params or data file (`posttrain.errors.InputError`) prints its message alone and gives 1; a usage
+    error gives argparse's 2.
 
     Args:
         argv: Arguments without the program name; None reads `sys.argv`.
@@ -72,6 +95,11 @@ def main(argv: list[str] | None = None) -> int:
         Exit status.
     """
     argv = sys.argv[1:] if argv is None else argv
+    return exit_status(lambda: _run(argv))
+
+
+def _run(argv: list[str]) -> int:
+    """Dispatch to the command `argv` names."""
     if argv[:1] == ["convert-critic"]:  # its own argparse: LLaVA-NeXT layout -> transformers OneVision
         from posttrain.convert_critic import main as convert_critic
 
@@ -91,9 +119,8 @@ def main(argv: list[str] | None = None) -> int:
         return int(e.code or 0)
     try:
         return args.func(args)
-    except CompareError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except InputError:  # exit_status prints it
+        raise
     except OSError as e:  # e.g. the --json destination is not writable
         print(f"error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
         return 2

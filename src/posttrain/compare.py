@@ -38,6 +38,7 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
+from posttrain.errors import DataError
 from posttrain.metrics import (
     ItemStats,
     bleu_item_stats,
@@ -64,7 +65,7 @@ _OPTIONAL_FIELDS: tuple[tuple[str, tuple[type, ...], str], ...] = (
 )
 
 
-class CompareError(ValueError):
+class CompareError(DataError):
     """Invalid comparison input; the message says which file/model, row and field."""
 
 

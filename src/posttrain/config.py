@@ -8,6 +8,9 @@ value seen and the fix, before any data is read or any model is loaded.
 from __future__ import annotations
 
 import dataclasses
+import datetime
+import decimal
+import math
 import re
 import types
 import typing
@@ -18,8 +21,10 @@ from typing import Any
 
 import yaml
 
+from posttrain.errors import InputError
 
-class ParamsError(ValueError):
+
+class ParamsError(InputError, ValueError):
     """Every problem found in a params file, one per line."""
 
     def __init__(self, problems: list[str], source: str):
@@ -310,8 +315,39 @@ class Params:
     report: ReportParams = field(default_factory=ReportParams)
 
 
+_BAD = object()  # _convert's result for a value that does not fit its type (the problem is already recorded)
+_SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+SEED_LIMIT = 2**32  # numpy's seeds (through transformers' set_seed) are below 2**32
+MIN_VOCAB = 256 + 5  # the byte-level BPE's 256 byte symbols and posttrain.models.SPECIAL_TOKENS
+
+
+def _number_hint(value: Any, integer: bool) -> str:
+    """How to write `value` (what YAML read for a number key) so that YAML reads a number."""
+    if isinstance(value, float) and integer and math.isfinite(value) and value.is_integer():
+        return f" (write {int(value)})"
+    if not isinstance(value, str):
+        return ""
+    text = value.strip()
+    if _SCIENTIFIC.fullmatch(text):  # YAML 1.1 reads 2e-3 (no dot) as a string, 2.0e-3 as a number
+        plain = format(decimal.Decimal(text), "f")
+        if integer:
+            return f" (write {plain})" if decimal.Decimal(text) == int(decimal.Decimal(text)) else ""
+        mantissa, exponent = re.split("[eE]", text)
+        dotted = mantissa if "." in mantissa else f"{mantissa}.0"
+        return f" (YAML 1.1 reads {text} as a string: write {plain} or {dotted}e{exponent})"
+    try:
+        float(text)
+    except ValueError:
+        return ""
+    return " (remove the quotes)"
+
+
 def _convert(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
-    """Convert a YAML value to `tp`, appending a problem (and returning None) when it does not fit."""
+    """Convert a YAML value to `tp`; when it does not fit, append a problem and return `_BAD`.
+
+    A container's own problems make it `_BAD`; a problem inside it leaves it whole, with the bad item `_BAD`
+    (a list item) or unknown (a dataclass field, see `_build`).
+    """
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
@@ -322,48 +358,71 @@ def _convert(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
         value_type = typing.get_args(tp)[1]
         if not isinstance(value, dict):
             problems.append(f"{key}: expected a mapping, got {value!r}")
-            return None
-        return {str(k): _convert(v, value_type, f"{key}.{k}", problems) for k, v in value.items()}
+            return _BAD
+        out = {str(k): _convert(v, value_type, f"{key}.{k}", problems) for k, v in value.items()}
+        return {k: _unknown(value_type) if v is _BAD else v for k, v in out.items()}
     if origin is tuple:
         item_type = typing.get_args(tp)[0]
         if not isinstance(value, list):
-            problems.append(f"{key}: expected a list, got {value!r}")
-            return None
-        return tuple(_convert(v, item_type, f"{key}[{i}]", problems) for i, v in enumerate(value))
+            hint = f" (write [{value}])" if isinstance(value, str) else ""
+            problems.append(f"{key}: expected a list, got {value!r}{hint}")
+            return _BAD
+        items = (_convert(v, item_type, f"{key}[{i}]", problems) for i, v in enumerate(value))
+        return tuple(None if v is _BAD else v for v in items)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             problems.append(f"{key}: expected a mapping, got {value!r}")
-            return None
+            return _BAD
         return _build(tp, value, key, problems)
     if isinstance(tp, type) and issubclass(tp, Enum):
         choices = [m.value for m in tp]
         if value not in choices:
             problems.append(f"{key}: {value!r} is not one of {choices}")
-            return None
+            return _BAD
         return tp(value)
     if tp is bool:
         if not isinstance(value, bool):
-            problems.append(f"{key}: expected true/false, got {value!r}")
+            hint = " (remove the quotes)" if str(value).lower() in ("true", "false") else ""
+            problems.append(f"{key}: expected true/false, got {value!r}{hint}")
+            return _BAD
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            problems.append(f"{key}: expected an integer, got {value!r}")
+            problems.append(f"{key}: expected an integer, got {value!r}{_number_hint(value, integer=True)}")
+            return _BAD
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            problems.append(
-                f"{key}: expected a number, got {value!r} (write 2e-3 as 0.002 or 2.0e-3 in YAML)"
-            )
-            return value
+            problems.append(f"{key}: expected a number, got {value!r}{_number_hint(value, integer=False)}")
+            return _BAD
+        if not math.isfinite(value):  # YAML reads .inf and .nan as floats; they train into NaN weights
+            problems.append(f"{key}: must be a finite number, got {value!r}; write a finite value")
+            return _BAD
         return float(value)
     if tp is str:
         if not isinstance(value, str):
-            problems.append(f"{key}: expected a string, got {value!r} (quote it)")
+            if value is None:
+                hint = " (write '' for none)"
+            elif isinstance(value, (int, float, bool, datetime.date)):
+                hint = " (quote it)"
+            else:
+                hint = ""
+            problems.append(f"{key}: expected a string, got {value!r}{hint}")
+            return _BAD
         return value
     raise TypeError(f"unsupported params type {tp} at {key}")
 
 
+def _unknown(tp: Any) -> Any:
+    """The stand-in for a value that did not convert: None, or a dataclass of unknowns (so checks skip it)."""
+    if not dataclasses.is_dataclass(tp):
+        return None
+    hints = typing.get_type_hints(tp)
+    return tp(**{f.name: _unknown(hints[f.name]) for f in dataclasses.fields(tp)})
+
+
 def _build(cls: type, data: dict, prefix: str, problems: list[str]) -> Any:
+    """`cls` from `data`: missing keys take their defaults, values that do not convert are unknown (None)."""
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     for unknown in sorted(set(data) - set(names)):
@@ -371,112 +430,161 @@ def _build(cls: type, data: dict, prefix: str, problems: list[str]) -> Any:
     kwargs = {}
     for name in names:
         if name in data:
-            kwargs[name] = _convert(data[name], hints[name], f"{prefix}.{name}", problems)
-    try:
-        return cls(**{k: v for k, v in kwargs.items() if v is not None or _optional(hints[k])})
-    except TypeError as e:  # only reachable through earlier, already reported problems
-        problems.append(f"{prefix}: {e}")
-        return cls()
-
-
-def _optional(tp: Any) -> bool:
-    return type(None) in typing.get_args(tp)
+            value = _convert(data[name], hints[name], f"{prefix}.{name}", problems)
+            kwargs[name] = _unknown(hints[name]) if value is _BAD else value
+    return cls(**kwargs)
 
 
 def _check(p: Params, problems: list[str]) -> None:
-    """Range checks and impossible combinations across sections."""
+    """Range checks of every number, and impossible combinations across sections.
 
-    def positive(key: str, value: float, zero_ok: bool = False) -> None:
-        if value is None:
-            return
-        if value < 0 or (value == 0 and not zero_ok):
+    A value that did not convert is None here (its problem is already reported) and is skipped, so that a file
+    with type and range problems reports all of them at once.
+    """
+
+    def positive(key: str, value: float | None, zero_ok: bool = False) -> None:
+        if value is not None and (value < 0 or (value == 0 and not zero_ok)):
             problems.append(f"{key}: must be {'>= 0' if zero_ok else '> 0'}, got {value}")
 
+    def within(key: str, value: float | None, low: float, high: float, closed: str = "[]") -> None:
+        """`closed` gives the interval's brackets: "[]", "[)", "(]" or "()"."""
+        if value is None:
+            return
+        above = value >= low if closed[0] == "[" else value > low
+        below = value <= high if closed[1] == "]" else value < high
+        if not (above and below):
+            problems.append(f"{key}: {value} is not in {closed[0]}{low}, {high}{closed[1]}")
+
+    def seed(key: str, value: int | None) -> None:
+        positive(key, value, zero_ok=True)
+        if value is not None and value >= SEED_LIMIT:
+            problems.append(f"{key}: must be < {SEED_LIMIT} (numpy's seed range), got {value}")
+
+    def divides(key: str, value: int | None, divisor_key: str, divisor: int | None) -> None:
+        if value is not None and divisor is not None and value > 0 and divisor > 0 and value % divisor:
+            problems.append(
+                f"{key}: {value} is not a multiple of {divisor_key} {divisor}; pick sizes that divide"
+            )
+
     b, pr, ev = p.base, p.prepare, p.evaluate
-    for name in ("max_steps", "batch_size", "learning_rate"):
-        positive(f"base.train.{name}", getattr(b.train, name))
-    for name in ("warmup_steps", "save_steps"):
-        positive(f"base.train.{name}", getattr(b.train, name), zero_ok=True)
+    seed("base.seed", b.seed)
     positive("base.threads", b.threads, zero_ok=True)
+    tr = b.train
+    for name in ("max_steps", "batch_size", "learning_rate"):
+        positive(f"base.train.{name}", getattr(tr, name))
+    for name in ("warmup_steps", "weight_decay", "save_steps"):
+        positive(f"base.train.{name}", getattr(tr, name), zero_ok=True)
     t = b.tiny
-    if t.image_size % t.patch_size:
+    for name in (
+        "image_size",
+        "patch_size",
+        "vision_hidden",
+        "vision_layers",
+        "vision_heads",
+        "text_hidden",
+        "text_layers",
+        "text_heads",
+        "text_intermediate",
+    ):
+        positive(f"base.tiny.{name}", getattr(t, name))
+    if t.vocab_size is not None and t.vocab_size < MIN_VOCAB:
         problems.append(
-            f"base.tiny.image_size: {t.image_size} is not a multiple of base.tiny.patch_size "
-            f"{t.patch_size}; pick sizes that divide"
+            f"base.tiny.vocab_size: must be >= {MIN_VOCAB} (256 byte symbols and 5 special tokens), "
+            f"got {t.vocab_size}"
         )
-    if t.vision_hidden % t.vision_heads or t.text_hidden % t.text_heads:
-        problems.append("base.tiny: hidden sizes must be multiples of their head counts")
-    if b.model is ModelKind.HUB and not b.revision and not Path(b.hub_id).is_dir():
+    divides("base.tiny.image_size", t.image_size, "base.tiny.patch_size", t.patch_size)
+    divides("base.tiny.vision_hidden", t.vision_hidden, "base.tiny.vision_heads", t.vision_heads)
+    divides("base.tiny.text_hidden", t.text_hidden, "base.tiny.text_heads", t.text_heads)
+    if t.text_hidden and t.text_heads and t.text_hidden > 0 and t.text_heads > 0:
+        head = t.text_hidden / t.text_heads
+        if head.is_integer() and head % 2:
+            problems.append(
+                f"base.tiny.text_hidden: head size {t.text_hidden}/{t.text_heads} = {int(head)} is odd; "
+                "rotary position embeddings rotate pairs of dimensions, so pick an even head size"
+            )
+    if b.model is ModelKind.HUB and not b.hub_id:
+        problems.append("base.hub_id: empty; name the hub model (e.g. llava-hf/llava-1.5-7b-hf) or a folder")
+    if b.model is ModelKind.HUB and b.hub_id and b.revision == "" and not Path(b.hub_id).is_dir():
         problems.append(
             f"base.revision: empty; pin a commit of {b.hub_id} so the study is reproducible "
             "(`python -m posttrain pin` fills it in; a local folder needs none)"
         )
-    if b.model.trains_from_scratch and not pr.source.has_pretrain_pool:
+    if b.model is ModelKind.TINY and pr.source is not None and not pr.source.has_pretrain_pool:
         problems.append(
             f"base.model: 'tiny' trains from scratch on the synthetic pretrain pool, but "
             f"prepare.source is {pr.source.value!r}; use base.model: hub or prepare.source: synthetic"
         )
+
+    seed("prepare.seed", pr.seed)
+    within("prepare.max_bad_fraction", pr.max_bad_fraction, 0, 1)
     s = pr.synthetic
-    if b.model is ModelKind.TINY and pr.source is DataSource.SYNTHETIC and s.image_size != t.image_size:
+    for name in ("image_size", "pretrain_images", "study_images", "questions_per_image"):
+        positive(f"prepare.synthetic.{name}", getattr(s, name))
+    if (
+        b.model is ModelKind.TINY
+        and pr.source is DataSource.SYNTHETIC
+        and None not in (s.image_size, t.image_size)
+        and s.image_size != t.image_size
+    ):
         problems.append(
             f"prepare.synthetic.image_size: {s.image_size} differs from base.tiny.image_size "
             f"{t.image_size}; make them equal"
         )
     for pool in ("pretrain", "study"):
         n, n_test = getattr(s, f"{pool}_images"), getattr(s, f"{pool}_test_images")
-        if n is not None and n_test is not None and not 0 < n_test < n:
+        if n_test is not None and not (0 < n_test and (n is None or n_test < n)):
             problems.append(
                 f"prepare.synthetic.{pool}_test_images: {n_test} must be > 0 and below "
                 f"prepare.synthetic.{pool}_images ({n})"
             )
     for name in ("negative_fraction", "followup_fraction"):
-        value = getattr(s, name)
-        if value is not None and not 0 <= value <= 1:
-            problems.append(f"prepare.synthetic.{name}: {value} is not in [0, 1]")
-    positive("prepare.synthetic.questions_per_image", s.questions_per_image)
-    if pr.max_bad_fraction is not None and not 0 <= pr.max_bad_fraction <= 1:
-        problems.append(f"prepare.max_bad_fraction: {pr.max_bad_fraction} is not in [0, 1]")
-    if pr.source is DataSource.LRV_CHART and not pr.lrv.local_parquet and not pr.lrv.revision:
+        within(f"prepare.synthetic.{name}", getattr(s, name), 0, 1)
+    positive("prepare.lrv.test_images", pr.lrv.test_images)
+    if pr.source is DataSource.LRV_CHART and not pr.lrv.local_parquet and pr.lrv.revision == "":
         problems.append("prepare.lrv.revision: empty; pin a dataset commit, or set prepare.lrv.local_parquet")
+
     sc = p.sft.common
     for name in ("rank", "max_steps", "batch_size", "learning_rate", "gradient_accumulation"):
         positive(f"sft.common.{name}", getattr(sc, name))
-    for name in ("warmup_steps", "save_steps"):
+    for name in ("warmup_steps", "weight_decay", "save_steps"):
         positive(f"sft.common.{name}", getattr(sc, name), zero_ok=True)
-    if not sc.target_modules:
+    if sc.target_modules is not None and not sc.target_modules:
         problems.append(
             "sft.common.target_modules: empty; name the language-model layers to adapt, e.g. q_proj"
         )
-    if not p.sft.variants:
+    for i, module in enumerate(sc.target_modules or ()):
+        if module == "":
+            problems.append(f"sft.common.target_modules[{i}]: empty; name a layer, e.g. q_proj")
+    if p.sft.variants is not None and not p.sft.variants:
         problems.append(
             "sft.variants: empty; define at least one variant (e.g. sft1: {alpha: 16, dropout: 0.05})"
         )
     reserved = {"base", "sfte", "sfte_dpo"}
-    for name, v in p.sft.variants.items():
+    for name, v in (p.sft.variants or {}).items():
         if not re.fullmatch(r"[a-z][a-z0-9_]*", name) or name in reserved:
             problems.append(
                 f"sft.variants.{name}: variant names must match [a-z][a-z0-9_]* (no dots: PEFT adapter "
                 f"names) and not be one of {sorted(reserved)}"
             )
         positive(f"sft.variants.{name}.alpha", v.alpha)
-        if v.dropout is not None and not 0 <= v.dropout < 1:
-            problems.append(f"sft.variants.{name}.dropout: {v.dropout} is not in [0, 1)")
-    if sc.quantization.needs_cuda and b.model is ModelKind.TINY:
+        within(f"sft.variants.{name}.dropout", v.dropout, 0, 1, "[)")
+    if sc.quantization is not None and sc.quantization.needs_cuda and b.model is ModelKind.TINY:
         problems.append(
             "sft.common.quantization: nf4 quantizes a hub model on CUDA; the tiny model trains in full "
             "precision (use quantization: none)"
         )
+
     en = p.ensemble
     positive("ensemble.svd_rank", en.svd_rank, zero_ok=True)
-    if en.density is not None and not 0 < en.density <= 1:
-        problems.append(f"ensemble.density: {en.density} is not in (0, 1]")
+    within("ensemble.density", en.density, 0, 1, "(]")
+
     pf, dp = p.preferences, p.dpo
     for name in ("temperature", "max_new_tokens", "batch_size", "min_pairs"):
         positive(f"preferences.{name}", getattr(pf, name))
     positive("preferences.max_prompts", pf.max_prompts, zero_ok=True)
-    if pf.top_p is not None and not 0 < pf.top_p <= 1:
-        problems.append(f"preferences.top_p: {pf.top_p} is not in (0, 1]")
-    if pf.judge.needs_critic_model and not ev.critic.model:
+    within("preferences.top_p", pf.top_p, 0, 1, "(]")
+    seed("preferences.seed", pf.seed)
+    if pf.judge is not None and pf.judge.needs_critic_model and ev.critic.model == "":
         problems.append(
             "preferences.judge: 'critic' needs evaluate.critic.model (a transformers-format "
             "LLaVA-Critic); set it or use judge: self / reference"
@@ -487,20 +595,25 @@ def _check(p: Params, problems: list[str]) -> None:
     positive("dpo.save_steps", dp.save_steps, zero_ok=True)
     if dp.label_smoothing is not None and not 0 <= dp.label_smoothing < 0.5:
         problems.append(f"dpo.label_smoothing: {dp.label_smoothing} is not in [0, 0.5)")
-    elif dp.loss_type is not None and dp.loss_type.needs_label_smoothing and not dp.label_smoothing:
+    elif dp.loss_type is not None and dp.loss_type.needs_label_smoothing and dp.label_smoothing == 0:
         problems.append(
             "dpo.loss_type: 'robust' with dpo.label_smoothing 0 is plain DPO; set dpo.label_smoothing to the "
             "share of verdicts you expect to be wrong (e.g. 0.1), or use loss_type: sigmoid"
         )
+
     for name in ("batch_size", "max_new_tokens", "resamples"):
         positive(f"evaluate.{name}", getattr(ev, name))
-    if ev.critic.kind.needs_model and not ev.critic.model:
+    seed("evaluate.seed", ev.seed)
+    for name in ("batch_size", "max_new_tokens"):
+        positive(f"evaluate.critic.{name}", getattr(ev.critic, name))
+    if ev.critic.kind is not None and ev.critic.kind.needs_model and ev.critic.model == "":
         problems.append(
             "evaluate.critic.model: empty; give a transformers-format LLaVA-Critic folder or hub id "
             "(or use evaluate.critic.kind: reference)"
         )
     positive("report.examples", p.report.examples, zero_ok=True)
     positive("report.resamples", p.report.resamples)
+    seed("report.seed", p.report.seed)
 
 
 def parse_params(data: dict, source: str = "params") -> Params:
@@ -510,19 +623,77 @@ def parse_params(data: dict, source: str = "params") -> Params:
         raise ParamsError([f"top level: expected a mapping of sections, got {type(data).__name__}"], source)
     params = _build(Params, data, "params", problems)
     problems = [p.removeprefix("params.") for p in problems]
-    if not problems:
-        _check(params, problems)
+    _check(params, problems)
     if problems:
         raise ParamsError(problems, source)
     return params
 
 
+def _duplicate_keys(node: yaml.Node, path: str = "") -> list[str]:
+    """Every key given twice in one mapping of the YAML tree `node` (YAML itself keeps the last silently)."""
+    problems = []
+    if isinstance(node, yaml.MappingNode):
+        first_line: dict[str, int] = {}
+        for key_node, value_node in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.value == "<<":  # merge keys may override
+                continue
+            key = f"{path}{key_node.value}"
+            line = key_node.start_mark.line + 1
+            if key_node.value in first_line:
+                problems.append(
+                    f"{key}: given twice (lines {first_line[key_node.value]} and {line}); YAML would "
+                    "silently keep the last, delete one"
+                )
+            else:
+                first_line[key_node.value] = line
+            problems += _duplicate_keys(value_node, f"{key}.")
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            problems += _duplicate_keys(item, f"{path.removesuffix('.')}[{i}].")
+    return problems
+
+
+def read_params_text(text: str, source: str) -> Params:
+    """Validate the text of a params file: YAML syntax, duplicate keys, emptiness, then `parse_params`.
+
+    YAML is parsed as data (safe loader), never evaluated. Every problem is raised at once as a `ParamsError`.
+    """
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        data = loader.construct_document(node) if node is not None else None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        what = " ".join(str(x) for x in (getattr(e, "context", None), getattr(e, "problem", None)) if x)
+        raise ParamsError([f"{where}not valid YAML ({what or e}); fix the syntax there"], source) from None
+    finally:
+        loader.dispose()
+    if data is None:
+        raise ParamsError(
+            ["the file is empty; write the sections to change (params.yaml lists every key)"], source
+        )
+    duplicates = _duplicate_keys(node)
+    try:
+        params = parse_params(data, source)
+    except ParamsError as e:
+        raise ParamsError(duplicates + e.problems, source) from None
+    if duplicates:
+        raise ParamsError(duplicates, source)
+    return params
+
+
+def read_params_file(path: str | Path) -> str:
+    """The text of a params file; a missing one is a `ParamsError`."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ParamsError(["the file does not exist; pass an existing params file"], str(path)) from None
+
+
 def load_params(path: str | Path = "params.yaml") -> Params:
-    """Read and validate a params file (YAML is parsed as data, never evaluated)."""
-    path = Path(path)
-    with open(path, encoding="utf-8") as f:
-        data = yaml.safe_load(f) or {}
-    return parse_params(data, str(path))
+    """Read and validate a params file (see `read_params_text`)."""
+    return read_params_text(read_params_file(path), str(path))
 
 
 def downstream_quantization(params: Params) -> Quantization:

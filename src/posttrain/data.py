@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 
+from posttrain.errors import DataError, MissingInputError
 from posttrain.io import read_jsonl, write_jsonl
 
 SPLITS = ("pretrain_train", "pretrain_test", "study_train", "study_test")
@@ -97,7 +98,7 @@ class Example:
         names = {f.name for f in dataclasses.fields(cls)}
         missing = names - set(row) - {"elements", "source", "history"}
         if missing:
-            raise ValueError(
+            raise DataError(
                 f"example {row.get('id', '?')!r} lacks fields {sorted(missing)}; data prepared by an older "
                 "version? Run `dvc repro prepare`."
             )
@@ -146,7 +147,7 @@ def group_conversations(examples: list[Example]) -> list[Conversation]:
     turns were kept without the earlier ones is still whole.
 
     Raises:
-        ValueError: two turns of one conversation disagree (another image, or a history that is not the
+        DataError: two turns of one conversation disagree (another image, or a history that is not the
             conversation's earlier turns); the message names the conversation.
     """
     by_id: dict[str, list[Example]] = {}
@@ -166,7 +167,7 @@ def group_conversations(examples: list[Example]) -> list[Conversation]:
                     (e.question, e.answer),
                 )
             ):
-                raise ValueError(
+                raise DataError(
                     f"conversation {conv_id!r}: turn {e.id!r} does not fit the conversation's other turns "
                     "(image or history differ). The prepared data is inconsistent: run `dvc repro prepare`."
                 )
@@ -193,7 +194,7 @@ def write_examples(path: str | Path, examples: list[Example]) -> None:
 def read_examples(path: str | Path) -> list[Example]:
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist. Run `dvc repro prepare` first.")
+        raise MissingInputError(f"{path} does not exist. Run `dvc repro prepare` first.")
     return [Example.from_json(r) for r in read_jsonl(path)]
 
 
@@ -214,7 +215,7 @@ def split_by_image(
     """
     image_ids = sorted({e.image_id for e in examples})
     if n_test_images >= len(image_ids):
-        raise ValueError(f"asked for {n_test_images} test images but only {len(image_ids)} exist")
+        raise DataError(f"asked for {n_test_images} test images but only {len(image_ids)} exist")
     random.Random(seed).shuffle(image_ids)
     test_ids = set(image_ids[:n_test_images])
     train = [e for e in examples if e.image_id not in test_ids]

@@ -11,6 +11,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from posttrain.errors import DataError, MissingInputError
+
 
 @contextlib.contextmanager
 def atomic_dir(target: str | Path) -> Iterator[Path]:
@@ -65,8 +67,11 @@ def read_json(path: str | Path, produced_by: str | None = None) -> Any:
     path = Path(path)
     if not path.exists():
         hint = f" Run `dvc repro {produced_by}` first." if produced_by else ""
-        raise FileNotFoundError(f"{path} does not exist.{hint}")
-    return json.loads(path.read_text(encoding="utf-8"))
+        raise MissingInputError(f"{path} does not exist.{hint}")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg}).") from e
 
 
 def write_jsonl(path: str | Path, rows: list[dict]) -> None:
@@ -84,5 +89,5 @@ def read_jsonl(path: str | Path) -> list[dict]:
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg}).") from e
+                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg}).") from e
     return rows

@@ -28,6 +28,7 @@ from pathlib import Path
 from posttrain.answers import short_answer_of
 from posttrain.data import AnswerType, Example, image_hash
 from posttrain.declines import is_decline
+from posttrain.errors import DataError, MissingInputError
 
 logger = logging.getLogger(__name__)
 
@@ -70,10 +71,10 @@ def _parquet_files(path: Path) -> list[Path]:
     if path.is_dir():
         files = sorted(path.glob("*.parquet"))
         if not files:
-            raise FileNotFoundError(f"no *.parquet files in folder {path}")
+            raise MissingInputError(f"no *.parquet files in folder {path}")
         return files
     if not path.exists():
-        raise FileNotFoundError(f"LRV parquet source {path} does not exist")
+        raise MissingInputError(f"LRV parquet source {path} does not exist")
     return [path]
 
 
@@ -85,7 +86,7 @@ def _iter_parquet_rows(files: list[Path], batch_size: int = 256) -> Iterator[dic
         pf = pq.ParquetFile(file)
         missing = [c for c in _REQUIRED_COLUMNS if c not in pf.schema_arrow.names]
         if missing:
-            raise ValueError(
+            raise DataError(
                 f"{file}: missing columns {missing}; expected the LLaVA-OneVision-Data schema "
                 f"(id, image{{bytes, path}}, conversations[{{from, value}}], data_source), found "
                 f"{pf.schema_arrow.names}"
@@ -108,7 +109,7 @@ def _hub_parquet_files(hub_id: str, config: str, revision: str, split: str) -> l
     )
     files = sorted(set(root.glob(patterns[0])) | set(root.glob(patterns[1])))
     if not files:
-        raise FileNotFoundError(
+        raise DataError(
             f"no parquet files matching {patterns} in dataset {hub_id} at revision {revision}; "
             "check the config, split and revision."
         )
@@ -133,8 +134,9 @@ def load_lrv_rows(
         ``data_source``.
 
     Raises:
-        FileNotFoundError: No parquet file found.
-        ValueError: A file lacks the expected columns, or no revision is given for the Hub.
+        MissingInputError: The local parquet file or folder is missing.
+        DataError: A file lacks the expected columns, or the Hub revision has no parquet files.
+        ValueError: No revision is given for the Hub.
     """
     if local_parquet:
         files = _parquet_files(Path(local_parquet))
@@ -353,14 +355,14 @@ def check_bad_fraction(report: dict, max_bad_fraction: float) -> None:
         max_bad_fraction: Largest allowed skipped rows / rows read (``prepare.max_bad_fraction``).
 
     Raises:
-        ValueError: No rows were read, or skipped / read exceeds `max_bad_fraction`; the message gives the
+        DataError: No rows were read, or skipped / read exceeds `max_bad_fraction`; the message gives the
             counts by reason and the first skipped ids.
     """
     rows_read = report["rows_read"]
     skipped = report.get("skipped", {})
     n_bad = sum(skipped.values())
     if rows_read == 0:
-        raise ValueError(
+        raise DataError(
             "LRV Chart: no rows were read. Check the source (local parquet path or hub revision)."
         )
     fraction = n_bad / rows_read
@@ -370,7 +372,7 @@ def check_bad_fraction(report: dict, max_bad_fraction: float) -> None:
     examples = "; ".join(
         f"{reason}: {ids[:5]}" for reason, ids in sorted(report.get("skipped_ids", {}).items()) if ids
     )
-    raise ValueError(
+    raise DataError(
         f"LRV Chart: {n_bad} of {rows_read} rows ({fraction:.1%}) were skipped as bad, above the allowed "
         f"prepare.max_bad_fraction={max_bad_fraction} ({max_bad_fraction:.1%}). "
         f"Skipped by reason: {reasons}. First skipped ids: {examples}. Check the source (the parquet "

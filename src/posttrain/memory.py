@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from posttrain.errors import InputError
+
 GB = 1e9
 # bytes of saved activations per token, per decoder layer, per hidden unit
 ACTIVATION_BYTES = {
@@ -31,7 +33,7 @@ NF4_BYTES = 0.5 + 0.5 / 64 + 4 / (64 * 256)  # 4-bit weights, an 8-bit scale per
 ADAPTER_BYTES = 4 + 4 + 8  # fp32 weight, gradient, two AdamW moments
 
 
-class BatchTooLargeError(RuntimeError):
+class BatchTooLargeError(InputError, RuntimeError):
     """Raised before loading when the estimated training memory exceeds the GPU's."""
 
 

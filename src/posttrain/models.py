@@ -15,7 +15,7 @@ from PIL import Image
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
     AutoProcessor,
-    CLIPImageProcessor,
+    CLIPImageProcessorPil,
     CLIPVisionConfig,
     LlamaConfig,
     LlavaConfig,
@@ -25,6 +25,7 @@ from transformers import (
 )
 
 from posttrain.config import Quantization, TinyParams
+from posttrain.errors import MissingInputError
 from posttrain.template import CHAT_TEMPLATE, IMAGE_TOKEN
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", IMAGE_TOKEN]
@@ -104,7 +105,9 @@ def build_tiny_llava(tokenizer: PreTrainedTokenizerFast, arch: TinyParams, seed:
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.bos_token_id = tokenizer.bos_token_id
-    image_processor = CLIPImageProcessor(
+    # the PIL backend by name: in transformers 5 `CLIPImageProcessor` is the torchvision one, which falls back
+    # to this class (with a warning in every process) when torchvision is not installed
+    image_processor = CLIPImageProcessorPil(
         size={"shortest_edge": arch.image_size},
         crop_size={"height": arch.image_size, "width": arch.image_size},
         do_convert_rgb=True,
@@ -139,7 +142,7 @@ def write_provenance(folder: Path, **fields) -> None:
 def read_provenance(folder: str | Path, stage: str) -> dict:
     path = Path(folder) / PROVENANCE
     if not path.exists():
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"{path} is missing: {folder} was not produced by this pipeline. Run `dvc repro {stage}`."
         )
     return json.loads(path.read_text())

@@ -21,6 +21,7 @@ import torch
 from posttrain.critic import PAIRWISE, combine_orders
 from posttrain.data import Example
 from posttrain.declines import is_decline
+from posttrain.errors import InputError
 from posttrain.evaluation import critic_images, extract_short_answer, is_correct
 from posttrain.generation import answer_nll, generate
 from posttrain.metrics import rouge_l
@@ -173,7 +174,7 @@ def build_pairs(
     return pairs, stats
 
 
-class NoPairsError(RuntimeError):
+class NoPairsError(InputError, RuntimeError):
     """Raised when judging leaves no usable pair: DPO would have nothing to learn from."""
 
 

@@ -1,9 +1,21 @@
-"""Process setup every stage shares: CPU threads, and quiet third-party progress bars."""
+"""What every command shares: CPU threads, quiet third-party output, and input errors as messages alone."""
 
 from __future__ import annotations
 
 import os
+import sys
 import warnings
+from collections.abc import Callable
+from typing import NoReturn
+
+from posttrain.errors import InputError
+
+# transformers 5 deprecates the gradient_checkpointing names for activation_checkpointing ones. The Trainer
+# arguments warn even when checkpointing is off (the flag is passed as False), and TRL's DPO reads the old
+# property on every step; the names still work until v6, so the warnings say nothing to act on here.
+DEPRECATED_CHECKPOINTING = (
+    r"`(is_)?gradient_checkpointing(_kwargs)?` is deprecated and will be removed in v6\."  # from the start
+)
 
 
 def setup(threads: int) -> str:
@@ -16,5 +28,29 @@ def setup(threads: int) -> str:
         torch.set_num_threads(threads)
     transformers.utils.logging.disable_progress_bar()  # "Loading weights", "Writing model shards"
     transformers.utils.logging.set_verbosity_error()
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=DEPRECATED_CHECKPOINTING, category=FutureWarning)
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def exit_status(main: Callable[[], int | None]) -> int:
+    """Run a command's `main` and return its exit status; an `InputError` is printed alone and gives 1.
+
+    A typo in params.yaml or a bad data file is for the user to fix, not a bug: its message names the key or
+    row and the fix, and a traceback would bury it. Every other exception keeps its traceback.
+
+    Args:
+        main: The command; it returns its exit status (None counts as 0).
+
+    Returns:
+        The exit status.
+    """
+    try:
+        return main() or 0
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+def run_command(main: Callable[[], int | None]) -> NoReturn:
+    """Exit with `exit_status` of `main`: the ``if __name__ == "__main__"`` line of every stage script."""
+    sys.exit(exit_status(main))

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import CLIPImageProcessor, LlavaProcessor, PreTrainedTokenizerFast
+from transformers import CLIPImageProcessorPil, LlavaProcessor, PreTrainedTokenizerFast
 
 from posttrain.architectures import build_random
 from posttrain.template import CHAT_TEMPLATE, IMAGE_TOKEN
@@ -152,7 +152,7 @@ def write_llava(
     folder = Path(folder)
     tokenizer = standin_tokenizer(texts, LLAVA_SPECIALS, bos="<s>", eos="</s>", pad="<pad>", unk="<unk>")
     vision = config.vision_config
-    image_processor = CLIPImageProcessor(
+    image_processor = CLIPImageProcessorPil(
         size={"shortest_edge": vision.image_size},
         crop_size={"height": vision.image_size, "width": vision.image_size},
         do_convert_rgb=True,

@@ -266,7 +266,11 @@ def check_training_memory(
     checkpointing: bool,
     liger: bool,
 ) -> None:
-    """On CUDA, before any weight loads: fail with the knob to turn if the step cannot fit the GPU.
+    """Before any weight loads: say when the batch exceeds the data; on CUDA, fail if the step cannot fit.
+
+    A batch_size above the number of rows is clipped to them, as HF Trainer's DataLoader does (its one batch
+    is short), and said, on every device; the memory estimate counts those rows. On CUDA, a step that cannot
+    fit the GPU fails with the knob to turn.
 
     Args:
         base_dir: the `base` stage's folder (its config and processor are read, not its weights).
@@ -284,6 +288,16 @@ def check_training_memory(
     Raises:
         posttrain.memory.BatchTooLargeError: the estimate exceeds 95% of the GPU's memory.
     """
+    rows = len(sequences) // sequences_per_row
+    if 0 < rows < batch_size:
+        unit = "conversations" if sequences_per_row == 1 else "preference pairs"
+        print(
+            f"{section}.batch_size {batch_size} is more than the {rows} {unit} to train on: every batch "
+            f"holds all {rows} (the DataLoader's one, shorter batch), so each step sees all the data; set "
+            f"{section}.batch_size to {rows} or less to say what runs",
+            flush=True,
+        )
+        batch_size = rows
     if not torch.cuda.is_available() or not sequences:
         return
     from posttrain.memory import check_fits, estimate_training
