@@ -43,7 +43,7 @@ def ran(output: str) -> set[str]:
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory):
     root = tmp_path_factory.mktemp("dvcrepo")
-    for item in ("stages", "src", "dvc.yaml"):
+    for item in ("stages", "src", "dvc.yaml", ".gitignore"):
         src = ROOT / item
         (shutil.copytree if src.is_dir() else shutil.copy)(src, root / item)
     params = micro_params()
@@ -97,3 +97,40 @@ def test_experiment_with_set_param_runs_and_is_listed(repo):
     assert "sft@sft2" in ran(out) and "sft@sft1" not in ran(out)
     show = sh(sys.executable, "-m", "dvc", "exp", "show", "--md", cwd=repo)
     assert "0.2" in show and "relaxed_acc" in show
+
+
+def committed(repo: Path) -> None:
+    """Run what is pending and commit it: the tests below start from a repo in step with its lock."""
+    sh(sys.executable, "-m", "dvc", "repro", cwd=repo)
+    sh("git", "add", "-A", cwd=repo)
+    sh("git", "commit", "-qm", "state", "--allow-empty", cwd=repo)
+
+
+def test_forced_rerun_of_a_stage_leaves_the_lock_unchanged(repo):
+    """Same code and params, same output hashes: no timings or other run-to-run noise in any output."""
+    committed(repo)
+    for stage in ("base", "sft@sft1", "dpo"):
+        out = sh(sys.executable, "-m", "dvc", "repro", "--force", "--single-item", stage, cwd=repo)
+        assert ran(out) == {stage}, out
+        diff = subprocess.run(["git", "diff", "--stat"], cwd=repo, capture_output=True, text=True).stdout
+        assert not diff, f"dvc repro --force {stage} changed tracked files:\n{diff}"
+
+
+def test_a_typo_costs_no_result(repo):
+    """A typo fails the stage before any work, with the message alone; fixing it reruns nothing."""
+    committed(repo)
+    good = (repo / "params.yaml").read_text()
+    params = yaml.safe_load(good)
+    params["sft"]["variants"]["sft2"]["alpah"] = params["sft"]["variants"]["sft2"].pop("alpha")
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    proc = subprocess.run(
+        [sys.executable, "-m", "dvc", "repro"], cwd=repo, env=ENV, capture_output=True, text=True
+    )
+    assert proc.returncode != 0
+    assert "sft.variants.sft2.alpah: unknown key" in proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr
+    (repo / "params.yaml").write_text(good)
+    out = sh(sys.executable, "-m", "dvc", "repro", cwd=repo)
+    assert ran(out) == set(), f"every output (the curves too) comes back from DVC's cache:\n{out}"
+    status = subprocess.run(["git", "status", "--porcelain"], cwd=repo, capture_output=True, text=True)
+    assert not status.stdout.strip(), status.stdout
