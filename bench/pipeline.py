@@ -44,16 +44,16 @@ def run_timed(cmd: list[str], cwd: Path, env: dict) -> tuple[float, dict[str, fl
 
 
 def training_speed(clone: Path) -> dict:
-    """Steps, seconds and samples/s of every trained model, from the provenance the stages wrote."""
+    """Steps, seconds and samples/s of every trained model: timings from logs/, batch from the provenance."""
     training = {}
-    for prov_path in sorted((clone / "models").glob("*/provenance.json")):
-        prov = json.loads(prov_path.read_text())
-        summary = prov.get("training")
-        if not isinstance(summary, dict) or not summary.get("train_seconds"):
+    for log in sorted((clone / "logs").glob("*.json")):
+        summary = json.loads(log.read_text())
+        prov_path = clone / "models" / log.stem / "provenance.json"
+        if not summary.get("train_seconds") or not prov_path.exists():
             continue
-        params = prov.get("params", {})
+        params = json.loads(prov_path.read_text()).get("params", {})
         batch = (params.get("common") or params.get("train") or {}).get("batch_size")
-        training[prov_path.parent.name] = {
+        training[log.stem] = {
             "steps": summary["steps"],
             "train_seconds": summary["train_seconds"],
             "samples_per_s": round(summary["steps"] * batch / summary["train_seconds"], 1) if batch else None,
