@@ -78,20 +78,33 @@ def _parquet_files(path: Path) -> list[Path]:
 
 
 def _iter_parquet_rows(files: list[Path], batch_size: int = 256) -> Iterator[dict]:
-    """Yield rows of the parquet `files` in order, as plain dicts, a record batch at a time."""
+    """Yield rows of the parquet `files` in order, as plain dicts, a record batch at a time.
+
+    Raises:
+        ValueError: A file is empty, truncated or not parquet (the message names it), or lacks a column.
+    """
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     for file in files:
-        pf = pq.ParquetFile(file)
-        missing = [c for c in _REQUIRED_COLUMNS if c not in pf.schema_arrow.names]
-        if missing:
+        try:
+            pf = pq.ParquetFile(file)
+            missing = [c for c in _REQUIRED_COLUMNS if c not in pf.schema_arrow.names]
+            if missing:
+                raise ValueError(
+                    f"{file}: missing columns {missing}; expected the LLaVA-OneVision-Data schema "
+                    f"(id, image{{bytes, path}}, conversations[{{from, value}}], data_source), found "
+                    f"{pf.schema_arrow.names}"
+                )
+            for batch in pf.iter_batches(batch_size=batch_size):
+                yield from batch.to_pylist()
+        except (pa.ArrowException, OSError) as e:  # pyarrow's messages name no file
+            empty = file.stat().st_size == 0
+            what = "is empty (0 bytes)" if empty else "is truncated, damaged or not parquet"
             raise ValueError(
-                f"{file}: missing columns {missing}; expected the LLaVA-OneVision-Data schema "
-                f"(id, image{{bytes, path}}, conversations[{{from, value}}], data_source), found "
-                f"{pf.schema_arrow.names}"
-            )
-        for batch in pf.iter_batches(batch_size=batch_size):
-            yield from batch.to_pylist()
+                f"{file}: cannot be read as parquet: it {what} (pyarrow: {e}). Download it again, or point "
+                "prepare.lrv.local_parquet at complete parquet files."
+            ) from e
 
 
 def _hub_parquet_files(hub_id: str, config: str, revision: str, split: str) -> list[Path]:
@@ -134,7 +147,8 @@ def load_lrv_rows(
 
     Raises:
         FileNotFoundError: No parquet file found.
-        ValueError: A file lacks the expected columns, or no revision is given for the Hub.
+        ValueError: No revision is given for the Hub; while iterating, a file is empty, truncated or not
+            parquet, or lacks the expected columns (the message names the file).
     """
     if local_parquet:
         files = _parquet_files(Path(local_parquet))
