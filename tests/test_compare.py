@@ -277,6 +277,33 @@ def test_bad_optional_field_type(files, tmp_path, capsys):
     assert "bad.jsonl:3" in err and "'critic_score'" in err
 
 
+@pytest.mark.parametrize("score", ["150", "-0.5", "NaN", "Infinity", "-Infinity", "1e999"])
+def test_a_critic_score_outside_0_100_or_not_finite_is_named(files, tmp_path, capsys, score):
+    """Python's json reads NaN and Infinity literals (and 1e999 as inf): each would poison the critic mean."""
+    base, _, _ = files
+    lines = [json.dumps(r) for r in _rows(REFS, critic_score=[10, 20, 30, 40, 50, 60])]
+    lines[3] = lines[3].replace('"critic_score": 40', f'"critic_score": {score}')
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    code, _, err = _run(["compare", "--baseline", "base", str(base), str(bad)], capsys)
+    assert code == 2
+    assert "bad.jsonl:4" in err and "'critic_score'" in err and "0-100" in err
+    with pytest.raises(CompareError, match=r"bad.jsonl:4: field 'critic_score'"):
+        load_responses(bad)
+
+
+def test_check_rows_names_the_row_with_a_non_finite_critic_score():
+    rows = _rows(REFS, critic_score=[10, 20, 30, 40, float("nan"), 60])
+    with pytest.raises(CompareError, match=r"other: row 5: field 'critic_score' must be .*0-100.*nan"):
+        compare({"base": _rows(REFS), "other": rows}, "base")
+    rows[4]["critic_score"] = 100.5
+    with pytest.raises(CompareError, match=r"other: row 5: field 'critic_score'"):
+        compare({"base": _rows(REFS), "other": rows}, "base")
+    rows[4]["critic_score"] = 100  # the ends of the scale are scores
+    rows[0]["critic_score"] = 0
+    assert compare({"base": _rows(REFS), "other": rows}, "base", n_resamples=10)["models"]["other"]["n"] == 6
+
+
 def test_invalid_json_and_missing_file(files, tmp_path, capsys):
     base, _, _ = files
     bad = tmp_path / "bad.jsonl"

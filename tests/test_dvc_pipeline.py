@@ -1,4 +1,5 @@
-"""Real DVC on the micro config in a scratch git repo: a change reruns exactly what it affects.
+"""Real DVC on the micro config in a scratch git repo: a change reruns exactly what it affects, and the
+results travel to a fresh clone through an S3 remote.
 
 Slow (a few minutes): every stage runs as a subprocess, as `dvc repro` runs it.
 """
@@ -59,6 +60,62 @@ def repo(tmp_path_factory):
     sh("git", "add", "-A", cwd=root)
     sh("git", "commit", "-qm", "repro", cwd=root)
     return root
+
+
+@pytest.fixture()
+def s3_url():
+    """An S3-compatible server (moto) on 127.0.0.1 with an empty bucket ``results``; yields its URL."""
+    import logging
+
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one log line per request otherwise
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    url = f"http://{host}:{port}"
+    boto3.client("s3", endpoint_url=url, region_name="us-east-1", **S3_KEYS).create_bucket(Bucket="results")
+    try:
+        yield url
+    finally:
+        server.stop()
+
+
+S3_KEYS = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing"}
+
+
+def test_a_clone_pulls_the_results_from_an_s3_remote_and_has_nothing_to_rerun(repo, s3_url, tmp_path):
+    """README "Sharing results": push to an S3 remote, then a fresh clone pulls and reruns no stage."""
+    env = {**ENV, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
+    env.pop("AWS_PROFILE", None)
+
+    def dvc(*args: str, cwd: Path) -> str:
+        proc = subprocess.run(
+            [sys.executable, "-m", "dvc", *args], cwd=cwd, env=env, capture_output=True, text=True
+        )
+        assert proc.returncode == 0, f"dvc {' '.join(args)}:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+        return proc.stdout + proc.stderr
+
+    sh("git", "add", "-A", cwd=repo)  # whatever the module's tests left, committed with its dvc.lock
+    sh("git", "commit", "-qm", "results", "--allow-empty", cwd=repo)
+    assert "up to date" in dvc("status", cwd=repo)
+    dvc("remote", "add", "-d", "storage", "s3://results/posttrain", cwd=repo)
+    dvc("remote", "modify", "storage", "endpointurl", s3_url, cwd=repo)
+    sh("git", "commit", "-qam", "remote", cwd=repo)
+    assert "pushed" in dvc("push", cwd=repo)
+    assert "in sync" in dvc("status", "--cloud", cwd=repo)
+
+    clone = tmp_path / "clone"
+    sh("git", "clone", "-q", str(repo), str(clone), cwd=tmp_path)
+    assert not (clone / "models" / "sfte").exists() and not (clone / ".dvc" / "cache").exists()
+    assert "fetched" in dvc("pull", cwd=clone)
+    assert "Data and pipelines are up to date." in dvc("status", cwd=clone)
+    out = dvc("repro", cwd=clone)
+    assert ran(out) == set(), out
+    for adapter in ("sft1", "sfte", "sfte_dpo"):
+        name = f"models/{adapter}/adapter_model.safetensors"
+        assert (clone / name).read_bytes() == (repo / name).read_bytes()
 
 
 def downstream_of(root: Path, stage: str) -> set[str]:

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import io
+import re
 from pathlib import Path
 
 import pyarrow as pa
@@ -304,6 +305,30 @@ def test_missing_local_source_and_bad_schema(tmp_path: Path) -> None:
     pq.write_table(pa.table({"id": ["a"], "text": ["b"]}), tmp_path / "wrong.parquet")
     with pytest.raises(ValueError, match="missing columns"):
         list(load_lrv_rows(str(tmp_path / "wrong.parquet"), "h", "lrv_chart", "", "train"))
+
+
+def _damaged(kind: str, good: bytes) -> bytes:
+    """A parquet file's bytes spoilt as downloads and copies spoil them."""
+    footer = 8 + int.from_bytes(good[-8:-4], "little")  # thrift footer, its length, b"PAR1"
+    return {
+        "empty": b"",
+        "truncated": good[: len(good) // 2],
+        "not parquet": b"id,image,conversations\nchart/001,,\n",
+        "pages zeroed": good[:4] + bytes(len(good) - 4 - footer) + good[-footer:],  # footer intact
+    }[kind]
+
+
+@pytest.mark.parametrize("kind", ["empty", "truncated", "not parquet", "pages zeroed"])
+def test_an_unreadable_parquet_shard_is_named(tmp_path: Path, kind: str) -> None:
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    good = write_parquet(folder / "train-00000-of-00002.parquet", good_rows()).read_bytes()
+    bad = folder / "train-00001-of-00002.parquet"
+    bad.write_bytes(_damaged(kind, good))
+    rows = load_lrv_rows(str(folder), "h", "lrv_chart", "", "train")
+    with pytest.raises(ValueError, match=rf"{re.escape(str(bad))}: .*parquet") as raised:
+        list(rows)
+    assert "empty (0 bytes)" in str(raised.value) if kind == "empty" else "truncated" in str(raised.value)
 
 
 def test_hub_download_only_fetches_the_config_parquet(

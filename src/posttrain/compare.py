@@ -91,6 +91,9 @@ def _row_problem(row: object) -> str | None:
         wrong_type = not isinstance(value, types) or (bool not in types and isinstance(value, bool))
         if value is not None and wrong_type:
             return f"field {key!r} must be {what} or null, got {value!r}"
+    score = row.get("critic_score")  # JSON's NaN and Infinity literals parse as floats
+    if score is not None and not (math.isfinite(score) and 0 <= score <= 100):
+        return f"field 'critic_score' must be a score from 0-100 or null, got {score!r}"
     return None
 
 
@@ -115,8 +118,9 @@ def load_responses(path: str | Path) -> list[dict]:
         The rows, in file order.
 
     Raises:
-        CompareError: A line is not JSON, a row misses a required field (the message names the
-            file, the line number and the field), or an id repeats.
+        CompareError: A line is not JSON, a row misses a required field or has a critic score outside
+            0-100 or not finite (the message names the file, the line number and the field), or an id
+            repeats.
     """
     path = Path(path)
     rows: list[dict] = []

@@ -246,11 +246,12 @@ def run_rounds(
     from posttrain.config import downstream_quantization
     from posttrain.data import load_split
     from posttrain.io import atomic_dir
-    from posttrain.models import base_fingerprint, check_base_quantization, write_provenance
+    from posttrain.models import base_fingerprint, check_adapters, check_base_quantization, write_provenance
     from posttrain.preferences import make_preferences
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     quantization = downstream_quantization(params)
+    check_adapters(base_dir, {"sfte": sfte_dir})
     check_base_quantization(sfte_dir, "ensemble", quantization)
     rounds = []
     with atomic_dir(out_dir) as tmp:

@@ -20,6 +20,7 @@ from posttrain.config import EnsembleMethod, EnsembleParams, to_dict
 from posttrain.io import atomic_dir
 from posttrain.models import (
     base_fingerprint,
+    check_adapters,
     load_base,
     read_provenance,
     trained_quantization,
@@ -40,20 +41,14 @@ def adapter_rank(folder: Path) -> int:
 
 
 def check_members(base_dir: Path, members: dict[str, Path], method: EnsembleMethod) -> None:
-    """Refuse members that cannot be averaged: trained on another base, or unequal ranks for `linear`."""
+    """Refuse members that cannot be averaged.
+
+    That is: pickled weights or trained on another base (`check_adapters`), trained on the base held in
+    different precisions, or unequal ranks for `linear`.
+    """
     if not members:
         raise ValueError("the ensemble needs at least one member adapter")
-    fingerprint = base_fingerprint(base_dir)
-    wrong = {
-        n: read_provenance(d, f"sft@{n}").get("base_fingerprint")
-        for n, d in members.items()
-        if read_provenance(d, f"sft@{n}").get("base_fingerprint") != fingerprint
-    }
-    if wrong:
-        raise ValueError(
-            f"members {sorted(wrong)} were trained on a different base model than {base_dir} "
-            f"({fingerprint}); rerun `dvc repro sft` so every variant starts from the same base"
-        )
+    check_adapters(base_dir, members)
     held = {n: trained_quantization(d, f"sft@{n}").value for n, d in members.items()}
     if len(set(held.values())) > 1:
         raise ValueError(

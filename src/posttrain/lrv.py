@@ -79,20 +79,33 @@ def _parquet_files(path: Path) -> list[Path]:
 
 
 def _iter_parquet_rows(files: list[Path], batch_size: int = 256) -> Iterator[dict]:
-    """Yield rows of the parquet `files` in order, as plain dicts, a record batch at a time."""
+    """Yield rows of the parquet `files` in order, as plain dicts, a record batch at a time.
+
+    Raises:
+        DataError: A file is empty, truncated or not parquet (the message names it), or lacks a column.
+    """
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     for file in files:
-        pf = pq.ParquetFile(file)
-        missing = [c for c in _REQUIRED_COLUMNS if c not in pf.schema_arrow.names]
-        if missing:
+        try:
+            pf = pq.ParquetFile(file)
+            missing = [c for c in _REQUIRED_COLUMNS if c not in pf.schema_arrow.names]
+            if missing:
+                raise DataError(
+                    f"{file}: missing columns {missing}; expected the LLaVA-OneVision-Data schema "
+                    f"(id, image{{bytes, path}}, conversations[{{from, value}}], data_source), found "
+                    f"{pf.schema_arrow.names}"
+                )
+            for batch in pf.iter_batches(batch_size=batch_size):
+                yield from batch.to_pylist()
+        except (pa.ArrowException, OSError) as e:  # pyarrow's messages name no file
+            empty = file.stat().st_size == 0
+            what = "is empty (0 bytes)" if empty else "is truncated, damaged or not parquet"
             raise DataError(
-                f"{file}: missing columns {missing}; expected the LLaVA-OneVision-Data schema "
-                f"(id, image{{bytes, path}}, conversations[{{from, value}}], data_source), found "
-                f"{pf.schema_arrow.names}"
-            )
-        for batch in pf.iter_batches(batch_size=batch_size):
-            yield from batch.to_pylist()
+                f"{file}: cannot be read as parquet: it {what} (pyarrow: {e}). Download it again, or point "
+                "prepare.lrv.local_parquet at complete parquet files."
+            ) from e
 
 
 def _hub_parquet_files(hub_id: str, config: str, revision: str, split: str) -> list[Path]:
@@ -135,7 +148,8 @@ def load_lrv_rows(
 
     Raises:
         MissingInputError: The local parquet file or folder is missing.
-        DataError: A file lacks the expected columns, or the Hub revision has no parquet files.
+        DataError: A file lacks the expected columns, is empty, truncated or not parquet (the message names
+            the file), or the Hub revision has no parquet files.
         ValueError: No revision is given for the Hub.
     """
     if local_parquet:

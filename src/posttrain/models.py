@@ -233,6 +233,45 @@ def producing_stage(name: str) -> str:
     return {"base": "base", "sfte": "ensemble", "sfte_dpo": "dpo"}.get(name, f"sft@{name}")
 
 
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+def check_adapters(base_dir: str | Path, adapters: dict[str, Path]) -> None:
+    """Refuse adapters that are unsafe to load or were trained on another base than `base_dir`.
+
+    An adapter's weights must be safetensors: for a folder holding only ``adapter_model.bin``, PEFT would
+    ``torch.load`` a pickle, which can run code. The base fingerprint its provenance records must be
+    `base_fingerprint(base_dir)`: an adapter on another base measures nothing. Every adapter is checked and
+    every problem reported at once.
+
+    Args:
+        base_dir: the `base` stage's folder, the model the adapters are to be loaded onto.
+        adapters: model name (``sft1``, ``sfte``, ...) -> adapter folder; the name gives the stage to rerun.
+
+    Raises:
+        ValueError: naming each folder at fault and the `dvc repro` stage that rewrites it.
+    """
+    fingerprint = base_fingerprint(base_dir)
+    problems = []
+    for name, folder in adapters.items():
+        stage = producing_stage(name)
+        if not (Path(folder) / ADAPTER_WEIGHTS).is_file():
+            held = sorted(f.name for f in Path(folder).glob("adapter_model.*")) or ["no adapter weights"]
+            problems.append(
+                f"{folder} holds {', '.join(held)}, not {ADAPTER_WEIGHTS}: only safetensors adapters are "
+                f"loaded (a pickled .bin can run code when loaded); rerun `dvc repro {stage}`"
+            )
+            continue
+        recorded = read_provenance(folder, stage).get("base_fingerprint")
+        if recorded != fingerprint:
+            problems.append(
+                f"{folder} was trained on another base model ({recorded}) than {base_dir} ({fingerprint}); "
+                f"rerun `dvc repro {stage}`"
+            )
+    if problems:
+        raise ValueError("\n".join(problems))
+
+
 def trained_quantization(adapter: str | Path, stage: str) -> Quantization:
     """How the base weights were held while the adapter in `adapter` was trained (its provenance says)."""
     prov = read_provenance(adapter, stage)
@@ -275,6 +314,7 @@ def load_model(
     """
     adapter = models_dir / name
     if name != "base":
+        check_adapters(models_dir / "base", {name: adapter})
         check_base_quantization(adapter, producing_stage(name), quantization)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     model, processor, _ = load_base(
