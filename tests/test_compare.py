@@ -286,7 +286,7 @@ def test_a_critic_score_outside_0_100_or_not_finite_is_named(files, tmp_path, ca
     bad = tmp_path / "bad.jsonl"
     bad.write_text("\n".join(lines) + "\n", encoding="utf-8")
     code, _, err = _run(["compare", "--baseline", "base", str(base), str(bad)], capsys)
-    assert code == 2
+    assert code == 1
     assert "bad.jsonl:4" in err and "'critic_score'" in err and "0-100" in err
     with pytest.raises(CompareError, match=r"bad.jsonl:4: field 'critic_score'"):
         load_responses(bad)

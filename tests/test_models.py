@@ -31,9 +31,7 @@ def test_training_steps_change_the_weights_and_save_reloads_bit_identical(tiny, 
         seed=0,
         save_steps=0,
     )
-    summary = run_trainer(
-        model, args, ds, TeacherForcedCollator(processor.tokenizer.pad_token_id), [], resume=False
-    )
+    summary = run_trainer(model, args, ds, TeacherForcedCollator(processor.tokenizer.pad_token_id), [])
     assert summary["steps"] == 3
     after = model.state_dict()
     changed = [k for k in before if not torch.equal(before[k], after[k])]
