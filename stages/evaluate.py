@@ -3,8 +3,9 @@
     dvc repro evaluate@base          # one model
     dvc repro evaluate               # all of them
 
-Writes per-item rows to data/eval/{study_test,pretrain_test}/<model>.jsonl and the flat metrics
-(each with a 95% bootstrap CI) to metrics/<model>.json.
+Writes per-item rows to data/eval/{study_test,pretrain_test}/<model>.jsonl, every metric (each with its 95%
+CI and n, per-family accuracy, chance lines) to data/eval/metrics/<model>.json, and the headline metrics, the
+model's row of `dvc metrics show`, to metrics/<model>.json.
 """
 
 import argparse
@@ -22,14 +23,15 @@ def main() -> None:
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--data", default="data/prepared")
     ap.add_argument("--models", default="models")
-    ap.add_argument("--items", default="data/eval")
-    ap.add_argument("--metrics", default="metrics")
+    ap.add_argument("--items", default="data/eval", help="per-item rows and every metric with its CI")
+    ap.add_argument("--metrics", default="metrics", help="the headline metrics, the table's row")
     args = ap.parse_args()
 
     params = load_params(args.params)
     device = setup(params.base.threads)
     # only now that the params are valid: torch and transformers take seconds to import
-    from posttrain.evaluation import evaluate_model
+    from posttrain.evaluation import evaluate_model, headline
+    from posttrain.io import write_json_atomic
     from posttrain.models import load_model
 
     model, processor = load_model(args.model, Path(args.models), device, downstream_quantization(params))
@@ -40,17 +42,11 @@ def main() -> None:
         Path(args.data),
         params.evaluate,
         Path(args.items),
-        Path(args.metrics) / f"{args.model}.json",
+        Path(args.items) / "metrics" / f"{args.model}.json",
     )
-    shown = ("relaxed_acc", "negative_acc", "critic", "rouge_l", "bleu", "loss")
-    print("  ".join(f"{k} {metrics[k]:.2f}" for k in shown if metrics.get(k) is not None))
-    print(
-        "  ".join(
-            f"retain_{k} {metrics['retain_' + k]:.2f}"
-            for k in shown
-            if metrics.get("retain_" + k) is not None
-        )
-    )
+    table = headline(metrics)
+    write_json_atomic(Path(args.metrics) / f"{args.model}.json", table)  # the row of `dvc metrics show`
+    print("  ".join(f"{k} {v:.2f}" for k, v in table.items() if v is not None))
 
 
 if __name__ == "__main__":

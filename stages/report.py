@@ -1,4 +1,4 @@
-"""The comparison of every evaluated model: metrics/report.md, report.png and examples.html.
+"""The comparison of every evaluated model: metrics/report.md, report.png, curves.png and examples.html.
 
 dvc repro report
 """
@@ -21,6 +21,7 @@ def main() -> None:
     ap.add_argument(
         "--models-dir", default="models", help="for the DPO rounds in models/sfte_dpo/provenance.json"
     )
+    ap.add_argument("--live", default="dvclive", help="DVCLive root: the training curves; empty: none")
     args = ap.parse_args()
 
     params = load_params(args.params)
@@ -43,6 +44,7 @@ def main() -> None:
         preferences=json.loads(prefs.read_text()) if prefs.exists() else None,
         dpo_rounds=json.loads(dpo_prov.read_text()).get("rounds") if dpo_prov.exists() else None,
         judge=params.preferences.judge.value,
+        live_dir=Path(args.live) if args.live else None,
     )
     print(f"wrote {args.metrics}/report.md, report.png, examples.html for {', '.join(args.models)}")
 

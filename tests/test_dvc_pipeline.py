@@ -191,3 +191,26 @@ def test_a_typo_costs_no_result(repo):
     assert ran(out) == set(), f"every output (the curves too) comes back from DVC's cache:\n{out}"
     status = subprocess.run(["git", "status", "--porcelain"], cwd=repo, capture_output=True, text=True)
     assert not status.stdout.strip(), status.stdout
+
+
+MODELS = ("base", "sft1", "sft2", "sft3", "sft4", "sfte", "sfte_dpo")
+
+
+def test_the_metrics_table_is_one_row_per_model_and_fits_a_terminal(repo):
+    out = sh(sys.executable, "-m", "dvc", "metrics", "show", "--md", cwd=repo)
+    rows = [line for line in out.splitlines() if line.startswith("|")]
+    columns = [c.strip() for c in rows[0].strip("|").split("|")]
+    assert len(columns) <= 10, columns
+    assert columns[0] == "Path" and "relaxed_acc" in columns and "retain_relaxed_acc" in columns
+    paths = [r.strip("|").split("|")[0].strip() for r in rows[2:]]
+    assert sorted(paths) == sorted(f"metrics/{m}.json" for m in MODELS), "no preferences or report rows"
+
+
+def test_dvc_plots_are_the_overlaid_curves(repo, tmp_path):
+    sh(sys.executable, "-m", "dvc", "plots", "show", "-o", str(tmp_path / "plots"), cwd=repo)
+    page = (tmp_path / "plots" / "index.html").read_text()
+    for title in ("SFT variants: training loss", "base: training loss", "DPO: loss and reward margin"):
+        assert title in page
+    assert "grad_norm" not in page, "one plot per TSV file: the curves are declared as outs, not plots"
+    assert (repo / "metrics/curves.png").stat().st_size > 1000
+    assert "![curves](curves.png)" in (repo / "metrics/report.md").read_text()

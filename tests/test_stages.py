@@ -6,7 +6,7 @@ import shutil
 import pytest
 from conftest import ROOT, run_stage
 
-from posttrain.evaluation import CORE_METRICS
+from posttrain.evaluation import CORE_METRICS, HEADLINE
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +47,9 @@ def test_base_evaluate_report(project):
     assert (project / "dvclive/base/plots/metrics/loss.tsv").exists()
 
     run_stage("evaluate.py", "--model", "base", cwd=project)
-    metrics = json.loads((project / "metrics/base.json").read_text())
+    # the table's row: the headline metrics only, so `dvc metrics show --md` fits a terminal
+    assert set(json.loads((project / "metrics/base.json").read_text())) == set(HEADLINE)
+    metrics = json.loads((project / "data/eval/metrics/base.json").read_text())
     for prefix in ("", "retain_"):
         for m in CORE_METRICS:
             for suffix in ("", "_ci_low", "_ci_high"):

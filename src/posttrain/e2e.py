@@ -346,7 +346,7 @@ def check_outputs(work: Path) -> dict:
     assert changed > 0, "the DPO step left every SFTe weight unchanged"
 
     prefs = json.loads((metrics / "preferences.json").read_text())
-    per_model = {m: json.loads((metrics / f"{m}.json").read_text()) for m in EVALUATED}
+    per_model = {m: json.loads((work / "data/eval/metrics" / f"{m}.json").read_text()) for m in EVALUATED}
     keys = {m: set(v) for m, v in per_model.items()}
     assert len({frozenset(k) for k in keys.values()}) == 1, "metrics files have different keys"
     items = [json.loads(line) for line in (work / "data" / "eval" / "study_test" / "sfte_dpo.jsonl").open()]

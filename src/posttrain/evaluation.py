@@ -37,6 +37,14 @@ from posttrain.template import IGNORE_INDEX, encode_conversation
 # (evaluation split, metric prefix): the study test split, and the retention test of the pretrain families.
 EVAL_SPLITS = (("study_test", ""), ("pretrain_test", "retain_"))
 CORE_METRICS = ("loss", "perplexity", "bleu", "rouge_l", "critic", "relaxed_acc", "negative_acc")
+# what `dvc metrics show` puts in its table: one row per model that fits a terminal. The rest (CIs, n,
+# per-family accuracy, chance lines, retention detail) is in the details file the report reads.
+HEADLINE = ("loss", "bleu", "rouge_l", "critic", "relaxed_acc", "negative_acc", "retain_relaxed_acc")
+
+
+def headline(metrics: dict) -> dict:
+    """The headline metrics of a details dict, rounded for the table (the details keep full precision)."""
+    return {k: None if metrics.get(k) is None else round(metrics[k], 3) for k in HEADLINE}
 
 
 def extract_short_answer(response: str, answer_type: AnswerType) -> str | None:
@@ -239,7 +247,7 @@ def evaluate_model(
     data_dir: Path,
     params: EvaluateParams,
     items_dir: Path,
-    metrics_path: Path,
+    details_path: Path,
 ) -> dict:
     """Evaluate one model on the study test split and the retention split; write items and metrics.
 
@@ -250,7 +258,8 @@ def evaluate_model(
         data_dir: the prepared folder.
         params: the ``evaluate`` section.
         items_dir: per-item rows go to ``items_dir/<split>/<name>.jsonl``.
-        metrics_path: the flat metrics JSON, ``metrics/<name>.json``.
+        details_path: every metric, flat, with its CI and n (``data/eval/metrics/<name>.json``); the stage
+            writes the `headline` of it to ``metrics/<name>.json`` for `dvc metrics show`.
 
     Returns:
         The metrics written.
@@ -310,5 +319,5 @@ def evaluate_model(
     metrics.update(family_accuracy(all_rows, families, params.resamples, params.seed))
     for f in families:  # same keys in every file, also where a split has no item of a family
         metrics.setdefault(f"chance_{f}", None)
-    write_json_atomic(metrics_path, metrics)
+    write_json_atomic(details_path, metrics)
     return metrics

@@ -149,6 +149,54 @@ def plot_metrics(metrics: dict[str, dict], path: Path) -> None:
     tmp.replace(path)
 
 
+def read_curve(tsv: Path) -> tuple[list[int], list[float]]:
+    """(steps, values) of a DVCLive metric file (``step<TAB>name`` rows)."""
+    rows = [line.split("\t") for line in tsv.read_text().splitlines()[1:] if line.strip()]
+    return [int(r[0]) for r in rows], [float(r[1]) for r in rows]
+
+
+# (title, metric file under dvclive/<name>/plots/metrics/, y label): the panels of curves.png
+CURVE_PANELS = (
+    ("base: training loss", ("base",), "loss.tsv", "loss"),
+    ("SFT variants: training loss", None, "loss.tsv", "loss"),
+    ("DPO: loss (ln 2 = no preference learned)", ("sfte_dpo",), "loss.tsv", "loss"),
+    ("DPO: reward margin, chosen − rejected", ("sfte_dpo",), "rewards/margins.tsv", "margin"),
+)
+
+
+def plot_curves(live_dir: Path, variants: list[str], path: Path) -> bool:
+    """The training curves as one PNG (no network needed, unlike `dvc plots show`), x in optimizer steps.
+
+    Panels: the base's loss, the SFT variants' losses overlaid (one line each), DPO's loss and reward
+    margin. A run whose curves are missing is left out; returns False (and writes nothing) if none exist.
+    """
+    panels = []
+    for title, names, metric, ylabel in CURVE_PANELS:
+        files = [(n, live_dir / n / "plots" / "metrics" / metric) for n in (names or variants)]
+        lines = [(n, read_curve(f)) for n, f in files if f.exists()]
+        if lines:
+            panels.append((title, lines, ylabel))
+    if not panels:
+        return False
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4))
+    for ax, (title, lines, ylabel) in zip(axes if len(panels) > 1 else [axes], panels):
+        for name, (steps, values) in lines:
+            ax.plot(steps, values, label=name, linewidth=1.2)
+        if title.startswith("DPO: loss"):
+            ax.axhline(math.log(2), color="grey", linestyle=":", linewidth=1)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel(ylabel)
+        if len(lines) > 1:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)
+    return True
+
+
 def pick_examples(rows: list[dict], n: int) -> list[int]:
     """Indices of up to `n` items spread over the families (round-robin, in file order): deterministic."""
     by_family: dict[str, list[int]] = {}
@@ -314,13 +362,15 @@ def build_report(
     preferences: dict | None = None,
     dpo_rounds: list[dict] | None = None,
     judge: str | None = None,
+    live_dir: Path | None = None,
 ) -> str:
-    """Write ``report.md``, ``report.png`` and ``examples.html`` into `metrics_dir`; return the markdown.
+    """Write ``report.md``, ``report.png``, ``curves.png`` and ``examples.html`` into `metrics_dir`.
 
     Args:
-        models: model names in table order (each has ``metrics/<name>.json`` and item files).
-        metrics_dir: where the per-model metrics are and the report goes.
-        items_dir: per-item rows, ``<split>/<name>.jsonl``.
+        models: model names in table order (each has item files and details).
+        metrics_dir: where the report goes.
+        items_dir: per-item rows, ``<split>/<name>.jsonl``, and every metric with its CI,
+            ``metrics/<name>.json`` (`posttrain.evaluation.evaluate_model`).
         data_dir: the prepared folder (images, report.json).
         baseline: the model every paired delta is taken against.
         n_examples: rows on the examples page.
@@ -331,10 +381,14 @@ def build_report(
         preferences: the `preferences` stage's statistics, if it ran.
         dpo_rounds: the `dpo` stage's rounds (from its provenance); with more than one, a table per round.
         judge: the preference judge (``preferences.judge``), named beside its statistics.
+        live_dir: the DVCLive root (``dvclive/``) whose training curves go into ``curves.png``; None: none.
+
+    Returns:
+        The markdown of ``report.md``.
     """
     if baseline not in models:
         raise ValueError(f"report.baseline {baseline!r} is not among the evaluated models {models}")
-    metrics = {m: read_json(metrics_dir / f"{m}.json", produced_by=f"evaluate@{m}") for m in models}
+    metrics = {m: read_json(items_dir / "metrics" / f"{m}.json", produced_by=f"evaluate@{m}") for m in models}
     study = {m: read_jsonl(items_dir / "study_test" / f"{m}.jsonl") for m in models}
     retention = {m: read_jsonl(items_dir / "pretrain_test" / f"{m}.jsonl") for m in models}
     spread = {m: answer_spread(study[m] + retention[m]) for m in models}
@@ -349,6 +403,8 @@ def build_report(
             family_counts[family] = family_counts.get(family, 0) + n
             family_pools[family] = pool
     plot_metrics(metrics, metrics_dir / "report.png")
+    variants = [m for m in models if m not in ("base", "sfte", "sfte_dpo")]
+    curves = live_dir is not None and plot_curves(live_dir, variants, metrics_dir / "curves.png")
     write_text_atomic(metrics_dir / "examples.html", examples_page(study, data_dir, n_examples))
 
     critic_note = (
@@ -450,6 +506,7 @@ def build_report(
     md += [
         "![metrics](report.png)",
         "",
+        *(["Training curves (x: optimizer step): ![curves](curves.png)", ""] if curves else []),
         "Side-by-side examples: [examples.html](examples.html)",
         "",
     ]
