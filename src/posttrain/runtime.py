@@ -18,9 +18,22 @@ DEPRECATED_CHECKPOINTING = (
 )
 
 
+# The CPU float paths, pinned to one instruction set so that machines of other makes (AVX-512 or not, Intel or
+# AMD) run the same kernels: ATen's vectorized ops, oneDNN's JIT kernels, MKL's BLAS (conditional numerical
+# reproducibility). They act only if set before torch is imported; a value the user set is kept.
+CPU_NUMERICS = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_CBWR": "AVX2"}
+
+
 def setup(threads: int) -> str:
-    """Set torch's CPU threads (0 keeps torch's default) and silence library noise; return the device name."""
+    """Pin the CPU float paths, set torch's CPU threads (0 keeps torch's default), silence library noise.
+
+    Returns:
+        The device name, ``cuda`` or ``cpu``.
+    """
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if "torch" not in sys.modules:
+        for key, value in CPU_NUMERICS.items():
+            os.environ.setdefault(key, value)
     import torch
     import transformers
 
