@@ -20,7 +20,8 @@ DEPRECATED_CHECKPOINTING = (
 
 # The CPU float paths, pinned to one instruction set so that machines of other makes (AVX-512 or not, Intel or
 # AMD) run the same kernels: ATen's vectorized ops, oneDNN's JIT kernels, MKL's BLAS (conditional numerical
-# reproducibility). They act only if set before torch is imported; a value the user set is kept.
+# reproducibility). They act only if set before torch is imported; a value the user set is kept, and
+# POSTTRAIN_CPU_NUMERICS=native leaves every path to the libraries (bench/cpu_repro.py compares the two).
 CPU_NUMERICS = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_CBWR": "AVX2"}
 
 
@@ -31,7 +32,7 @@ def setup(threads: int) -> str:
         The device name, ``cuda`` or ``cpu``.
     """
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if "torch" not in sys.modules:
+    if "torch" not in sys.modules and os.environ.get("POSTTRAIN_CPU_NUMERICS") != "native":
         for key, value in CPU_NUMERICS.items():
             os.environ.setdefault(key, value)
     import torch
