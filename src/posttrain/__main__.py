@@ -5,6 +5,7 @@ Commands:
     convert-critic   Convert LLaVA-Critic to transformers' format (see `posttrain.convert_critic`).
     pin              Pin a params file's hub revisions to commits (see `posttrain.pinning`).
     e2e              The study preset end to end on stand-in hub files (see `posttrain.e2e`).
+    seeds            The study under several seeds, and the table of its conclusions (see `posttrain.seeds`).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ def _build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sub.add_parser("pin", help="resolve a params file's open hub revisions to commits (SRC [DST])")
     sub.add_parser("e2e", help="run every stage of the study preset on stand-ins of the hub files (WORKDIR)")
+    sub.add_parser("seeds", help="run the study under other seeds (run --seeds 1 2); their table (table)")
     sub.add_parser(
         "convert-critic", help="convert LLaVA-Critic from LLaVA-NeXT's layout to transformers' (SRC DST)"
     )
@@ -112,6 +114,10 @@ def _run(argv: list[str]) -> int:
         from posttrain.e2e import main as e2e
 
         return e2e(argv[1:])
+    if argv[:1] == ["seeds"]:  # dvc experiments per seed and the table of conclusions (posttrain.seeds)
+        from posttrain.seeds import main as seeds
+
+        return seeds(argv[1:])
     parser = _build_parser()
     try:
         args = parser.parse_args(argv)

@@ -512,5 +512,7 @@ def build_report(
     ]
     text = "\n".join(md)
     write_text_atomic(metrics_dir / "report.md", text)
-    write_text_atomic(metrics_dir / "report_compare.json", json.dumps(paired, indent=2) + "\n")
+    # every paired comparison of the report, keyed by what it is against (`posttrain seeds` reads them)
+    against = {baseline: paired["models"], **({second: paired_sfte["models"]} if paired_sfte else {})}
+    write_text_atomic(metrics_dir / "report_compare.json", json.dumps({"against": against}, indent=2) + "\n")
     return text

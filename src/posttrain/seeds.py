@@ -1,0 +1,161 @@
+"""Conclusions across seeds: the study rerun under other seeds as DVC experiments, and one table of them.
+
+    python -m posttrain seeds run --seeds 1 2      # one `dvc exp run` per seed (base.seed), in turn
+    python -m posttrain seeds table                # metrics/seeds.md and metrics/seeds.json
+
+`run` queues nothing in the background: each seed is `dvc exp run --temp -n seed<k> -S base.seed=<k>`, run in
+a temporary copy, so DVC keeps its granularity (the prepared data is shared; every stage after it reruns) and
+the workspace is left alone. `table` reads the report's paired comparisons (``metrics/report_compare.json``)
+of the workspace's committed result and of every experiment named ``seed<k>``, and, for each comparison the
+report makes (each model against the baseline, each against SFTe), gives the delta per seed, its mean and
+standard deviation, and a verdict: significant in every seed (Holm-adjusted p < 0.05, same sign), in none,
+or mixed, which is the flag that a conclusion flips with the seed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+ALPHA = 0.05
+REPORT_COMPARE = "metrics/report_compare.json"
+
+
+def git(*args: str, cwd: Path) -> str:
+    return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, check=True).stdout
+
+
+def seed_results(repo: Path) -> dict[int, dict]:
+    """base.seed -> the report's comparisons, for the workspace's HEAD and every ``seed<k>`` experiment."""
+    found = {}
+    refs = git("for-each-ref", "--format=%(refname) %(objectname)", "refs/exps", cwd=repo).split("\n")
+    revs = ["HEAD"] + [
+        line.split()[1] for line in refs if line and line.split()[0].rsplit("/", 1)[1][:4] == "seed"
+    ]
+    for rev in revs:
+        try:
+            params = yaml.safe_load(git("show", f"{rev}:params.yaml", cwd=repo))
+            compare = json.loads(git("show", f"{rev}:{REPORT_COMPARE}", cwd=repo))
+        except subprocess.CalledProcessError:
+            continue  # an experiment that failed before its report
+        if "against" not in compare:
+            continue  # a report of an older version
+        found.setdefault(int(params["base"]["seed"]), compare["against"])
+    return dict(sorted(found.items()))
+
+
+def verdict(tests: list[dict]) -> str:
+    """``all`` (significant with the same sign in every seed), ``none``, or ``mixed``."""
+    significant = [t["p_holm"] < ALPHA for t in tests]
+    signs = {math.copysign(1, t["delta"]) for t in tests}
+    if all(significant) and len(signs) == 1:
+        return "all"
+    return "none" if not any(significant) else "mixed"
+
+
+def seeds_table(results: dict[int, dict]) -> list[dict]:
+    """One row per (against, model, metric) present in every seed: deltas per seed, mean, sd, verdict."""
+    seeds = list(results)
+    rows = []
+    first = results[seeds[0]]
+    for against, models in first.items():
+        for model, entry in models.items():
+            for metric in entry.get("vs_baseline", {}):
+                tests = [
+                    results[s].get(against, {}).get(model, {}).get("vs_baseline", {}).get(metric)
+                    for s in seeds
+                ]
+                if any(t is None or t.get("delta") is None for t in tests):
+                    continue
+                deltas = [t["delta"] for t in tests]
+                mean = sum(deltas) / len(deltas)
+                sd = (
+                    math.sqrt(sum((d - mean) ** 2 for d in deltas) / (len(deltas) - 1))
+                    if len(deltas) > 1
+                    else 0.0
+                )
+                rows.append(
+                    {
+                        "against": against,
+                        "model": model,
+                        "metric": metric,
+                        "deltas": dict(zip(seeds, deltas)),
+                        "mean": mean,
+                        "sd": sd,
+                        "significant": verdict(tests),
+                    }
+                )
+    return rows
+
+
+def format_markdown(rows: list[dict], seeds: list[int]) -> str:
+    lines = [
+        f"# Conclusions across seeds ({len(seeds)} seeds: base.seed = {', '.join(map(str, seeds))})",
+        "",
+        "Paired deltas of the report (same test items), one column per seed; `all`: significant with the "
+        f"same sign in every seed (Holm-adjusted p < {ALPHA}), `none`: in no seed, `mixed`: it flips.",
+        "Made by `python -m posttrain seeds table`.",
+        "",
+    ]
+    for against in dict.fromkeys(r["against"] for r in rows):
+        lines += [
+            f"## against {against}",
+            "",
+            "| model | metric | " + " | ".join(f"seed {s}" for s in seeds) + " | mean ± sd | significant |",
+            "|---|---|" + "---:|" * len(seeds) + "---:|---|",
+        ]
+        for r in (r for r in rows if r["against"] == against):
+            cells = " | ".join(f"{r['deltas'][s]:+.1f}" for s in seeds)
+            spread = f"{r['mean']:+.1f} ± {r['sd']:.1f}"
+            lines.append(f"| {r['model']} | {r['metric']} | {cells} | {spread} | {r['significant']} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    import argparse
+
+    from posttrain.io import write_json_atomic, write_text_atomic
+
+    ap = argparse.ArgumentParser(prog="python -m posttrain seeds", description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the study under each seed as a DVC experiment (in turn)")
+    run.add_argument("--seeds", type=int, nargs="+", required=True, help="values of base.seed, e.g. 1 2")
+    table = sub.add_parser(
+        "table", help="the seeds table from the committed result and the seed<k> experiments"
+    )
+    table.add_argument("--out", default="metrics/seeds.md")
+    table.add_argument("--json", default="metrics/seeds.json")
+    args = ap.parse_args(argv)
+    repo = Path.cwd()
+    if args.command == "run":
+        for s in args.seeds:
+            cmd = [
+                sys.executable,
+                "-m",
+                "dvc",
+                "exp",
+                "run",
+                "--temp",
+                "-n",
+                f"seed{s}",
+                "-S",
+                f"base.seed={s}",
+            ]
+            print(f"[seeds] {' '.join(cmd[2:])}", flush=True)
+            subprocess.run(cmd, cwd=repo, check=True)
+        return 0
+    results = seed_results(repo)
+    if len(results) < 2:
+        print(f"error: results for {len(results)} seed(s); run `python -m posttrain seeds run --seeds 1 2`")
+        return 1
+    rows = seeds_table(results)
+    write_text_atomic(args.out, format_markdown(rows, list(results)) + "\n")
+    write_json_atomic(args.json, {"seeds": list(results), "rows": rows})
+    print(f"{len(rows)} comparisons over seeds {list(results)} -> {args.out}, {args.json}")
+    return 0
