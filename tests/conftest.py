@@ -82,6 +82,17 @@ def base_dir(tiny, tmp_path_factory):
 LM_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
+@pytest.fixture()
+def models(base_dir, tmp_path):
+    """A fresh ``models/`` folder holding a copy of the tiny base, for adapters a test writes beside it."""
+    import shutil
+
+    root = tmp_path / "models"
+    root.mkdir()
+    shutil.copytree(base_dir, root / "base")
+    return root
+
+
 def make_adapter(
     base_dir: Path,
     out: Path,

@@ -7,7 +7,6 @@ to rerun.
 """
 
 import re
-import shutil
 
 import pytest
 import torch
@@ -18,14 +17,6 @@ from posttrain.config import EnsembleParams, load_params
 from posttrain.dpo import run_rounds
 from posttrain.ensembling import build_ensemble
 from posttrain.models import load_model
-
-
-@pytest.fixture()
-def models(base_dir, tmp_path):
-    root = tmp_path / "models"
-    root.mkdir()
-    shutil.copytree(base_dir, root / "base")
-    return root
 
 
 def pickled(adapter):

@@ -7,7 +7,6 @@ against its members, and the bf16-vs-nf4 logit gap of one adapter).
 """
 
 import json
-import shutil
 
 import pytest
 import torch
@@ -51,14 +50,6 @@ def test_a_bad_base_weights_value_is_named():
         ParamsError, match=r"adapters.base_weights: 'bf16' is not one of \['as_trained', 'unquantized'\]"
     ):
         parse_params(_study(base_weights="bf16"))
-
-
-@pytest.fixture()
-def models(base_dir, tmp_path):
-    root = tmp_path / "models"
-    root.mkdir()
-    shutil.copytree(base_dir, root / "base")
-    return root
 
 
 def test_an_nf4_trained_adapter_is_loaded_on_the_nf4_base(models):

@@ -95,7 +95,7 @@ class ResumeWeights(TrainerCallback):
             reloaded = type(model).from_pretrained(self.checkpoint, dtype=model.dtype)
             saved = reloaded.state_dict()
             model.load_state_dict(saved, strict=True)  # raises on any missing or unexpected name
-            live = {n: p for n, p in model.state_dict().items() if n in dict(model.named_parameters())}
+            live = dict(model.named_parameters())
         wrong = [k for k, v in live.items() if k not in saved or not torch.equal(v.cpu(), saved[k].cpu())]
         if wrong or not live:
             raise RuntimeError(
