@@ -16,9 +16,11 @@ from peft import LoraConfig, get_peft_model
 
 from posttrain.config import Quantization
 from posttrain.data import load_split
+from posttrain.template import answer_positions
 from posttrain.training import (
     TeacherForcedCollator,
     TeacherForcedDataset,
+    answer_loss,
     language_model_regex,
     quantization_config,
     run_trainer,
@@ -56,6 +58,46 @@ def test_lora_adapts_the_language_model_only_and_base_stays_frozen(tiny, prepare
     params = dict(peft.named_parameters())
     assert all(torch.equal(params[n], p) for n, p in frozen_before.items()), "the base must not change"
     assert sum(not torch.equal(params[n], p) for n, p in trainable_before.items()) == len(trainable_before)
+
+
+def test_answer_positions_are_those_whose_next_token_is_supervised():
+    labels = torch.tensor([[-100, -100, 5, 6, -100, -100], [-100, -100, -100, -100, -100, 9]])
+    # row 0 supervises tokens 2 and 3 (predicted at 1 and 2); row 1 token 5 (predicted at 4)
+    assert answer_positions(labels).tolist() == [1, 2, 4]
+
+
+def test_answer_loss_equals_the_full_logits_loss_and_its_gradients(tiny, prepared):
+    """The loss on the answer positions only is transformers' own loss over all T positions: same value,
+    same LoRA gradients (fp32 on the CPU: equal to rounding), while the head runs on K < T positions."""
+    model, processor = tiny
+    peft = get_peft_model(
+        copy.deepcopy(model), LoraConfig(r=4, lora_alpha=8, target_modules=language_model_regex(("q_proj",)))
+    )
+    with torch.no_grad():
+        for n, p in peft.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    ds = TeacherForcedDataset(load_split(prepared, "study_train")[:6], prepared, processor)
+    batch = TeacherForcedCollator(processor.tokenizer.pad_token_id)([ds[i] for i in range(len(ds))])
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+
+    def grads(loss):
+        peft.zero_grad()
+        loss.backward()
+        return {n: p.grad.clone() for n, p in peft.named_parameters() if p.requires_grad}
+
+    full = peft(**inputs, labels=batch["labels"])
+    full_grads = grads(full.loss)
+    sliced, outputs = answer_loss(peft, inputs, batch["labels"])
+    sliced_grads = grads(sliced)
+    t = batch["input_ids"].shape[1]
+    assert outputs.logits.shape[1] < t / 2, "the head must not run on every position"
+    assert sliced.item() == pytest.approx(full.loss.item(), rel=1e-6)
+    for n, g in full_grads.items():
+        torch.testing.assert_close(sliced_grads[n], g, rtol=1e-5, atol=1e-7)
+    # the check can fail: a loss over other positions differs
+    shifted, _ = answer_loss(peft, inputs, torch.roll(batch["labels"], 1, dims=1))
+    assert abs(shifted.item() - full.loss.item()) > 1e-3
 
 
 def test_nf4_without_cuda_fails_before_loading():

@@ -8,8 +8,73 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from transformers.cache_utils import DynamicCache, StaticCache, StaticLayer
 
-from posttrain.template import IGNORE_INDEX, pad_batch
+from posttrain.template import IGNORE_INDEX, answer_positions, pad_batch
+
+
+def _repeat_rows(cache, repeats: int) -> None:
+    """Repeat each row of a filled KV cache `repeats` times, in place (rows i·repeats ... stay prompt i's)."""
+    if repeats == 1:
+        return
+    for layer in cache.layers:
+        if isinstance(layer, StaticLayer):
+            layer.keys = layer.keys.repeat_interleave(repeats, dim=0)
+            layer.values = layer.values.repeat_interleave(repeats, dim=0)
+            layer.batch_size *= repeats
+        else:
+            layer.batch_repeat_interleave(repeats)
+
+
+def _generate_batch(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    pixel_values: torch.Tensor,
+    *,
+    samples: int,
+    max_new_tokens: int,
+    cache: str,
+    generate_kwargs: dict,
+) -> torch.Tensor:
+    """New tokens for a left-padded batch, `samples` continuations per prompt, the prompt computed once.
+
+    The multimodal prompt (image tokens included) is the costly part: it runs once per prompt, into a KV cache
+    whose rows are then repeated for the samples, and `model.generate` continues from there (its first step
+    feeds the prompt's last token). The static cache is allocated once for the whole continuation and written
+    in place; the dynamic cache grows by concatenation, copying itself every step.
+
+    Returns:
+        (B·samples, max_new_tokens or fewer) new token ids; rows i·samples … i·samples + samples − 1 answer
+        prompt i.
+    """
+    batch, length = input_ids.shape
+    # positions as `generate` numbers them: left padding does not count
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (B, T)
+    kv = (
+        StaticCache(config=model.config, max_cache_len=length + max_new_tokens)
+        if cache == "static"
+        else DynamicCache(config=model.config)
+    )
+    model(
+        input_ids=input_ids[:, :-1],
+        attention_mask=attention_mask[:, :-1],
+        position_ids=position_ids[:, :-1],
+        pixel_values=pixel_values,
+        past_key_values=kv,
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    _repeat_rows(kv, samples)
+    out = model.generate(
+        input_ids=input_ids.repeat_interleave(samples, dim=0),
+        attention_mask=attention_mask.repeat_interleave(samples, dim=0),
+        past_key_values=kv,
+        max_new_tokens=max_new_tokens,
+        disable_compile=True,  # one graph per prompt length and process costs more than it saves here
+        **generate_kwargs,
+    )
+    return out[:, length:]
 
 
 @torch.no_grad()
@@ -25,16 +90,47 @@ def generate(
     temperature: float = 1.0,
     top_p: float = 1.0,
     seed: int = 0,
+    samples: int = 1,
+    cache: str = "static",
     progress: str | None = None,
-) -> list[str]:
+) -> list[str] | list[tuple[str, ...]]:
     """Answer each (image, prompt ids) with the model, batched with left padding.
 
     Greedy by default; with `do_sample` the sampling is seeded per batch, so the same inputs and seed give the
-    same outputs. Returns the decoded continuations, special tokens removed.
+    same outputs. With `samples` > 1, each prompt is answered that many times from one computation of the
+    prompt (`_generate_batch`).
+
+    Args:
+        model: a LLaVA model (PEFT-wrapped or not).
+        tokenizer: its tokenizer (pad and EOS ids).
+        pixels: (3, H, W) pixel values, one per prompt.
+        prompts: token ids built by `posttrain.template`, image tokens included.
+        batch_size: prompts per batch (the model runs batch_size · samples rows while decoding).
+        max_new_tokens: the longest answer.
+        do_sample: sample instead of greedy decoding.
+        temperature: sampling temperature.
+        top_p: nucleus sampling mass.
+        seed: with `do_sample`, batch k is seeded with seed + its first prompt's index.
+        samples: answers per prompt.
+        cache: ``static`` (preallocated, written in place) or ``dynamic`` (transformers' default).
+        progress: a label for progress lines, or None for none.
+
+    Returns:
+        The decoded continuations, special tokens removed: one string per prompt, or with `samples` > 1 one
+        tuple of `samples` strings per prompt.
     """
     device = next(model.parameters()).device
     dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
-    outputs: list[str] = []
+    unset = {"temperature": None, "top_p": None}  # greedy: the model's sampling defaults must not warn
+    sampling = {"temperature": temperature, "top_p": top_p} if do_sample else unset
+    generate_kwargs = {
+        "do_sample": do_sample,
+        **sampling,
+        "pad_token_id": tokenizer.pad_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+    }
+    outputs: list = []
+    n_batches = -(-len(prompts) // batch_size)
     for start in range(0, len(prompts), batch_size):
         batch = prompts[start : start + batch_size]
         input_ids = pad_batch(batch, tokenizer.pad_token_id, "left").to(device)  # (B, T)
@@ -42,23 +138,21 @@ def generate(
         pixel_values = torch.stack(pixels[start : start + batch_size]).to(device, dtype)  # (B, 3, H, W)
         if do_sample:
             torch.manual_seed(seed + start)
-        out = model.generate(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            pixel_values=pixel_values,
+        new_tokens = _generate_batch(
+            model,
+            input_ids,
+            attention_mask,
+            pixel_values,
+            samples=samples,
             max_new_tokens=max_new_tokens,
-            do_sample=do_sample,
-            **(
-                {"temperature": temperature, "top_p": top_p}
-                if do_sample
-                else {"temperature": None, "top_p": None}
-            ),
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
+            cache=cache,
+            generate_kwargs=generate_kwargs,
         )
-        new_tokens = out[:, input_ids.shape[1] :]
-        outputs.extend(t.strip() for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
-        n_batches = -(-len(prompts) // batch_size)
+        texts = [t.strip() for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+        if samples == 1:
+            outputs.extend(texts)
+        else:
+            outputs.extend(tuple(texts[i : i + samples]) for i in range(0, len(texts), samples))
         batch_index = start // batch_size
         if progress and (batch_index % max(n_batches // 4, 1) == 0 or batch_index == n_batches - 1):
             print(f"{progress}: generated {len(outputs)}/{len(prompts)}", flush=True)
@@ -89,9 +183,11 @@ def answer_nll(
         labels = pad_batch([p[1] for p in pairs], IGNORE_INDEX, "right").to(device)
         attention_mask = pad_batch([[1] * len(p[0]) for p in pairs], 0, "right").to(device)
         pixel_values = torch.stack(pixels[start : start + batch_size]).to(device, dtype)
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values).logits
-        # position t predicts token t+1
-        logits, targets = logits[:, :-1].float(), labels[:, 1:]  # (B, T-1, V), (B, T-1)
+        keep = answer_positions(labels)  # (K,): the head runs only where the next token is labelled
+        logits = model(
+            input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values, logits_to_keep=keep
+        ).logits.float()  # (B, K, V)
+        targets = labels[:, 1:][:, keep]  # (B, K): position t predicts token t+1
         nll = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none")
         mask = targets != IGNORE_INDEX
         sums.extend((nll * mask).sum(1).tolist())

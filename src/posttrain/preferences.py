@@ -57,18 +57,26 @@ def sample_candidates(
     batch_size: int,
     max_new_tokens: int,
 ) -> list[Candidate]:
-    """Two seeded samples per turn (the second with a different seed), each asked after its history."""
+    """Two seeded samples per turn, each asked after its history; the prompt is computed once for both.
+
+    `batch_size` counts prompts: the decoding runs twice as many rows.
+    """
     prompts = [encode_prompt(tokenizer, e.history, e.question, n_image_tokens) for e in examples]
-    kwargs = dict(
+    pairs = generate(
+        model,
+        tokenizer,
+        pixels,
+        prompts,
         batch_size=batch_size,
         max_new_tokens=max_new_tokens,
         do_sample=True,
         temperature=temperature,
         top_p=top_p,
+        seed=seed,
+        samples=2,
+        progress="samples",
     )
-    a = generate(model, tokenizer, pixels, prompts, seed=seed, progress="sample 1", **kwargs)
-    b = generate(model, tokenizer, pixels, prompts, seed=seed + 1_000_003, progress="sample 2", **kwargs)
-    return [Candidate(e, x, y) for e, x, y in zip(examples, a, b)]
+    return [Candidate(e, x, y) for e, (x, y) in zip(examples, pairs)]
 
 
 def reference_verdict(example: Example, first: str, second: str) -> str:

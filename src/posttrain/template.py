@@ -135,3 +135,15 @@ def pad_batch(sequences: list[list[int]], pad_value: int, side: str) -> torch.Te
         else:
             out[i, : len(s)] = torch.tensor(s, dtype=torch.long)
     return out
+
+
+def answer_positions(labels):
+    """Positions whose next token carries loss in at least one row: the only logits a loss needs.
+
+    Args:
+        labels: (B, T) tensor of token ids, `IGNORE_INDEX` where nothing is supervised.
+
+    Returns:
+        (K,) ascending positions t such that some row has a label at t + 1 (position t predicts token t + 1).
+    """
+    return (labels[:, 1:] != IGNORE_INDEX).any(0).nonzero().squeeze(1)

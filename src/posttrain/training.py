@@ -9,13 +9,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from posttrain.checkpoints import claim_checkpoints, file_digest, fit
 from posttrain.data import Example, group_conversations
 from posttrain.images import load_pixels
 from posttrain.models import image_token_count, quantization_config
-from posttrain.template import IGNORE_INDEX, conversation_text, encode_conversation, pad_batch
+from posttrain.template import (
+    IGNORE_INDEX,
+    answer_positions,
+    conversation_text,
+    encode_conversation,
+    pad_batch,
+)
 
 
 class TeacherForcedDataset(torch.utils.data.Dataset):
@@ -144,11 +151,59 @@ def training_arguments(
     )
 
 
+def answer_loss(model, inputs: dict, labels: torch.Tensor, num_items=None):
+    """The causal LM loss of `labels`, with logits computed at `answer_positions` only.
+
+    The same loss as transformers' ``ForCausalLMLoss`` on all T positions (cross-entropy summed over the
+    supervised next tokens, divided by `num_items`), but the language-model head and the fp32 log-softmax run
+    on K positions instead of T: in LLaVA's SFT most of a sequence is the 576 image tokens and the user turns,
+    which carry no loss, so K is a small share of T.
+
+    Args:
+        model: a causal LM (LLaVA, PEFT-wrapped or not) whose forward takes ``logits_to_keep`` as a tensor of
+            positions.
+        inputs: the forward's inputs without ``labels``.
+        labels: (B, T), `IGNORE_INDEX` where no loss is taken.
+        num_items: the divisor, the supervised tokens of the whole accumulated batch (the Trainer's
+            ``num_items_in_batch``); None: this batch's.
+
+    Returns:
+        (loss, outputs); ``outputs.logits`` is (B, K, V).
+    """
+    keep = answer_positions(labels)  # (K,)
+    outputs = model(**inputs, logits_to_keep=keep)
+    targets = labels[:, 1:][:, keep]  # (B, K)
+    loss = F.cross_entropy(
+        outputs.logits.float().transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+    if num_items is None:
+        num_items = (targets != IGNORE_INDEX).sum()
+    if torch.is_tensor(num_items):
+        num_items = num_items.to(loss.device)
+    return loss / num_items, outputs
+
+
+class AnswerLossTrainer(Trainer):
+    """HF Trainer whose loss is `answer_loss`: logits only where a label is supervised."""
+
+    loss_is_scaled_for_ga = True  # divided by the supervised tokens of the whole accumulated batch
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        inputs = dict(inputs)
+        labels = inputs.pop("labels")
+        if num_items_in_batch is None:  # the Trainer counts them for models taking loss kwargs (LLaVA does)
+            num_items_in_batch = (labels[:, 1:] != IGNORE_INDEX).sum() * self.args.gradient_accumulation_steps
+        loss, outputs = answer_loss(model, inputs, labels, num_items_in_batch)
+        if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
+            loss = loss * self.accelerator.num_processes  # DDP averages gradients over the processes
+        return (loss, outputs) if return_outputs else loss
+
+
 def run_trainer(model, args: TrainingArguments, dataset, collator, callbacks: list, live_dir=None) -> dict:
-    """One Trainer call through `posttrain.checkpoints.fit` (resumes a killed run's checkpoint in
+    """One `AnswerLossTrainer` call through `posttrain.checkpoints.fit` (resumes a killed run's checkpoint in
     ``args.output_dir``; claim it with `claim_checkpoints` first).
     """
-    trainer = Trainer(
+    trainer = AnswerLossTrainer(
         model=model, args=args, train_dataset=dataset, data_collator=collator, callbacks=callbacks
     )
     return fit(trainer, live_dir)
