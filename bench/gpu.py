@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 
 from posttrain.architectures import build_random, load_config, param_count
-from posttrain.training import language_model_regex
+from posttrain.e2e import PRESET
+from posttrain.training import answer_loss, language_model_regex
 
 IMAGE_TOKENS = 576  # (336 / 14)²
 TEXT_TOKENS = 129  # question + answer: seq 705 as in DESIGN.md's measurements
@@ -100,17 +101,25 @@ def sft_throughput(
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     inputs = batch(config, batch_size)
 
+    features = {k: v for k, v in inputs.items() if k != "labels"}
+
     def step():
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model(**inputs).loss
+            loss, _ = answer_loss(model, features, inputs["labels"])  # the stages' loss: answer logits only
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+
+    def vision():  # what caching the frozen tower's and projector's outputs would save per step
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+            model.get_image_features(pixel_values=inputs["pixel_values"])
 
     for _ in range(3):
         step()
     torch.cuda.reset_peak_memory_stats()
     seconds = timed(step, steps)
+    vision()
+    vision_seconds = timed(vision, steps)
     samples_per_s = batch_size / seconds
     tokens = inputs["input_ids"].shape[1]
     mfu = 4 * n_params * tokens * samples_per_s / (peak_tflops * 1e12)
@@ -122,6 +131,7 @@ def sft_throughput(
         "mfu": round(mfu, 4),
         "peak_memory_gb": round(torch.cuda.max_memory_allocated() / 1e9, 1),
         "gradient_checkpointing": checkpointing,
+        "vision_forward_share": round(vision_seconds / seconds, 4),
     }
     if checkpointing:
         model.gradient_checkpointing_disable()
@@ -174,30 +184,35 @@ def dpo_throughput(model, config, pairs: int, steps: int) -> tuple[dict, torch.n
     return figures, model.unload()
 
 
-def generation(model, config, batch_size: int, new_tokens: int, copy_gb_s: float, cache: str) -> dict:
-    """Greedy decoding of `new_tokens` for a batch: tokens/s end to end, and the decode phase's share of the
-    bandwidth limit.
+def stage_generation(
+    model, config, tokenizer, prompts: int, batch: int, samples: int, cache: str, copy_gb_s: float
+) -> dict:
+    """Generation through the stages' own code (`posttrain.generation.generate`) on prompts shaped like the
+    study's: BOS, 576 image tokens, 40–80 text tokens; 128 new tokens a row at most.
 
-    The limit (weights plus the KV cache read once per step, at the card's copy bandwidth) bounds the decode
-    steps only; the prefill of ~600 prompt tokens a row is compute-bound. It is timed on its own (one new
-    token) and subtracted, so the fraction compares decode steps with what bounds them.
+    Tokens/s counts the tokens each row generated (to its EOS, if random weights emit one), the prompt's
+    computation included. The bandwidth limit is the decode steps' bound (weights plus the KV cache of every
+    row read once per step at the card's copy bandwidth, at the mean context); the prefill is timed on its own
+    (one new token) and reported.
     """
-    inputs = batch(config, batch_size)
-    prompt = {k: v[:, :-100] for k, v in inputs.items() if k != "labels"}
-    prompt["pixel_values"] = inputs["pixel_values"]
-    kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
-    first = dict(max_new_tokens=1, min_new_tokens=1, do_sample=False)
-    if cache == "static":
-        kwargs["cache_implementation"] = "static"
-        first["cache_implementation"] = "static"
+    from posttrain import generation
+
+    g = torch.Generator().manual_seed(1)
+    ids = []
+    for _ in range(prompts):
+        text = torch.randint(3, 32000, (int(torch.randint(40, 81, (1,), generator=g)),), generator=g).tolist()
+        ids.append([1] + [config.image_token_id] * IMAGE_TOKENS + text)
+    pixels = [torch.randn(3, 336, 336, generator=g).to(torch.bfloat16) for _ in range(prompts)]
+    kwargs = dict(batch_size=batch, samples=samples, cache=cache, do_sample=samples > 1, seed=0)
     model.eval()
-    with torch.no_grad():
-        model.generate(**prompt, **kwargs)  # warm-up (and compilation for the static cache)
-        model.generate(**prompt, **first)
-        seconds = timed(lambda: model.generate(**prompt, **kwargs), 2)
-        prefill = timed(lambda: model.generate(**prompt, **first), 2)
-    tokens_per_s = batch_size * new_tokens / seconds
-    decode_tokens_per_s = batch_size * (new_tokens - 1) / (seconds - prefill)
+    generation.generate(model, tokenizer, pixels[:batch], ids[:batch], max_new_tokens=4, **kwargs)  # warm-up
+    generation._TOTALS.clear()
+    generation.generate(model, tokenizer, pixels, ids, max_new_tokens=128, **kwargs)
+    rates = generation.throughput()["generate"]
+    generation._TOTALS.clear()
+    generation.generate(model, tokenizer, pixels, ids, max_new_tokens=1, **kwargs)
+    prefill = generation.throughput()["generate"]["seconds"]
+    generation._TOTALS.clear()
     text = config.text_config
     weights = 2 * sum(p.numel() for p in model.parameters())
     kv_per_token = (
@@ -207,20 +222,22 @@ def generation(model, config, batch_size: int, new_tokens: int, copy_gb_s: float
         * (text.hidden_size // text.num_attention_heads)
         * 2
     )
-    mean_context = prompt["input_ids"].shape[1] + new_tokens / 2
-    bytes_per_step = weights + kv_per_token * mean_context * batch_size
-    limit = batch_size / (bytes_per_step / (copy_gb_s * 1e9))
+    rows = batch * samples
+    mean_context = rates["prompt_tokens"] / rates["prompts"] + 64
+    step_seconds = (weights + kv_per_token * mean_context * rows) / (copy_gb_s * 1e9)
+    limit = rows / step_seconds
     return {
-        "batch": batch_size,
-        "new_tokens": new_tokens,
+        "prompts": prompts,
+        "batch": batch,
+        "samples": samples,
         "cache": cache,
-        "tokens_per_s": round(tokens_per_s, 1),
+        "new_tokens": rates["new_tokens"],
+        "seconds": rates["seconds"],
+        "tokens_per_s": rates["new_tokens_per_s"],
         "prefill_seconds": round(prefill, 3),
-        "total_seconds": round(seconds, 3),
-        "decode_tokens_per_s": round(decode_tokens_per_s, 1),
         "bandwidth_limit_tokens_per_s": round(limit, 1),
-        "bandwidth_fraction_end_to_end": round(tokens_per_s / limit, 4),
-        "bandwidth_fraction": round(decode_tokens_per_s / limit, 4),
+        "bandwidth_fraction_end_to_end": round(rates["new_tokens_per_s"] / limit, 4),
+        "peak_memory_gb": round(torch.cuda.max_memory_allocated() / 1e9, 1),
     }
 
 
@@ -252,30 +269,72 @@ def critic_scoring(folder: str, items: int, batch_size: int, new_tokens: int) ->
     return figures
 
 
-def project(
-    sft_samples_per_s: float,
-    gen_tokens_per_s: float,
-    dpo_pairs_per_s: float | None,
-    critic_items_per_s: float | None = None,
-) -> dict:
-    """The study's settings at the measured rates; self-judging verdicts are taken as 128 generated tokens
-    each (an estimate from the generation rate); DPO and critic scoring at their measured rates when given."""
-    sft = 2900 * 5 * 4 / sft_samples_per_s
-    preference = (1000 * 2 + 1000 * 2) * 128 / gen_tokens_per_s  # 2 samples + 2 judge orders per prompt
-    dpo = 600 * 2 / dpo_pairs_per_s if dpo_pairs_per_s else 600 * 2 * 3 / sft_samples_per_s
-    critic = 7 * 200 / critic_items_per_s if critic_items_per_s else 7 * 200 * 128 / gen_tokens_per_s
-    evaluation = 7 * 200 * 128 / gen_tokens_per_s + critic
-    minutes = {
-        k: round(v / 60, 1)
-        for k, v in {"sft": sft, "preferences": preference, "dpo": dpo, "evaluation": evaluation}.items()
+STUDY_TEST_ITEMS = 373  # 200 test images × 1.866 turns a conversation (bench/results/tokens.json)
+SEQUENCE_TOKENS = 640  # a conversation of LRV Chart: 576 image tokens and ~60 of text (tokens.json: 617 mean)
+JUDGE_SEQUENCE_TOKENS = 960  # a self-judging sequence: image, question, two answers of up to 128, verdict
+MODEL_STAGES = 14  # stages that load the 7B model: 4 SFT, ensemble, preferences, DPO, 7 evaluations
+
+
+def project(preset, rates: dict) -> dict:
+    """Minutes of the study preset (`configs/study.yaml`) at the given rates, part by part.
+
+    SFT trains variants × max_steps × effective batch conversations; preferences sample max_prompts × 2
+    answers of max_new_tokens and self-judge each pair in both orders (3 verdict sentences scored, each a
+    teacher-forced sequence); DPO takes every prompt as a pair (an upper bound) for its epochs; evaluation
+    answers the test items with every model (base, 4 SFT, SFTe, SFTe_DPO), scores their test loss and has
+    the critic score them. Answer lengths are the presets' maxima: random weights rarely stop early, real
+    answers do. Every model-loading stage pays its start-up (loading, quantizing) once.
+    """
+    sft, prefs, dpo, ev = preset.sft.common, preset.preferences, preset.dpo, preset.evaluate
+    effective = rates["sft_effective_batch"]
+    models = len(preset.sft.variants) + 3
+    seconds = {
+        "sft": len(preset.sft.variants) * sft.max_steps * effective / rates["sft_samples_per_s"],
+        "preferences": prefs.max_prompts * 2 * prefs.max_new_tokens / rates["sample_tokens_per_s"]
+        + prefs.max_prompts * 2 * 3 * JUDGE_SEQUENCE_TOKENS / rates["score_tokens_per_s"],
+        "dpo": prefs.max_prompts * dpo.epochs / rates["dpo_pairs_per_s"],
+        "evaluation": models
+        * STUDY_TEST_ITEMS
+        * (
+            ev.max_new_tokens / rates["generate_tokens_per_s"]
+            + SEQUENCE_TOKENS / rates["score_tokens_per_s"]
+            + 1 / rates["critic_items_per_s"]
+        ),
+        "stage_startup": MODEL_STAGES * rates["stage_startup_s"],
     }
-    minutes["total"] = round(sum(minutes.values()), 1)
+    minutes = {k: round(v / 60, 1) for k, v in seconds.items()}
+    minutes["total"] = round(sum(seconds.values()) / 60, 1)
     return minutes
+
+
+def stage_rates(summary: dict, preset) -> dict:
+    """The rates `python -m posttrain e2e WORKDIR --measure` read from the stages' logs (its summary.json),
+    and the stages' start-up: an SFT stage's wall time less its training time."""
+    rates = summary["stage_rates"]
+    sft_stages = [k for k in summary["stage_seconds"] if k.startswith("sft@")]
+    steps = preset.sft.common.max_steps
+    startup = [
+        summary["stage_seconds"][k]
+        - steps * rates["sft_effective_batch"] / rates["sft_samples_per_s_each"][k.split("@")[1]]
+        for k in sft_stages
+    ]
+    return {
+        "sft_samples_per_s": rates["sft_samples_per_s"],
+        "sft_effective_batch": rates["sft_effective_batch"],
+        "generate_tokens_per_s": rates["evaluate_generate"]["new_tokens_per_s"],
+        "sample_tokens_per_s": rates["preferences_generate"]["new_tokens_per_s"],
+        "score_tokens_per_s": rates["evaluate_score"]["tokens_per_s"],
+        "stage_startup_s": round(max(startup), 1),
+    }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default="bench/results/h100.json")
+    ap.add_argument("--out", help="default: bench/results/<card>.json, e.g. h200.json")
+    ap.add_argument(
+        "--stage-rates", help="WORKDIR/summary.json of `python -m posttrain e2e WORKDIR --measure`"
+    )
+    ap.add_argument("--critic-tokens", type=int, default=256, help="new tokens a critic reply (the preset's)")
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--skip-nf4", action="store_true")
     ap.add_argument("--liger", action="store_true", help="Liger kernels for Llama (RMSNorm, RoPE, SwiGLU)")
@@ -288,9 +347,6 @@ def main() -> None:
     ap.add_argument("--ckpt-batch", type=int, default=16, help="bf16 batch with checkpointing; 0 skips")
     ap.add_argument("--critic", action="store_true", help="also measure LLaVA-Critic scoring (writes 16 GB)")
     ap.add_argument("--critic-batches", default="16", help="comma-separated critic scoring batch sizes")
-    ap.add_argument(
-        "--projection-batch", type=int, default=12, help="the nf4 batch the study preset trains at"
-    )
     args = ap.parse_args()
 
     def liger(m):
@@ -315,15 +371,35 @@ def main() -> None:
     result["params"] = n_params
 
     model = build_random(config, dtype=torch.bfloat16, device="cuda", seed=0)
+    from posttrain.standin import LLAVA_SPECIALS, standin_tokenizer
+
+    tokenizer = standin_tokenizer(
+        ["a chart"], LLAVA_SPECIALS, bos="<s>", eos="</s>", pad="<pad>", unk="<unk>"
+    )
     for gen_batch in (int(b) for b in args.gen_batches.split(",")):
         for cache in args.caches.split(","):
-            key = f"generate_{cache}" + ("" if gen_batch == 64 else f"_b{gen_batch}")
-            try:
-                result[key] = generation(model, config, gen_batch, 128, result["copy_bandwidth_gb_s"], cache)
-            except Exception as e:  # noqa: BLE001 - a failed variant is reported, the bench goes on
-                result[key] = {"batch": gen_batch, "cache": cache, "error": repr(e)[:300]}
-            print(json.dumps(result[key]), flush=True)
-            torch.cuda.empty_cache()
+            for samples in (1, 2):
+                key = f"stage_generate_{cache}_b{gen_batch}" + ("_2samples" if samples == 2 else "")
+                try:
+                    result[key] = stage_generation(
+                        model,
+                        config,
+                        tokenizer,
+                        2 * gen_batch,
+                        gen_batch,
+                        samples,
+                        cache,
+                        result["copy_bandwidth_gb_s"],
+                    )
+                except torch.OutOfMemoryError as e:
+                    result[key] = {
+                        "batch": gen_batch,
+                        "samples": samples,
+                        "cache": cache,
+                        "error": repr(e)[:300],
+                    }
+                print(key, json.dumps(result[key]), flush=True)
+                torch.cuda.empty_cache()
     model = liger(model)
     variants = [(int(b), False) for b in args.sft_batches.split(",")]
     variants += [(args.ckpt_batch, True)] if args.ckpt_batch else []
@@ -411,7 +487,7 @@ def main() -> None:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
             for cb in (int(b) for b in args.critic_batches.split(",")):
-                result[f"critic_scoring_b{cb}"] = critic_scoring(tmp, 4 * cb, cb, 128)
+                result[f"critic_scoring_b{cb}"] = critic_scoring(tmp, 4 * cb, cb, args.critic_tokens)
                 print(json.dumps(result[f"critic_scoring_b{cb}"]), flush=True)
 
     bf16_runs = [v for k, v in result.items() if k.startswith("sft_lora_bf16_b") and "mfu" in v]
@@ -422,43 +498,42 @@ def main() -> None:
         v for k, v in result.items() if k.startswith("sft_qlora_nf4_b") and "upcast" not in k and "mfu" in v
     ]
     result["sft_qlora_nf4_mfu"] = max((v["mfu"] for v in nf4_runs), default=None)
-    # the projection trains at the preset's batch (configs/study.yaml), not the largest that fitted here
-    preset_nf4 = result.get(f"sft_qlora_nf4_b{args.projection_batch}", {})
-    gens = [
-        g
-        for k, g in result.items()
-        if k.startswith("generate_") and isinstance(g, dict)
-        if g and "tokens_per_s" in g
-    ]
-    best = max(gens, key=lambda g: g["tokens_per_s"]) if gens else None
-    result["generate_tokens_per_s"] = best["tokens_per_s"] if best else None
-    result["generate_bandwidth_fraction"] = best["bandwidth_fraction"] if best else None
+    gens = [g for k, g in result.items() if k.startswith("stage_generate_") and "tokens_per_s" in g]
+    best = max(gens, key=lambda g: g["bandwidth_fraction_end_to_end"], default=None)
+    result["generate_bandwidth_fraction_end_to_end"] = best and best["bandwidth_fraction_end_to_end"]
+    result["generate_best"] = best and {k: best[k] for k in ("batch", "samples", "cache", "tokens_per_s")}
     result["dpo_pairs_per_s"] = result["dpo_lora_bf16"].get("pairs_per_s")
-    sft_rate = preset_nf4.get("samples_per_s") or result.get("sft_lora_bf16_b8", {}).get("samples_per_s")
     critic_runs = [v for k, v in result.items() if k.startswith("critic_scoring_b")]
     result["critic_items_per_s"] = max((v["items_per_s"] for v in critic_runs), default=None)
-    result["projected_study_minutes_breakdown"] = (
-        project(sft_rate, best["tokens_per_s"], result["dpo_pairs_per_s"], result["critic_items_per_s"])
-        if best and sft_rate
-        else None
-    )
-    result["projected_study_minutes"] = (result["projected_study_minutes_breakdown"] or {}).get("total")
-    # the stages generate with the dynamic cache (a static graph would recompile per prompt length and per
-    # stage process): the same projection at the best dynamic-cache rate
-    dynamic = [g for g in gens if g.get("cache") == "dynamic"]
-    if dynamic and sft_rate:
-        rate = max(g["tokens_per_s"] for g in dynamic)
-        result["projected_study_minutes_dynamic_cache"] = project(
-            sft_rate, rate, result["dpo_pairs_per_s"], result["critic_items_per_s"]
-        )["total"]
-    result["projection_note"] = (
-        "SFT at the QLoRA nf4 rate of the preset's batch (--projection-batch; the study's setting); DPO at "
-        "the measured bf16 LoRA pairs/s; critic scoring at its measured items/s; generation and "
-        "self-judging as 128 tokens per call at the best end-to-end static-cache generation rate "
-        "(prefill included)"
-    )
+
+    if args.stage_rates:
+        from posttrain.config import load_params
+
+        summary = json.loads(Path(args.stage_rates).read_text())
+        preset = load_params(PRESET)
+        rates = stage_rates(summary, preset)
+        rates.update(
+            dpo_pairs_per_s=result["dpo_pairs_per_s"], critic_items_per_s=result["critic_items_per_s"]
+        )
+        result["stage_rates"] = rates
+        result["stage_rates_from"] = {
+            "device": summary.get("device"),
+            "stage_seconds": summary["stage_seconds"],
+        }
+        result["stage_sft_samples_per_s"] = rates["sft_samples_per_s"]
+        result["stage_generate_tokens_per_s"] = rates["generate_tokens_per_s"]
+        if result["dpo_pairs_per_s"] and result["critic_items_per_s"]:
+            result["projected_study_minutes_breakdown"] = project(preset, rates)
+            result["projected_study_minutes"] = result["projected_study_minutes_breakdown"]["total"]
+        result["projection_note"] = (
+            "configs/study.yaml's settings at the rates its stages logged in `python -m posttrain e2e "
+            "WORKDIR --measure` on this card (SFT rows/s at the preset's batch; evaluation generation, "
+            "preference sampling and teacher-forced scoring tokens/s; the model stages' start-up), DPO at "
+            "this bench's bf16 LoRA pairs/s and LLaVA-Critic at its items/s through the evaluation's judge"
+        )
     print(json.dumps(result, indent=2))
-    out = Path(args.out)
+    card = torch.cuda.get_device_name().split()[1].lower()  # "NVIDIA H200" -> h200
+    out = Path(args.out or f"bench/results/{card}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
 

@@ -25,12 +25,14 @@ def main() -> None:
     ap.add_argument("--models", default="models")
     ap.add_argument("--items", default="data/eval", help="per-item rows and every metric with its CI")
     ap.add_argument("--metrics", default="metrics", help="the headline metrics, the table's row")
+    ap.add_argument("--logs", default="logs", help="wall times and token rates (not a DVC output)")
     args = ap.parse_args()
 
     params = load_params(args.params)
     device = setup(params.base.threads)
     # only now that the params are valid: torch and transformers take seconds to import
     from posttrain.evaluation import evaluate_model, headline
+    from posttrain.generation import throughput
     from posttrain.io import write_json_atomic
     from posttrain.models import load_model
 
@@ -44,6 +46,7 @@ def main() -> None:
         Path(args.items),
         Path(args.items) / "metrics" / f"{args.model}.json",
     )
+    write_json_atomic(Path(args.logs) / f"evaluate_{args.model}.json", throughput())  # not a DVC output
     table = headline(metrics)
     write_json_atomic(Path(args.metrics) / f"{args.model}.json", table)  # the row of `dvc metrics show`
     print("  ".join(f"{k} {v:.2f}" for k, v in table.items() if v is not None))

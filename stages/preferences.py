@@ -24,11 +24,13 @@ def main() -> None:
     ap.add_argument("--policy", default="sfte", help="the model that samples (and, for judge: self, judges)")
     ap.add_argument("--out", default="data/preferences")
     ap.add_argument("--metrics", default="metrics/preferences.json")
+    ap.add_argument("--logs", default="logs", help="wall times and token rates (not a DVC output)")
     args = ap.parse_args()
 
     params = load_params(args.params)
     device = setup(params.base.threads)
     # only now that the params are valid: torch and transformers take seconds to import
+    from posttrain.generation import throughput
     from posttrain.models import load_model
     from posttrain.preferences import make_preferences
 
@@ -42,6 +44,7 @@ def main() -> None:
     with atomic_dir(args.out) as tmp:
         write_jsonl(tmp / "pairs.jsonl", pairs)
     write_json_atomic(args.metrics, stats)
+    write_json_atomic(Path(args.logs) / "preferences.json", throughput())  # rates: not a DVC output
     print(", ".join(f"{k} {v}" for k, v in stats.items()))
 
 

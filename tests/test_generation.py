@@ -27,8 +27,8 @@ def prompts(tiny, prepared):
 
 @pytest.fixture(scope="module")
 def model(tiny):
-    """The tiny LLaVA with large random weights: freshly initialised it answers every prompt alike, which would
-    hide a sample answering another prompt."""
+    """The tiny LLaVA with large random weights (freshly initialised it answers every prompt alike, which
+    would hide a sample answering another prompt)."""
     m = copy.deepcopy(tiny[0])
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():

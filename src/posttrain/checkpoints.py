@@ -135,6 +135,25 @@ class LiveCallback(TrainerCallback):
                 self.live.log_metric(standardize_metric_name(key, "dvclive.huggingface"), value)
 
 
+class StepTimes(TrainerCallback):
+    """Wall clock at the end of every optimizer step: the steady rate leaves out the first steps' warm-up."""
+
+    def __init__(self):
+        self.times: list[float] = []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.times.append(time.perf_counter())
+
+    def samples_per_s(self, samples_per_step: int, skip: int = 2) -> float | None:
+        """Rows per second over the steps after the first `skip` (None if too few steps ran)."""
+        if len(self.times) < skip + 2:
+            return None
+        steps = len(self.times) - 1 - skip
+        return round(steps * samples_per_step / (self.times[-1] - self.times[skip]), 3)
+
+
 def open_live(live_dir: Path | None, resume_step: int | None):
     """A DVCLive logger that writes only the curves, ``live_dir/plots`` (None: no curves).
 
@@ -177,9 +196,13 @@ def fit(trainer, live_dir: Path | None) -> dict:
     live = open_live(live_dir, step0)
     if live is not None:
         trainer.add_callback(LiveCallback(live))
+    step_times = StepTimes()
+    trainer.add_callback(step_times)
     t0 = time.perf_counter()
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     seconds = time.perf_counter() - t0  # the curves are written row by row: no Live.end() and its summary
+    args = trainer.args
+    samples_per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
     history = [h for h in trainer.state.log_history if "loss" in h]  # restored from a checkpoint too
     # not `result.training_loss`: the mean over the steps this process ran, which a resume changes
     return {
@@ -188,5 +211,7 @@ def fit(trainer, live_dir: Path | None) -> dict:
         "timing": {
             "train_seconds": round(seconds, 2),
             "resumed_from": str(resume_from) if resume_from else None,
+            "samples_per_step": samples_per_step,
+            "samples_per_s": step_times.samples_per_s(samples_per_step),
         },
     }

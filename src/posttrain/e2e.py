@@ -2,6 +2,7 @@
 
     python -m posttrain e2e WORKDIR            # the 7B architectures: CUDA GPU, ~35 GB of disk
     python -m posttrain e2e WORKDIR --shrink   # the same architectures shrunk to 2 layers: CPU, minutes
+    python -m posttrain e2e WORKDIR --measure  # the stages' own rates at the preset's batches (GPU)
 
 Writes into WORKDIR (`posttrain.standin`) an LRV Chart parquet at 336 px and LLaVA-1.5-7B and LLaVA-Critic
 folders with random weights, then a params file: `configs/study.yaml` with the stand-ins' paths and sizes
@@ -32,6 +33,10 @@ PRESET = ROOT / "configs" / "study.yaml"
 VARIANTS = ("sft1", "sft2")
 EVALUATED = ("base", "sfte", "sfte_dpo")
 IMAGES = 24  # charts in the parquet (~60 questions); 6 of them form the test split
+# --measure: enough data for the stages' own rates at the preset's batches and answer lengths
+MEASURE_IMAGES, MEASURE_TEST_IMAGES = 200, 70  # ~130 test turns: two evaluation batches of 64
+MEASURE_SFT_STEPS = 24  # the rate is taken over the steps after the first two
+MEASURE_PROMPTS = 64  # one preference batch: 64 prompts, two samples each
 
 
 @dataclass(frozen=True)
@@ -41,6 +46,29 @@ class Step:
     name: str
     args: tuple[str, ...]
     output: Path
+
+
+def measure_overrides(work: Path) -> dict:
+    """What a --measure run changes in the study preset: the stand-ins' paths and fewer steps and prompts.
+
+    Batch sizes, answer lengths, quantization and kernels stay the preset's, so the stages' logged rates
+    (`posttrain.checkpoints.StepTimes`, `posttrain.generation.throughput`) are the study's.
+    """
+    return {
+        "base": {"hub_id": str(work / "hub" / "llava-1.5-7b"), "revision": ""},
+        "prepare": {
+            "lrv": {
+                "local_parquet": str(work / "hub" / "lrv_chart.parquet"),
+                "test_images": MEASURE_TEST_IMAGES,
+            }
+        },
+        "sft": {"common": {"max_steps": MEASURE_SFT_STEPS, "save_steps": 0, "warmup_steps": 0}},
+        "preferences": {"judge": "reference", "max_prompts": MEASURE_PROMPTS, "min_pairs": 2},
+        "dpo": {"epochs": 1.0, "warmup_steps": 0},
+        # the critic's rate is bench/gpu.py's (LLaVA-Critic through the evaluation's judge)
+        "evaluate": {"resamples": 100, "critic": {"kind": "reference"}},
+        "report": {"examples": 4, "resamples": 100},
+    }
 
 
 def smoke_overrides(work: Path, cuda: bool) -> dict:
@@ -94,11 +122,12 @@ def merge(base: dict, changes: dict) -> dict:
     return out
 
 
-def write_params(work: Path, cuda: bool, preset: Path = PRESET) -> Path:
-    """Write and validate WORKDIR/params.yaml: the preset with `smoke_overrides`."""
+def write_params(work: Path, cuda: bool, preset: Path = PRESET, measure: bool = False) -> Path:
+    """Write and validate WORKDIR/params.yaml: the preset with `smoke_overrides` (`measure_overrides`)."""
     from posttrain.config import parse_params
 
-    data = merge(yaml.safe_load(preset.read_text()), smoke_overrides(work, cuda))
+    changes = measure_overrides(work) if measure else smoke_overrides(work, cuda)
+    data = merge(yaml.safe_load(preset.read_text()), changes)
     data["sft"]["variants"] = {k: v for k, v in data["sft"]["variants"].items() if k in VARIANTS}
     parse_params(data, str(preset))  # raises ParamsError naming every bad key
     path = work / "params.yaml"
@@ -106,8 +135,8 @@ def write_params(work: Path, cuda: bool, preset: Path = PRESET) -> Path:
     return path
 
 
-def write_standins(work: Path, shrink: bool, device: str) -> dict:
-    """The stand-in hub files: parquet, LLaVA-1.5 and LLaVA-Critic folders (skipped where they exist)."""
+def write_standins(work: Path, shrink: bool, device: str, images: int = IMAGES) -> dict:
+    """The stand-in hub files: `images` charts as a parquet, LLaVA-1.5 and LLaVA-Critic (kept if present)."""
     import pyarrow.parquet as pq
 
     from posttrain.architectures import load_config
@@ -120,7 +149,7 @@ def write_standins(work: Path, shrink: bool, device: str) -> dict:
     t0 = time.perf_counter()
     parquet = hub / "lrv_chart.parquet"
     if not parquet.exists():
-        write_lrv_parquet(parquet, IMAGES, size=336)
+        write_lrv_parquet(parquet, images, size=336)
     texts = [
         " ".join(t["value"] for t in row)
         for row in pq.read_table(parquet).column("conversations").to_pylist()
@@ -147,14 +176,15 @@ def write_standins(work: Path, shrink: bool, device: str) -> dict:
 
 
 def plan(work: Path, params: Path) -> list[Step]:
-    """The stages in dvc.yaml's order, with WORKDIR's paths (no DVCLive: `--live ""`)."""
+    """The stages in dvc.yaml's order, with WORKDIR's paths (no DVCLive: `--live ""`; WORKDIR/logs)."""
     data, models, metrics = work / "data" / "prepared", work / "models", work / "metrics"
+    logs = ("--logs", str(work / "logs"))
     common = ("--params", str(params))
     steps = [
         Step("prepare", (*common, "--out", str(data)), data),
         Step(
             "base",
-            (*common, "--data", str(data), "--out", str(models / "base"), "--live", ""),
+            (*common, "--data", str(data), "--out", str(models / "base"), "--live", "", *logs),
             models / "base",
         ),
     ]
@@ -174,6 +204,7 @@ def plan(work: Path, params: Path) -> list[Step]:
                     str(work / "checkpoints"),
                     "--live",
                     "",
+                    *logs,
                 ),
                 models / v,
             )
@@ -196,6 +227,7 @@ def plan(work: Path, params: Path) -> list[Step]:
                 str(work / "data" / "preferences"),
                 "--metrics",
                 str(metrics / "preferences.json"),
+                *logs,
             ),
             work / "data" / "preferences",
         ),
@@ -237,6 +269,7 @@ def plan(work: Path, params: Path) -> list[Step]:
                     str(work / "data" / "eval"),
                     "--metrics",
                     str(metrics),
+                    *logs,
                 ),
                 metrics / f"{m}.json",
             )
@@ -375,6 +408,39 @@ def check_outputs(work: Path) -> dict:
     }
 
 
+def stage_rates(work: Path) -> dict:
+    """The rates the stages logged in WORKDIR/logs: SFT rows/s, and tokens/s of the evaluation's generation
+    (one answer per prompt), of preference sampling (two per prompt) and of teacher-forced scoring.
+
+    Generation rates count the tokens each row generated up to its EOS, prefill included in the time.
+    """
+    logs = work / "logs"
+
+    def read(name: str) -> dict:
+        path = logs / f"{name}.json"
+        return json.loads(path.read_text()) if path.exists() else {}
+
+    def pooled(parts: list[dict], counted: str) -> dict | None:
+        parts = [p for p in parts if p]
+        if not parts:
+            return None
+        total = {k: sum(p[k] for p in parts) for k in parts[0] if not k.endswith("_per_s")}
+        total[f"{counted}_per_s"] = round(total[counted] / total["seconds"], 1)
+        return total
+
+    sft = [read(v).get("samples_per_s") for v in VARIANTS]
+    effective = {read(v).get("samples_per_step") for v in VARIANTS}
+    evaluations = [read(f"evaluate_{m}") for m in EVALUATED]
+    return {
+        "sft_samples_per_s": round(sum(sft) / len(sft), 2) if all(sft) else None,
+        "sft_samples_per_s_each": dict(zip(VARIANTS, sft)),
+        "sft_effective_batch": effective.pop() if len(effective) == 1 else None,
+        "evaluate_generate": pooled([e.get("generate", {}) for e in evaluations], "new_tokens"),
+        "evaluate_score": pooled([e.get("score", {}) for e in evaluations], "tokens"),
+        "preferences_generate": read("preferences").get("generate"),
+    }
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m posttrain e2e WORKDIR [--shrink]``; writes WORKDIR/summary.json and WORKDIR/e2e.log."""
     import torch
@@ -383,6 +449,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("workdir", type=Path)
     ap.add_argument("--shrink", action="store_true", help="2-layer towers of the same configs (CPU)")
     ap.add_argument("--until", help="stop after this stage (e.g. ensemble), to split the run")
+    ap.add_argument(
+        "--measure",
+        action="store_true",
+        help=f"the stages' own rates at the preset's batches: {MEASURE_IMAGES} charts, {MEASURE_SFT_STEPS} "
+        f"SFT steps, {MEASURE_PROMPTS} preference prompts, the preset's answer lengths (GPU)",
+    )
     args = ap.parse_args(argv)
 
     cuda = torch.cuda.is_available()
@@ -396,8 +468,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     summary: dict = {"device": torch.cuda.get_device_name() if cuda else "cpu", "shrunk": args.shrink}
-    summary["standins"] = write_standins(work, args.shrink, "cuda" if cuda else "cpu")
-    params = write_params(work, cuda)
+    images = MEASURE_IMAGES if args.measure else IMAGES
+    summary["standins"] = write_standins(work, args.shrink, "cuda" if cuda else "cpu", images)
+    params = write_params(work, cuda, measure=args.measure)
     steps = plan(work, params)
     if args.until:
         names = [s.name for s in steps]
@@ -408,6 +481,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     summary["stage_seconds"] = run_steps(steps, work / "e2e.log")
     if not args.until:
         summary["checks"] = check_outputs(work)
+    summary["stage_rates"] = stage_rates(work)
     summary["total_seconds"] = round(time.perf_counter() - t0, 1)
     (work / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     print(json.dumps(summary, indent=2, default=str))

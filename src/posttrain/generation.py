@@ -6,11 +6,41 @@ prompt here is one the training saw the same way.
 
 from __future__ import annotations
 
+import time
+from collections import defaultdict
+
 import torch
 import torch.nn.functional as F
 from transformers.cache_utils import DynamicCache, StaticCache, StaticLayer
 
 from posttrain.template import IGNORE_INDEX, answer_positions, pad_batch
+
+# Wall time and token counts of every `generate` and `answer_nll` call in this process, for the stages' logs
+# (`throughput`); never part of an output, which must not depend on timing.
+_TOTALS: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+
+
+def throughput() -> dict[str, dict[str, float]]:
+    """What this process generated and scored so far, with rates.
+
+    Returns:
+        ``{"generate": {seconds, prompts, rows, prompt_tokens, new_tokens, new_tokens_per_s}, "score":
+        {seconds, sequences, tokens, tokens_per_s}}``, the parts that ran.
+    """
+    out = {}
+    for kind, totals in _TOTALS.items():
+        row = {k: round(v, 3) if k == "seconds" else int(v) for k, v in totals.items()}
+        counted = "new_tokens" if kind == "generate" else "tokens"
+        row[f"{counted}_per_s"] = round(totals[counted] / totals["seconds"], 1) if totals["seconds"] else None
+        out[kind] = row
+    return out
+
+
+def _new_token_count(new_tokens: torch.Tensor, eos_token_id: int) -> int:
+    """Tokens generated per row up to and including its first EOS (the rest is padding)."""
+    is_eos = new_tokens == eos_token_id  # (R, N)
+    first = torch.where(is_eos.any(1), is_eos.int().argmax(1) + 1, new_tokens.shape[1])
+    return int(first.sum())
 
 
 def _repeat_rows(cache, repeats: int) -> None:
@@ -138,6 +168,7 @@ def generate(
         pixel_values = torch.stack(pixels[start : start + batch_size]).to(device, dtype)  # (B, 3, H, W)
         if do_sample:
             torch.manual_seed(seed + start)
+        t0 = time.perf_counter()
         new_tokens = _generate_batch(
             model,
             input_ids,
@@ -149,6 +180,12 @@ def generate(
             generate_kwargs=generate_kwargs,
         )
         texts = [t.strip() for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+        totals = _TOTALS["generate"]
+        totals["seconds"] += time.perf_counter() - t0
+        totals["prompts"] += len(batch)
+        totals["rows"] += len(batch) * samples
+        totals["prompt_tokens"] += int(attention_mask.sum())
+        totals["new_tokens"] += _new_token_count(new_tokens, tokenizer.eos_token_id)
         if samples == 1:
             outputs.extend(texts)
         else:
@@ -178,6 +215,7 @@ def answer_nll(
     sums: list[float] = []
     counts: list[int] = []
     for start in range(0, len(sequences), batch_size):
+        t0 = time.perf_counter()
         pairs = sequences[start : start + batch_size]
         input_ids = pad_batch([p[0] for p in pairs], tokenizer.pad_token_id, "right").to(device)  # (B, T)
         labels = pad_batch([p[1] for p in pairs], IGNORE_INDEX, "right").to(device)
@@ -192,4 +230,8 @@ def answer_nll(
         mask = targets != IGNORE_INDEX
         sums.extend((nll * mask).sum(1).tolist())
         counts.extend(mask.sum(1).tolist())
+        totals = _TOTALS["score"]
+        totals["seconds"] += time.perf_counter() - t0
+        totals["sequences"] += len(pairs)
+        totals["tokens"] += int(attention_mask.sum())
     return sums, counts
