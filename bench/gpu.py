@@ -341,8 +341,12 @@ def main() -> None:
     ap.add_argument(
         "--sft-batches", default="8", help="comma-separated bf16 LoRA batch sizes, no checkpointing"
     )
-    ap.add_argument("--gen-batches", default="64", help="comma-separated generation batch sizes")
-    ap.add_argument("--caches", default="dynamic,static", help="generation caches to measure")
+    ap.add_argument(
+        "--gen-variants",
+        default="64:1:static,64:1:dynamic,64:2:static",
+        help="comma-separated batch:samples:cache generation runs through posttrain.generation.generate",
+    )
+    ap.add_argument("--skip-upcast", action="store_true", help="skip the nf4 run with PEFT's fp32 upcast")
     ap.add_argument("--nf4-batches", default="8", help="comma-separated QLoRA nf4 batch sizes")
     ap.add_argument("--ckpt-batch", type=int, default=16, help="bf16 batch with checkpointing; 0 skips")
     ap.add_argument("--critic", action="store_true", help="also measure LLaVA-Critic scoring (writes 16 GB)")
@@ -376,30 +380,25 @@ def main() -> None:
     tokenizer = standin_tokenizer(
         ["a chart"], LLAVA_SPECIALS, bos="<s>", eos="</s>", pad="<pad>", unk="<unk>"
     )
-    for gen_batch in (int(b) for b in args.gen_batches.split(",")):
-        for cache in args.caches.split(","):
-            for samples in (1, 2):
-                key = f"stage_generate_{cache}_b{gen_batch}" + ("_2samples" if samples == 2 else "")
-                try:
-                    result[key] = stage_generation(
-                        model,
-                        config,
-                        tokenizer,
-                        2 * gen_batch,
-                        gen_batch,
-                        samples,
-                        cache,
-                        result["copy_bandwidth_gb_s"],
-                    )
-                except torch.OutOfMemoryError as e:
-                    result[key] = {
-                        "batch": gen_batch,
-                        "samples": samples,
-                        "cache": cache,
-                        "error": repr(e)[:300],
-                    }
-                print(key, json.dumps(result[key]), flush=True)
-                torch.cuda.empty_cache()
+    for variant in args.gen_variants.split(","):
+        gen_batch, samples, cache = variant.split(":")
+        gen_batch, samples = int(gen_batch), int(samples)
+        key = f"stage_generate_{cache}_b{gen_batch}" + ("_2samples" if samples == 2 else "")
+        try:
+            result[key] = stage_generation(
+                model,
+                config,
+                tokenizer,
+                2 * gen_batch,
+                gen_batch,
+                samples,
+                cache,
+                result["copy_bandwidth_gb_s"],
+            )
+        except torch.OutOfMemoryError as e:
+            result[key] = {"batch": gen_batch, "samples": samples, "cache": cache, "error": repr(e)[:300]}
+        print(key, json.dumps(result[key]), flush=True)
+        torch.cuda.empty_cache()
     model = liger(model)
     variants = [(int(b), False) for b in args.sft_batches.split(",")]
     variants += [(args.ckpt_batch, True)] if args.ckpt_batch else []
@@ -461,7 +460,7 @@ def main() -> None:
             if not intact:
                 break
         # before: PEFT's prepare_model_for_kbit_training upcasts the unquantized weights to fp32
-        if intact:
+        if intact and not args.skip_upcast:
             q = prepare_model_for_kbit_training(q, use_gradient_checkpointing=False)
             result["sft_qlora_nf4_b8_fp32_upcast"], q = sft_throughput(
                 q, config, 8, args.steps, n_params, result["bf16_matmul_tflops"], False
