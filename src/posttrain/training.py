@@ -482,7 +482,7 @@ def train_sft_variant(
     if common.liger:
         require_liger()
     train = load_split(data_dir, "study_train")
-    check_training_memory(
+    micro_batch, accumulation = check_training_memory(
         base_dir,
         [(c.turns[:-1], *c.turns[-1]) for c in group_conversations(train)],
         section="sft.common",
@@ -493,7 +493,10 @@ def train_sft_variant(
         quantized=qconfig is not None,
         checkpointing=common.gradient_checkpointing,
         liger=common.liger,
+        gradient_accumulation=common.gradient_accumulation,
+        effective_batch=common.effective_batch,
     )
+    batch = {"micro_batch": micro_batch, "gradient_accumulation": accumulation}
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     model, processor, base_prov = load_base(base_dir, device=device, dtype=dtype, quantization_config=qconfig)
@@ -511,13 +514,13 @@ def train_sft_variant(
     torch.manual_seed(seed)
     model = get_peft_model(model, lora)
     dataset = TeacherForcedDataset(train, data_dir, processor)
-    effective = common.batch_size * common.gradient_accumulation
+    effective = micro_batch * accumulation
     print(
         f"{name}: LoRA r={common.rank} alpha={variant.alpha} dropout={variant.dropout}; "
         f"{count_params(model, trainable_only=True):,} trainable of {count_params(model):,} params; "
         f"{len(dataset)} conversations ({dataset.turns} turns, {dataset.tokens:,} tokens), "
-        f"{common.max_steps} steps × batch {common.batch_size} × accumulation "
-        f"{common.gradient_accumulation} = {common.max_steps * effective / len(dataset):.1f} epochs; "
+        f"{common.max_steps} steps × batch {micro_batch} × accumulation "
+        f"{accumulation} = {common.max_steps * effective / len(dataset):.1f} epochs; "
         f"{'nf4' if qconfig else dtype}, checkpointing {common.gradient_checkpointing}, liger {common.liger}",
         flush=True,
     )
@@ -528,25 +531,27 @@ def train_sft_variant(
             "params": {"common": to_dict(common), "variant": to_dict(variant), "seed": seed},
             "data": file_digest(data_dir / "study_train.jsonl"),
             "base": base_fingerprint(base_dir),
+            "batch": batch,  # auto picks it per GPU: another card's checkpoints are another run
         },
     )
     args = training_arguments(
         checkpoint_dir,
         max_steps=common.max_steps,
-        batch_size=common.batch_size,
+        batch_size=micro_batch,
         learning_rate=common.learning_rate,
         warmup_steps=common.warmup_steps,
         weight_decay=common.weight_decay,
         seed=seed,
         save_steps=common.save_steps,
         bf16=device == "cuda",
-        gradient_accumulation=common.gradient_accumulation,
+        gradient_accumulation=accumulation,
         gradient_checkpointing=common.gradient_checkpointing,
     )
     callbacks = [ProgressCallback(every=50, batch_size=effective)]
     collator = TeacherForcedCollator(processor.tokenizer.pad_token_id)
     summary = run_trainer(model, args, dataset, collator, callbacks, live_dir)
     timing = summary.pop("timing")
+    summary["batch"] = batch  # what ran, where batch_size: auto leaves it to the GPU
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp)
         write_provenance(
