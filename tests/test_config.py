@@ -1,4 +1,5 @@
 import dataclasses
+import types
 import typing
 from pathlib import Path
 
@@ -6,6 +7,7 @@ import pytest
 import yaml
 
 from posttrain.config import (
+    BatchSize,
     CriticKind,
     DataSource,
     ModelKind,
@@ -74,12 +76,56 @@ def test_every_problem_reported_at_once():
         ({"dpo": {"loss_type": "robust"}}, "dpo.loss_type: 'robust' with dpo.label_smoothing 0 is plain DPO"),
         ({"dpo": {"label_smoothing": 0.7}}, "dpo.label_smoothing: 0.7 is not in [0, 0.5)"),
         ({"dpo": {"loss_type": "robusto", "label_smoothing": 0.1}}, "dpo.loss_type: 'robusto' is not one of"),
+        (
+            {"sft": {"common": {"batch_size": "auto"}}},
+            "sft.common.effective_batch: null, but sft.common.batch_size: auto needs it; set it to the rows "
+            "per optimizer step to keep (e.g. 16), or give sft.common.batch_size an integer",
+        ),
+        (
+            {"dpo": {"batch_size": "auto", "effective_batch": 16, "gradient_accumulation": 4}},
+            "dpo.gradient_accumulation: 4 with dpo.batch_size: auto, which derives it (effective_batch / the "
+            "micro-batch that fits); set it to 1 and dpo.effective_batch to the rows per optimizer step",
+        ),
+        (
+            {"dpo": {"batch_size": 4, "gradient_accumulation": 4, "effective_batch": 16}},
+            "dpo.effective_batch: 16 is only read with batch_size: auto; set dpo.batch_size: auto (and "
+            "gradient_accumulation: 1), or remove effective_batch (with an integer batch_size the effective "
+            "batch is batch_size × gradient_accumulation = 4 × 4)",
+        ),
+        ({"sft": {"common": {"batch_size": "Auto"}}}, "sft.common.batch_size: expected an integer or 'auto'"),
+        ({"dpo": {"batch_size": None}}, "dpo.batch_size: expected an integer or 'auto', got None"),
+        ({"dpo": {"batch_size": "auto", "effective_batch": 0}}, "dpo.effective_batch: must be > 0, got 0"),
     ],
 )
 def test_impossible_values_name_key_and_fix(data, fragment):
     with pytest.raises(ParamsError, match=None) as e:
         parse_params(data)
     assert fragment in str(e.value)
+
+
+def test_batch_size_auto_takes_the_effective_batch_and_leaves_the_accumulation_to_it():
+    p = parse_params(
+        {
+            "sft": {"common": {"batch_size": "auto", "effective_batch": 12}},
+            "dpo": {"batch_size": "auto", "effective_batch": 16, "gradient_accumulation": 1},
+        }
+    )
+    assert p.sft.common.batch_size is BatchSize.AUTO and p.sft.common.effective_batch == 12
+    assert p.dpo.batch_size is BatchSize.AUTO and p.dpo.effective_batch == 16
+    assert parse_params({"dpo": {"batch_size": 8, "effective_batch": None}}).dpo.batch_size == 8
+    # both sections' problems at once, each naming its own keys
+    with pytest.raises(ParamsError) as e:
+        parse_params(
+            {
+                "sft": {"common": {"batch_size": "auto", "gradient_accumulation": 2}},
+                "dpo": {"batch_size": 16, "effective_batch": 16},
+            }
+        )
+    assert [p.split(":")[0] for p in e.value.problems] == [
+        "sft.common.effective_batch",
+        "sft.common.gradient_accumulation",
+        "dpo.effective_batch",
+    ]
 
 
 def test_real_combination_is_accepted(tmp_path):
@@ -120,11 +166,14 @@ def _nested(key: str, value) -> dict:
 
 
 def _numeric_keys(cls=Params, prefix: str = "") -> list[tuple[str, type]]:
-    """Every int and float key of the params, variants through sft.variants.sft1."""
+    """Every int and float key of the params (``int | None``, ``int | BatchSize`` too), variants through
+    sft.variants.sft1."""
     out = []
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         tp, key = hints[f.name], f"{prefix}{f.name}"
+        if typing.get_origin(tp) is types.UnionType:
+            tp = typing.get_args(tp)[0]
         if dataclasses.is_dataclass(tp):
             out += _numeric_keys(tp, f"{key}.")
         elif typing.get_origin(tp) is dict:
@@ -253,7 +302,7 @@ def test_a_missing_params_file_is_a_params_error(tmp_path):
         ("dpo.beta", "0.1", "remove the quotes", "2e-3"),
         ("dpo.batch_size", "1e3", "write 1000", None),
         ("dpo.batch_size", 16.0, "write 16", None),
-        ("dpo.batch_size", "many", None, "write"),
+        ("dpo.batch_size", "many", "expected an integer or 'auto', got 'many'", "write"),
         ("base.revision", 1234567, "quote it", None),
         ("base.revision", None, "write '' for none", "quote it"),
         ("base.revision", ["a"], None, "quote it"),

@@ -64,7 +64,18 @@ def test_collator_marks_only_the_completions(base_dir, prepared, pairs):
 
 def test_policy_and_reference_equal_sfte_before_any_step(base_dir, sfte, prepared, pairs, tmp_path):
     model, processor = policy_from_adapter(base_dir, sfte, "cpu")
-    trainer = dpo_trainer(model, processor, pairs, prepared, PARAMS, tmp_path / "ck", 0, [])
+    trainer = dpo_trainer(
+        model,
+        processor,
+        pairs,
+        prepared,
+        PARAMS,
+        tmp_path / "ck",
+        0,
+        [],
+        micro_batch=4,
+        gradient_accumulation=1,
+    )
     assert set(trainer.model.peft_config) == {"default", "ref"}
     b = batch(processor, prepared, pairs)
     inputs = {k: b[k] for k in ("input_ids", "attention_mask", "pixel_values")}
@@ -168,5 +179,40 @@ def test_robust_loss_gets_its_label_smoothing(base_dir, sfte, prepared, pairs, t
 
     model, processor = policy_from_adapter(base_dir, sfte, "cpu")
     params = replace(PARAMS, loss_type=DpoLoss.ROBUST, label_smoothing=0.1)
-    trainer = dpo_trainer(model, processor, pairs, prepared, params, tmp_path / "ck", 0, [])
+    trainer = dpo_trainer(
+        model,
+        processor,
+        pairs,
+        prepared,
+        params,
+        tmp_path / "ck",
+        0,
+        [],
+        micro_batch=2,
+        gradient_accumulation=3,
+    )
     assert trainer.args.loss_type == ["robust"] and trainer.args.label_smoothing == 0.1
+    # the resolved batch, not params.batch_size, reaches TRL
+    assert (trainer.args.per_device_train_batch_size, trainer.args.gradient_accumulation_steps) == (2, 3)
+
+
+def test_dpo_with_batch_size_auto_trains_with_the_resolved_batch_and_records_it(
+    base_dir, sfte, prepared, pairs, tmp_path, monkeypatch, capsys
+):
+    """On the CPU auto takes the whole effective batch (4 of the 8 pairs): two steps, recorded as 4 × 1."""
+    import json
+    from dataclasses import replace
+
+    from posttrain.config import BatchSize
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    params = replace(PARAMS, batch_size=BatchSize.AUTO, effective_batch=4)
+    out = tmp_path / "sfte_dpo"
+    out.mkdir()
+    summary = train_dpo(base_dir, sfte, pairs, prepared, params, 0, out, tmp_path / "ck", None)
+    assert (
+        "dpo.batch_size auto: 4 × accumulation 1 = effective batch 4 (on the CPU" in capsys.readouterr().out
+    )
+    batch = {"micro_batch": 4, "gradient_accumulation": 1}
+    assert summary["batch"] == batch and summary["steps"] == 2
+    assert json.loads((tmp_path / "ck" / "fingerprint.json").read_text())["batch"] == batch

@@ -7,8 +7,16 @@ import pytest
 import torch
 
 from posttrain.architectures import load_config
+from posttrain.config import BatchSize
 from posttrain.data import load_split
-from posttrain.memory import GB, BatchTooLargeError, MemoryEstimate, check_fits, estimate_training
+from posttrain.memory import (
+    GB,
+    BatchTooLargeError,
+    MemoryEstimate,
+    check_fits,
+    choose_micro_batch,
+    estimate_training,
+)
 from posttrain.training import check_training_memory, language_model_regex
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -186,3 +194,143 @@ def test_on_cuda_the_estimate_counts_the_rows_a_batch_can_hold(base_dir, prepare
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: SimpleNamespace(total_memory=10**9))
     _check(base_dir, _conversations(prepared), batch_size=10**6)
     assert "step memory" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "effective, largest_fitting, chosen",
+    [
+        (12, 7, 6),  # divisors 12, 6, 4, 3, 2, 1: 6 is the largest at most 7
+        (16, 16, 16),
+        (16, 15, 8),
+        (12, 4, 4),
+        (7, 6, 1),  # a prime: 1 × accumulation 7
+    ],
+)
+def test_choose_micro_batch_is_the_largest_divisor_that_fits(effective, largest_fitting, chosen):
+    assert choose_micro_batch(effective, lambda d: d <= largest_fitting) == chosen
+
+
+def test_choose_micro_batch_asks_only_down_to_the_first_fit_and_names_the_knobs_when_none_fits():
+    asked = []
+    assert choose_micro_batch(12, lambda d: asked.append(d) or d <= 5) == 4
+    assert asked == [12, 6, 4]  # divisors only, largest first
+    with pytest.raises(BatchTooLargeError) as e:
+        choose_micro_batch(12, lambda d: False, section="dpo")
+    msg = str(e.value)
+    assert msg.startswith("dpo.batch_size auto: not even a micro-batch of 1 fits (effective_batch 12)")
+    assert "dpo.gradient_checkpointing: true" in msg and "sft.common.quantization: nf4" in msg
+    with pytest.raises(BatchTooLargeError) as e:
+        choose_micro_batch(12, lambda d: False, checkpointing=True)
+    assert "gradient_checkpointing" not in str(e.value) and "larger GPU" in str(e.value)
+
+
+def _auto(base_dir, sequences, effective, sequences_per_row=1, section="sft.common"):
+    return check_training_memory(
+        base_dir,
+        sequences,
+        section=section,
+        batch_size=BatchSize.AUTO,
+        sequences_per_row=sequences_per_row,
+        target_regex=language_model_regex(LINEAR),
+        rank=4,
+        quantized=False,
+        checkpointing=False,
+        liger=False,
+        effective_batch=effective,
+    )
+
+
+@pytest.fixture()
+def card_of_40_gb(monkeypatch):
+    """CUDA faked: a 40 GB card (budget 38 GB), and a step of 10 GB fixed plus 5 GB per sequence."""
+    from types import SimpleNamespace
+
+    import posttrain.memory as memory
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: SimpleNamespace(total_memory=40 * GB))
+    asked = []
+
+    def estimate(config, *, sequences, **kwargs):
+        asked.append(sequences)
+        return MemoryEstimate(weights=9.0 * GB, adapter=0.4 * GB, activations=sequences * 5 * GB)
+
+    monkeypatch.setattr(memory, "estimate_training", estimate)
+    return asked
+
+
+def test_auto_on_cuda_picks_the_largest_divisor_whose_step_fits(base_dir, prepared, card_of_40_gb, capsys):
+    """(38 - 10) // 5 = 5 conversations fit, so 12 runs as 4 × 3; a DPO pair is 10 GB: 2 fit, 16 = 2 × 8."""
+    rows = _conversations(prepared)
+    assert len(rows) >= 16
+    assert _auto(base_dir, rows, 12) == (4, 3)
+    out = capsys.readouterr().out
+    assert out.startswith(
+        "sft.common.batch_size auto: 4 × accumulation 3 = effective batch 12 (the largest divisor of 12 "
+        "whose step fits: ~30.0 GB of 40.0 GB, sequences up to "
+    )
+    assert out.count("\n") == 1
+    assert _auto(base_dir, rows[:32], 16, sequences_per_row=2, section="dpo") == (2, 8)
+    assert "dpo.batch_size auto: 2 × accumulation 8 = effective batch 16" in capsys.readouterr().out
+    assert card_of_40_gb == [1, 1]  # one estimate per call (the activations scale with the rows)
+
+
+def test_auto_on_cuda_fails_with_the_knobs_when_one_row_cannot_fit(base_dir, prepared, monkeypatch):
+    from types import SimpleNamespace
+
+    import posttrain.memory as memory
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: SimpleNamespace(total_memory=12 * GB))
+    monkeypatch.setattr(
+        memory,
+        "estimate_training",
+        lambda config, *, sequences, **k: MemoryEstimate(9.0 * GB, 0.4 * GB, sequences * 5 * GB),
+    )
+    with pytest.raises(BatchTooLargeError) as e:
+        _auto(base_dir, _conversations(prepared), 12)
+    msg = str(e.value)
+    assert "sft.common.batch_size auto: not even a micro-batch of 1 fits (effective_batch 12)" in msg
+    assert "sft.common.gradient_checkpointing: true" in msg
+    assert "One row (1 sequence(s) of up to" in msg and "needs ~15.0 GB" in msg and "12.0 GB" in msg
+    assert msg.endswith("Nothing was loaded.")
+
+
+def test_auto_on_the_cpu_takes_the_effective_batch_within_the_rows(base_dir, prepared, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    rows = _conversations(prepared)
+    assert _auto(base_dir, rows, 12) == (12, 1)
+    assert capsys.readouterr().out == (
+        "sft.common.batch_size auto: 12 × accumulation 1 = effective batch 12 (on the CPU there is no GPU "
+        "memory to size it against: the whole effective batch)\n"
+    )
+    # 5 pairs: a micro-batch above them holds just them, so 16 runs as 4 × 4 and says why
+    pairs = rows[:5] * 2
+    assert _auto(base_dir, pairs, 16, sequences_per_row=2, section="dpo") == (4, 4)
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("dpo.effective_batch 16 is more than the 5 preference pairs to train on")
+    assert out[1] == (
+        "dpo.batch_size auto: 4 × accumulation 4 = effective batch 16 (on the CPU: the largest divisor of 16 "
+        "within the 5 preference pairs)"
+    )
+
+
+def test_an_integer_batch_runs_as_given(base_dir, prepared, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    rows = _conversations(prepared)
+    got = check_training_memory(
+        base_dir,
+        rows,
+        section="sft.common",
+        batch_size=10**6,
+        sequences_per_row=1,
+        target_regex=language_model_regex(LINEAR),
+        rank=4,
+        quantized=False,
+        checkpointing=False,
+        liger=False,
+        gradient_accumulation=3,
+    )
+    assert got == (10**6, 3)  # clipped by the DataLoader, not here: the Trainer gets what params.yaml says

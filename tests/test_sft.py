@@ -160,3 +160,63 @@ def test_liger_without_cuda_fails_before_loading():
         pytest.skip("has CUDA")
     with pytest.raises(RuntimeError, match="liger is true.*CUDA GPU.*liger: false"):
         require_liger()
+
+
+def test_sft_with_batch_size_auto_trains_with_the_resolved_batch_and_records_it(
+    base_dir, prepared, tmp_path, monkeypatch, capsys
+):
+    """On the CPU auto takes the whole effective batch: Trainer, fingerprint and provenance all say 6 × 1."""
+    import posttrain.training as training
+    from posttrain.config import parse_params
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    arguments = []
+    real = training.training_arguments
+
+    def recorded(*args, **kwargs):
+        arguments.append(real(*args, **kwargs))
+        return arguments[-1]
+
+    monkeypatch.setattr(training, "training_arguments", recorded)
+    p = parse_params(
+        {
+            "sft": {
+                "common": {
+                    "batch_size": "auto",
+                    "effective_batch": 6,
+                    "rank": 4,
+                    "max_steps": 2,
+                    "warmup_steps": 0,
+                    "save_steps": 0,
+                }
+            }
+        }
+    )
+    out, ck = tmp_path / "sft1", tmp_path / "ck"
+    training.train_sft_variant(
+        "sft1", p.sft.common, p.sft.variants["sft1"], 0, base_dir, prepared, out, ck, None
+    )
+    printed = capsys.readouterr().out
+    assert "sft.common.batch_size auto: 6 × accumulation 1 = effective batch 6 (on the CPU" in printed
+    assert "2 steps × batch 6 × accumulation 1 = " in printed
+    (args,) = arguments
+    assert (args.per_device_train_batch_size, args.gradient_accumulation_steps) == (6, 1)
+    batch = {"micro_batch": 6, "gradient_accumulation": 1}
+    prov = json.loads((out / "provenance.json").read_text())
+    assert prov["training"]["batch"] == batch and prov["training"]["steps"] == 2
+    assert (
+        prov["params"]["common"]["batch_size"] == "auto" and prov["params"]["common"]["effective_batch"] == 6
+    )
+    assert json.loads((ck / "fingerprint.json").read_text())["batch"] == batch
+
+    # the same params on a card where auto picked 3 × 2: its checkpoints are not resumed
+    fingerprint = json.loads((ck / "fingerprint.json").read_text())
+    (ck / "fingerprint.json").write_text(
+        json.dumps({**fingerprint, "batch": {"micro_batch": 3, "gradient_accumulation": 2}})
+    )
+    (ck / "checkpoint-1").mkdir()
+    shutil.rmtree(out)
+    training.train_sft_variant(
+        "sft1", p.sft.common, p.sft.variants["sft1"], 0, base_dir, prepared, out, ck, None
+    )
+    assert "left by a run with other inputs (its batch changed); starting over" in capsys.readouterr().out

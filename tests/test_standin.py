@@ -126,6 +126,10 @@ def test_e2e_runs_every_stage_of_the_study_preset_on_standins(e2e_run):
     changed, total = map(int, checks["dpo_tensors_changed"].split("/"))
     assert changed == total > 0
     assert checks["test_items"] > 0 and checks["critic_parsed_items"] <= checks["test_items"]
+    # batch_size auto on the CPU: the whole effective batch of 4, within the rows
+    assert checks["sft_batch"] == {"micro_batch": 4, "gradient_accumulation": 1}
+    dpo_batch = checks["dpo_training"]["batch"]
+    assert dpo_batch["micro_batch"] * dpo_batch["gradient_accumulation"] == 4
     # the params the stages ran with are the study preset's, apart from the smoke overrides
     import yaml
 
@@ -143,6 +147,18 @@ def test_e2e_rerun_skips_finished_stages(e2e_run, capsys):
     assert main([str(e2e_run), "--shrink"]) == 0
     out = capsys.readouterr().out
     assert out.count("done before, skipped") == 10 and "[e2e] report: python" in out
+
+
+@pytest.mark.parametrize("cuda", [False, True])
+def test_the_smoke_params_keep_batch_size_auto_and_validate(tmp_path, cuda):
+    from posttrain.config import BatchSize, load_params
+    from posttrain.e2e import write_params
+
+    (tmp_path / "hub" / "llava-1.5-7b").mkdir(parents=True)  # a local base folder needs no revision
+    p = load_params(write_params(tmp_path, cuda))
+    for section in (p.sft.common, p.dpo):
+        assert section.batch_size is BatchSize.AUTO
+        assert (section.effective_batch, section.gradient_accumulation) == (4, 1)
 
 
 def test_e2e_refuses_full_size_without_cuda(tmp_path, capsys):

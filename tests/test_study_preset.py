@@ -7,7 +7,16 @@ import pytest
 import yaml
 
 from posttrain.__main__ import main as cli
-from posttrain.config import CriticKind, DataSource, Judge, ModelKind, ParamsError, Quantization, load_params
+from posttrain.config import (
+    BatchSize,
+    CriticKind,
+    DataSource,
+    Judge,
+    ModelKind,
+    ParamsError,
+    Quantization,
+    load_params,
+)
 from posttrain.pinning import COMMIT, hub_sources, main, pin_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,8 +64,12 @@ def test_pin_resolves_the_open_dataset_revision_and_the_result_is_the_study(tmp_
         "sft3": (16.0, 0.10),
         "sft4": (8.0, 0.10),
     }
+    # the memory check picks the micro-batch; gradient accumulation keeps the recipe's effective batch
+    assert sft.common.batch_size is BatchSize.AUTO and sft.common.gradient_accumulation == 1
+    assert p.dpo.batch_size is BatchSize.AUTO and p.dpo.gradient_accumulation == 1
+    assert (sft.common.effective_batch, p.dpo.effective_batch) == (12, 16)
     # 5 epochs of the ~1,580 train conversations (LRV Chart: 1,776 rows, 200 test images)
-    epochs = sft.common.max_steps * sft.common.batch_size * sft.common.gradient_accumulation / 1580
+    epochs = sft.common.max_steps * sft.common.effective_batch / 1580
     assert 4.9 < epochs < 5.1
     assert p.preferences.judge is Judge.SELF and p.preferences.max_prompts == 1000
     assert p.evaluate.critic.kind is CriticKind.LLAVA_CRITIC and p.evaluate.critic.model

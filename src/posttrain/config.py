@@ -149,6 +149,12 @@ class BaseWeights(str, Enum):
     UNQUANTIZED = "unquantized"  # full precision on CPU, bf16 on CUDA, whatever SFT trained on
 
 
+class BatchSize(str, Enum):
+    """A batch_size that is not a number of rows."""
+
+    AUTO = "auto"  # the largest divisor of effective_batch whose step fits the GPU (`posttrain.memory`)
+
+
 class EnsembleMethod(str, Enum):
     """How the SFT adapters are combined into one (PEFT `add_weighted_adapter`)."""
 
@@ -180,12 +186,13 @@ class SftCommon:
     )
     quantization: Quantization = Quantization.NONE
     max_steps: int = 200
-    batch_size: int = 32
+    batch_size: int | BatchSize = 32  # rows per micro-batch, or auto: picked by the memory check
     learning_rate: float = 5e-3
     warmup_steps: int = 20
     weight_decay: float = 0.0
     save_steps: int = 100
     gradient_accumulation: int = 1  # micro-batches per optimizer step (effective batch = batch_size × this)
+    effective_batch: int | None = None  # batch_size auto only: rows per optimizer step, kept exact
     gradient_checkpointing: bool = False  # recompute activations: far less memory, ~30% slower
     liger: bool = False  # Liger's fused RMSNorm/RoPE/SwiGLU kernels in the Llama language model (CUDA)
 
@@ -267,8 +274,9 @@ class DpoParams:
     loss_type: DpoLoss = DpoLoss.SIGMOID
     learning_rate: float = 1e-4
     epochs: float = 1.0
-    batch_size: int = 16
+    batch_size: int | BatchSize = 16  # pairs per micro-batch, or auto: picked by the memory check
     gradient_accumulation: int = 1  # micro-batches per optimizer step (effective pairs = batch_size × this)
+    effective_batch: int | None = None  # batch_size auto only: pairs per optimizer step, kept exact
     gradient_checkpointing: bool = False
     warmup_steps: int = 5
     rounds: int = 1  # each extra round samples from the last round's model, judges and trains again
@@ -342,18 +350,24 @@ def _number_hint(value: Any, integer: bool) -> str:
     return " (remove the quotes)"
 
 
-def _convert(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
+def _convert(value: Any, tp: Any, key: str, problems: list[str], words: tuple[str, ...] = ()) -> Any:
     """Convert a YAML value to `tp`; when it does not fit, append a problem and return `_BAD`.
 
     A container's own problems make it `_BAD`; a problem inside it leaves it whole, with the bad item `_BAD`
-    (a list item) or unknown (a dataclass field, see `_build`).
+    (a list item) or unknown (a dataclass field, see `_build`). A union is its first type, None where it
+    allows None, and the values of the enums after the first type (``int | BatchSize``: an integer or
+    ``auto``); `words` are those values, named in the problem when the first type does not fit either.
     """
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None:
+        if value is None and len(args) < len(typing.get_args(tp)):
             return None
-        return _convert(value, args[0], key, problems)
+        enums = [a for a in args[1:] if isinstance(a, type) and issubclass(a, Enum)]
+        for enum in enums:
+            if value in [m.value for m in enum]:
+                return enum(value)
+        return _convert(value, args[0], key, problems, tuple(m.value for e in enums for m in e))
     if origin is dict:
         value_type = typing.get_args(tp)[1]
         if not isinstance(value, dict):
@@ -388,7 +402,10 @@ def _convert(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            problems.append(f"{key}: expected an integer, got {value!r}{_number_hint(value, integer=True)}")
+            what = "".join(f" or {w!r}" for w in words)
+            problems.append(
+                f"{key}: expected an integer{what}, got {value!r}{_number_hint(value, integer=True)}"
+            )
             return _BAD
         return value
     if tp is float:
@@ -464,6 +481,33 @@ def _check(p: Params, problems: list[str]) -> None:
         if value is not None and divisor is not None and value > 0 and divisor > 0 and value % divisor:
             problems.append(
                 f"{key}: {value} is not a multiple of {divisor_key} {divisor}; pick sizes that divide"
+            )
+
+    def batch(section: str, s: SftCommon | DpoParams) -> None:
+        """An integer batch_size with gradient_accumulation, or auto with effective_batch."""
+        positive(f"{section}.gradient_accumulation", s.gradient_accumulation)
+        positive(f"{section}.effective_batch", s.effective_batch)
+        if s.batch_size is BatchSize.AUTO:
+            if s.effective_batch is None:
+                problems.append(
+                    f"{section}.effective_batch: null, but {section}.batch_size: auto needs it; set it to "
+                    f"the rows per optimizer step to keep (e.g. 16), or give {section}.batch_size an integer"
+                )
+            if s.gradient_accumulation is not None and s.gradient_accumulation != 1:
+                problems.append(
+                    f"{section}.gradient_accumulation: {s.gradient_accumulation} with {section}.batch_size: "
+                    f"auto, which derives it (effective_batch / the micro-batch that fits); set it to 1 and "
+                    f"{section}.effective_batch to the rows per optimizer step"
+                )
+            return
+        positive(f"{section}.batch_size", s.batch_size)
+        if s.batch_size is not None and s.effective_batch is not None:
+            accumulation = s.gradient_accumulation if s.gradient_accumulation is not None else "?"
+            problems.append(
+                f"{section}.effective_batch: {s.effective_batch} is only read with batch_size: auto; set "
+                f"{section}.batch_size: auto (and gradient_accumulation: 1), or remove effective_batch (with "
+                f"an integer batch_size the effective batch is batch_size × gradient_accumulation = "
+                f"{s.batch_size} × {accumulation})"
             )
 
     b, pr, ev = p.base, p.prepare, p.evaluate
@@ -544,8 +588,9 @@ def _check(p: Params, problems: list[str]) -> None:
         problems.append("prepare.lrv.revision: empty; pin a dataset commit, or set prepare.lrv.local_parquet")
 
     sc = p.sft.common
-    for name in ("rank", "max_steps", "batch_size", "learning_rate", "gradient_accumulation"):
+    for name in ("rank", "max_steps", "learning_rate"):
         positive(f"sft.common.{name}", getattr(sc, name))
+    batch("sft.common", sc)
     for name in ("warmup_steps", "weight_decay", "save_steps"):
         positive(f"sft.common.{name}", getattr(sc, name), zero_ok=True)
     if sc.target_modules is not None and not sc.target_modules:
@@ -589,8 +634,9 @@ def _check(p: Params, problems: list[str]) -> None:
             "preferences.judge: 'critic' needs evaluate.critic.model (a transformers-format "
             "LLaVA-Critic); set it or use judge: self / reference"
         )
-    for name in ("beta", "learning_rate", "epochs", "batch_size", "gradient_accumulation", "rounds"):
+    for name in ("beta", "learning_rate", "epochs", "rounds"):
         positive(f"dpo.{name}", getattr(dp, name))
+    batch("dpo", dp)
     positive("dpo.warmup_steps", dp.warmup_steps, zero_ok=True)
     positive("dpo.save_steps", dp.save_steps, zero_ok=True)
     if dp.label_smoothing is not None and not 0 <= dp.label_smoothing < 0.5:

@@ -74,9 +74,23 @@ def policy_from_adapter(
 
 
 def dpo_trainer(
-    model, processor, pairs: list[dict], data_dir: Path, params, output_dir: Path, seed: int, callbacks: list
+    model,
+    processor,
+    pairs: list[dict],
+    data_dir: Path,
+    params,
+    output_dir: Path,
+    seed: int,
+    callbacks: list,
+    *,
+    micro_batch: int,
+    gradient_accumulation: int,
 ):
-    """A configured TRL `DPOTrainer` for `pairs` (rows: image, prompt, chosen, rejected)."""
+    """A configured TRL `DPOTrainer` for `pairs` (rows: image, prompt, chosen, rejected).
+
+    `micro_batch` and `gradient_accumulation` are the ones `posttrain.training.check_training_memory`
+    resolved from `params` (``batch_size: auto`` leaves them to the GPU).
+    """
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
@@ -92,8 +106,8 @@ def dpo_trainer(
         label_smoothing=params.label_smoothing,
         learning_rate=params.learning_rate,
         num_train_epochs=params.epochs,
-        per_device_train_batch_size=params.batch_size,
-        gradient_accumulation_steps=params.gradient_accumulation,
+        per_device_train_batch_size=micro_batch,
+        gradient_accumulation_steps=gradient_accumulation,
         gradient_checkpointing=params.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False} if params.gradient_checkpointing else None,
         warmup_steps=params.warmup_steps,
@@ -150,8 +164,9 @@ def train_dpo(
     (`posttrain.checkpoints`).
 
     Returns:
-        Training summary: steps, pairs, the last logged rewards/margins/accuracies; under ``timing`` the wall
-        time and the checkpoint resumed from (for logs, not provenance).
+        Training summary: steps, pairs, the batch that ran (micro-batch and gradient accumulation), the last
+        logged rewards/margins/accuracies; under ``timing`` the wall time and the checkpoint resumed from (for
+        logs, not provenance).
     """
     from posttrain.checkpoints import claim_checkpoints, file_digest, fit
     from posttrain.training import ProgressCallback, check_training_memory, language_model_regex
@@ -159,7 +174,7 @@ def train_dpo(
     adapter_config = json.loads((start_adapter / "adapter_config.json").read_text())
     target = adapter_config["target_modules"]  # PEFT stores a regex string or a list of layer names
     target = target if isinstance(target, str) else language_model_regex(tuple(target))
-    check_training_memory(
+    micro_batch, accumulation = check_training_memory(
         base_dir,
         [(pair_history(r), r["prompt"], r[side]) for r in pairs for side in ("chosen", "rejected")],
         section="dpo",
@@ -170,7 +185,10 @@ def train_dpo(
         quantized=quantization is Quantization.NF4,
         checkpointing=params.gradient_checkpointing,
         liger=False,
+        gradient_accumulation=params.gradient_accumulation,
+        effective_batch=params.effective_batch,
     )
+    batch = {"micro_batch": micro_batch, "gradient_accumulation": accumulation}
     from posttrain.config import to_dict
     from posttrain.models import base_fingerprint
 
@@ -182,18 +200,31 @@ def train_dpo(
             "pairs": hashlib.sha256(json.dumps(pairs, sort_keys=True).encode()).hexdigest(),
             "start_adapter": file_digest(start_adapter / "adapter_model.safetensors"),
             "base": base_fingerprint(base_dir),
+            "batch": batch,  # auto picks it per GPU: another card's checkpoints are another run
         },
     )
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, processor = policy_from_adapter(base_dir, start_adapter, device, quantization)
-    callbacks = [ProgressCallback(every=5, batch_size=params.batch_size)]
-    trainer = dpo_trainer(model, processor, pairs, data_dir, params, checkpoint_dir, seed, callbacks)
+    callbacks = [ProgressCallback(every=5, batch_size=micro_batch * accumulation)]  # pairs per step
+    trainer = dpo_trainer(
+        model,
+        processor,
+        pairs,
+        data_dir,
+        params,
+        checkpoint_dir,
+        seed,
+        callbacks,
+        micro_batch=micro_batch,
+        gradient_accumulation=accumulation,
+    )
     result = fit(trainer, live_dir)
     logs = [h for h in trainer.state.log_history if "loss" in h]
     last = logs[-1] if logs else {}
     summary = {
         "steps": result["steps"],
         "pairs": len(pairs),
+        "batch": batch,
         **{k: last[k] for k in last if k.startswith(("rewards/", "logps/")) or k == "loss"},
     }
     trainer.model.save_pretrained(out_dir, selected_adapters=["default"])  # not the frozen "ref" copy

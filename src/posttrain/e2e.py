@@ -74,8 +74,9 @@ def measure_overrides(work: Path) -> dict:
 def smoke_overrides(work: Path, cuda: bool) -> dict:
     """What the smoke run changes in the study preset: the stand-ins' paths, and sizes of seconds.
 
-    Everything else (nf4 on CUDA, the template, LoRA targets, the judge, the critic prompts, the batch
-    sizes that fit 80 GB) stays as the study runs it.
+    Everything else (nf4 on CUDA, the template, LoRA targets, the judge, the critic prompts) stays as the
+    study runs it. The batches stay ``auto``, with smaller effective batches: the memory check picks the
+    micro-batch as in the study.
     """
     return {
         "base": {"hub_id": str(work / "hub" / "llava-1.5-7b"), "revision": ""},
@@ -85,7 +86,8 @@ def smoke_overrides(work: Path, cuda: bool) -> dict:
                 "quantization": "nf4" if cuda else "none",
                 "liger": cuda,
                 "max_steps": 2,
-                "batch_size": 4,
+                "batch_size": "auto",
+                "effective_batch": 4,
                 "gradient_accumulation": 1,
                 "save_steps": 0,
                 "warmup_steps": 0,
@@ -100,7 +102,13 @@ def smoke_overrides(work: Path, cuda: bool) -> dict:
             "batch_size": 32,
             "min_pairs": 2,
         },
-        "dpo": {"epochs": 1.0, "batch_size": 4, "gradient_accumulation": 1, "warmup_steps": 0},
+        "dpo": {
+            "epochs": 1.0,
+            "batch_size": "auto",
+            "effective_batch": 4,
+            "gradient_accumulation": 1,
+            "warmup_steps": 0,
+        },
         "evaluate": {
             "batch_size": 16,
             "max_new_tokens": 16,
@@ -392,6 +400,7 @@ def check_outputs(work: Path) -> dict:
         "sft_liger": sft_prov["params"]["common"]["liger"],
         "base_quantization_after_sft": held["sfte_dpo"],  # DPO trained, and every model evaluated, on it
         "sft_final_loss": sft_prov["training"].get("final_loss"),
+        "sft_batch": sft_prov["training"].get("batch"),  # what batch_size auto picked
         "ensemble": read_provenance(models / "sfte", "ensemble")["ensemble"],
         "preferences": {
             k: prefs.get(k) for k in ("prompts", "identical_rate", "judged_pairs", "tie_rate", "pairs_kept")

@@ -15,11 +15,13 @@ tests/test_memory.py).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from posttrain.errors import InputError
 
 GB = 1e9
+BUDGET = 0.95  # share of the GPU's memory a step's estimate may take
 # bytes of saved activations per token, per decoder layer, per hidden unit
 ACTIVATION_BYTES = {
     # (gradient checkpointing, liger)
@@ -106,6 +108,43 @@ def estimate_training(
     return MemoryEstimate(weights, adapter, sequences * per_sequence)
 
 
+def within_budget(estimate: MemoryEstimate, capacity: float) -> bool:
+    """Whether `estimate` fits `BUDGET` of a GPU of `capacity` bytes."""
+    return estimate.total <= BUDGET * capacity
+
+
+def choose_micro_batch(
+    effective: int, fits: Callable[[int], bool], *, section: str = "sft.common", checkpointing: bool = False
+) -> int:
+    """The micro-batch of ``batch_size: auto``: the largest divisor of `effective` for which `fits` holds.
+
+    A divisor keeps the effective batch exact: micro-batch × gradient accumulation = `effective`.
+
+    Args:
+        effective: rows per optimizer step (the section's ``effective_batch``).
+        fits: whether a micro-batch of that many rows can run (its step fits the GPU, and so on).
+        section: the params section, for the message (``sft.common`` or ``dpo``).
+        checkpointing: whether gradient checkpointing is already on (then the advice leaves it out).
+
+    Raises:
+        BatchTooLargeError: not even a micro-batch of 1 fits; the message names the knobs.
+    """
+    for d in range(effective, 0, -1):
+        if effective % d == 0 and fits(d):
+            return d
+    advice = []
+    if not checkpointing:
+        advice.append(
+            f"set {section}.gradient_checkpointing: true (about 9× less activation memory, ~30% slower)"
+        )
+    advice.append("hold the base in 4 bits (sft.common.quantization: nf4) or use a larger GPU")
+    raise BatchTooLargeError(
+        f"{section}.batch_size auto: not even a micro-batch of 1 fits (effective_batch {effective}); "
+        + "; or ".join(advice)
+        + "."
+    )
+
+
 def check_fits(
     estimate: MemoryEstimate,
     capacity: float,
@@ -116,7 +155,7 @@ def check_fits(
     seq_len: int,
     checkpointing: bool,
 ) -> None:
-    """Raise `BatchTooLargeError` naming the knobs if `estimate` exceeds 95% of `capacity` bytes.
+    """Raise `BatchTooLargeError` naming the knobs if `estimate` exceeds `BUDGET` (95%) of `capacity` bytes.
 
     Args:
         estimate: the estimate at `batch_size`.
@@ -127,9 +166,9 @@ def check_fits(
         seq_len: the longest sequence, in tokens.
         checkpointing: whether gradient checkpointing is already on.
     """
-    budget = 0.95 * capacity
-    if estimate.total <= budget:
+    if within_budget(estimate, capacity):
         return
+    budget = BUDGET * capacity
     fixed = estimate.weights + estimate.adapter + estimate.overhead
     per_row = estimate.activations / batch_size
     fits = int((budget - fixed) // per_row) if budget > fixed else 0

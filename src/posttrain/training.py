@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -13,8 +13,10 @@ import torch.nn.functional as F
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from posttrain.checkpoints import claim_checkpoints, file_digest, fit
+from posttrain.config import BatchSize
 from posttrain.data import Example, group_conversations
 from posttrain.images import load_pixels
+from posttrain.memory import MemoryEstimate
 from posttrain.models import image_token_count, quantization_config
 from posttrain.template import (
     IGNORE_INDEX,
@@ -308,80 +310,157 @@ def language_model_regex(target_modules: tuple[str, ...]) -> str:
     return rf"(.*\.)?language_model\..*\.({names})"
 
 
+def gpu_capacity() -> float | None:
+    """The current CUDA device's memory in bytes; None on the CPU, where there is no card to size against."""
+    if not torch.cuda.is_available():
+        return None
+    return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+
+
+def sequence_memory(base_dir: Path, sequences: list, **estimate_kwargs) -> tuple[MemoryEstimate, int]:
+    """The step memory of one training sequence as long as the longest of `sequences`, and that length.
+
+    Reads the base's config and processor, not its weights. A step over n such sequences takes the returned
+    estimate with its activations times n (they grow linearly, `posttrain.memory.estimate_training`).
+    `estimate_kwargs` are `estimate_training`'s (target_regex, rank, quantized, checkpointing, liger).
+    """
+    from posttrain.memory import estimate_training
+    from posttrain.models import base_config_and_processor
+
+    config, processor = base_config_and_processor(base_dir)
+    n_image = image_token_count(processor)
+    seq_len = max(len(encode_conversation(processor.tokenizer, h, q, a, n_image)[0]) for h, q, a in sequences)
+    return estimate_training(config, sequences=1, seq_len=seq_len, **estimate_kwargs), seq_len
+
+
 def check_training_memory(
     base_dir: Path,
     sequences: list[tuple[tuple[tuple[str, str], ...], str, str]],
     *,
     section: str,
-    batch_size: int,
+    batch_size: int | BatchSize,
     sequences_per_row: int,
     target_regex: str,
     rank: int,
     quantized: bool,
     checkpointing: bool,
     liger: bool,
-) -> None:
-    """Before any weight loads: say when the batch exceeds the data; on CUDA, fail if the step cannot fit.
+    gradient_accumulation: int = 1,
+    effective_batch: int | None = None,
+) -> tuple[int, int]:
+    """Before any weight loads: pick the micro-batch of ``batch_size: auto``, say when the batch exceeds the
+    data, and on CUDA fail if the step cannot fit.
 
-    A batch_size above the number of rows is clipped to them, as HF Trainer's DataLoader does (its one batch
-    is short), and said, on every device; the memory estimate counts those rows. On CUDA, a step that cannot
-    fit the GPU fails with the knob to turn.
+    An integer batch_size runs as given. One above the number of rows is clipped to them, as HF Trainer's
+    DataLoader does (its one batch is short), and said, on every device; the memory estimate counts those
+    rows. On CUDA, a step that cannot fit the GPU fails with the knob to turn.
+
+    ``auto`` takes the largest divisor of `effective_batch` (so the effective batch stays exact) that is no
+    more than the rows and, on CUDA, whose step fits 95% of the GPU (`posttrain.memory.choose_micro_batch`);
+    on the CPU, with no card to size against, the whole effective batch. One line says what it chose and why.
 
     Args:
         base_dir: the `base` stage's folder (its config and processor are read, not its weights).
         sequences: (history, question, answer) of every training sequence, as `encode_conversation` takes
             them; the longest sets the sequence length.
         section: the params section, for the message (``sft.common`` or ``dpo``).
-        batch_size: rows per micro-batch.
+        batch_size: rows per micro-batch, or ``BatchSize.AUTO``.
         sequences_per_row: 1 for SFT, 2 for a DPO pair (chosen and rejected).
         target_regex: the LoRA adapter's layers (a PEFT regex).
         rank: its rank.
         quantized: nf4 weights for the language model's linear layers.
         checkpointing: gradient checkpointing on.
         liger: Liger's kernels on.
+        gradient_accumulation: micro-batches per optimizer step, with an integer batch_size.
+        effective_batch: rows per optimizer step, with ``auto``.
+
+    Returns:
+        (micro-batch, gradient accumulation) to train with.
 
     Raises:
-        posttrain.memory.BatchTooLargeError: the estimate exceeds 95% of the GPU's memory.
+        posttrain.memory.BatchTooLargeError: the estimate exceeds 95% of the GPU's memory (for ``auto``: even
+            at a micro-batch of 1).
     """
+    from posttrain.memory import GB, BatchTooLargeError, check_fits, choose_micro_batch, within_budget
+
     rows = len(sequences) // sequences_per_row
+    unit = "conversations" if sequences_per_row == 1 else "preference pairs"
+    capacity = gpu_capacity() if sequences else None
+    estimate_kwargs = dict(
+        target_regex=target_regex, rank=rank, quantized=quantized, checkpointing=checkpointing, liger=liger
+    )
+    if batch_size is BatchSize.AUTO:
+        effective = effective_batch
+        limit = rows if 0 < rows < effective else effective  # a micro-batch above the rows holds just them
+        if limit < effective:
+            print(
+                f"{section}.effective_batch {effective} is more than the {rows} {unit} to train on: an "
+                f"optimizer step sees all {rows} at most (an epoch ends first); set "
+                f"{section}.effective_batch to {rows} or less to say what runs",
+                flush=True,
+            )
+        within = f" within the {rows} {unit}" if limit < effective else ""
+        if capacity is None:
+            micro = choose_micro_batch(effective, lambda d: d <= limit, section=section)
+            why = (
+                f"on the CPU: the largest divisor of {effective}{within}"
+                if within
+                else "on the CPU there is no GPU memory to size it against: the whole effective batch"
+            )
+        else:
+            one, seq_len = sequence_memory(base_dir, sequences, **estimate_kwargs)
+
+            def step(d: int) -> MemoryEstimate:  # a micro-batch of d rows
+                return replace(one, activations=one.activations * (d * sequences_per_row))
+
+            try:
+                micro = choose_micro_batch(
+                    effective,
+                    lambda d: d <= limit and within_budget(step(d), capacity),
+                    section=section,
+                    checkpointing=checkpointing,
+                )
+            except BatchTooLargeError as e:
+                raise BatchTooLargeError(
+                    f"{e} One row ({sequences_per_row} sequence(s) of up to {seq_len} tokens) needs "
+                    f"{step(1)}, more than 95% of this GPU's {capacity / GB:.1f} GB. Nothing was loaded."
+                ) from None
+            why = (
+                f"the largest divisor of {effective}{within} whose step fits: ~{step(micro).total / GB:.1f} "
+                f"GB of {capacity / GB:.1f} GB, sequences up to {seq_len} tokens"
+            )
+        accumulation = effective // micro
+        print(
+            f"{section}.batch_size auto: {micro} × accumulation {accumulation} = effective batch {effective} "
+            f"({why})",
+            flush=True,
+        )
+        return micro, accumulation
+
+    fitted = batch_size
     if 0 < rows < batch_size:
-        unit = "conversations" if sequences_per_row == 1 else "preference pairs"
         print(
             f"{section}.batch_size {batch_size} is more than the {rows} {unit} to train on: every batch "
             f"holds all {rows} (the DataLoader's one, shorter batch), so each step sees all the data; set "
             f"{section}.batch_size to {rows} or less to say what runs",
             flush=True,
         )
-        batch_size = rows
-    if not torch.cuda.is_available() or not sequences:
-        return
-    from posttrain.memory import check_fits, estimate_training
-    from posttrain.models import base_config_and_processor
-
-    config, processor = base_config_and_processor(base_dir)
-    n_image = image_token_count(processor)
-    seq_len = max(len(encode_conversation(processor.tokenizer, h, q, a, n_image)[0]) for h, q, a in sequences)
-    estimate = estimate_training(
-        config,
-        sequences=batch_size * sequences_per_row,
-        seq_len=seq_len,
-        target_regex=target_regex,
-        rank=rank,
-        quantized=quantized,
-        checkpointing=checkpointing,
-        liger=liger,
-    )
-    capacity = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+        fitted = rows
+    if capacity is None:
+        return batch_size, gradient_accumulation
+    one, seq_len = sequence_memory(base_dir, sequences, **estimate_kwargs)
+    estimate = replace(one, activations=one.activations * (fitted * sequences_per_row))
     check_fits(
         estimate,
         capacity,
         section=section,
-        batch_size=batch_size,
+        batch_size=fitted,
         sequences_per_row=sequences_per_row,
         seq_len=seq_len,
         checkpointing=checkpointing,
     )
     print(f"{section}: step memory {estimate} of {capacity / 1e9:.1f} GB, sequences up to {seq_len} tokens")
+    return batch_size, gradient_accumulation
 
 
 def require_liger() -> None:
@@ -458,7 +537,7 @@ def train_sft_variant(
     if common.liger:
         require_liger()
     train = load_split(data_dir, "study_train")
-    check_training_memory(
+    micro_batch, accumulation = check_training_memory(
         base_dir,
         [(c.turns[:-1], *c.turns[-1]) for c in group_conversations(train)],
         section="sft.common",
@@ -469,7 +548,10 @@ def train_sft_variant(
         quantized=qconfig is not None,
         checkpointing=common.gradient_checkpointing,
         liger=common.liger,
+        gradient_accumulation=common.gradient_accumulation,
+        effective_batch=common.effective_batch,
     )
+    batch = {"micro_batch": micro_batch, "gradient_accumulation": accumulation}
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     model, processor, base_prov = load_base(base_dir, device=device, dtype=dtype, quantization_config=qconfig)
@@ -487,13 +569,13 @@ def train_sft_variant(
     torch.manual_seed(seed)
     model = get_peft_model(model, lora)
     dataset = TeacherForcedDataset(train, data_dir, processor)
-    effective = common.batch_size * common.gradient_accumulation
+    effective = micro_batch * accumulation
     print(
         f"{name}: LoRA r={common.rank} alpha={variant.alpha} dropout={variant.dropout}; "
         f"{count_params(model, trainable_only=True):,} trainable of {count_params(model):,} params; "
         f"{len(dataset)} conversations ({dataset.turns} turns, {dataset.tokens:,} tokens), "
-        f"{common.max_steps} steps × batch {common.batch_size} × accumulation "
-        f"{common.gradient_accumulation} = {common.max_steps * effective / len(dataset):.1f} epochs; "
+        f"{common.max_steps} steps × batch {micro_batch} × accumulation "
+        f"{accumulation} = {common.max_steps * effective / len(dataset):.1f} epochs; "
         f"{'nf4' if qconfig else dtype}, checkpointing {common.gradient_checkpointing}, liger {common.liger}",
         flush=True,
     )
@@ -504,25 +586,27 @@ def train_sft_variant(
             "params": {"common": to_dict(common), "variant": to_dict(variant), "seed": seed},
             "data": file_digest(data_dir / "study_train.jsonl"),
             "base": base_fingerprint(base_dir),
+            "batch": batch,  # auto picks it per GPU: another card's checkpoints are another run
         },
     )
     args = training_arguments(
         checkpoint_dir,
         max_steps=common.max_steps,
-        batch_size=common.batch_size,
+        batch_size=micro_batch,
         learning_rate=common.learning_rate,
         warmup_steps=common.warmup_steps,
         weight_decay=common.weight_decay,
         seed=seed,
         save_steps=common.save_steps,
         bf16=device == "cuda",
-        gradient_accumulation=common.gradient_accumulation,
+        gradient_accumulation=accumulation,
         gradient_checkpointing=common.gradient_checkpointing,
     )
     callbacks = [ProgressCallback(every=50, batch_size=effective)]
     collator = TeacherForcedCollator(processor.tokenizer.pad_token_id)
     summary = run_trainer(model, args, dataset, collator, callbacks, live_dir)
     timing = summary.pop("timing")
+    summary["batch"] = batch  # what ran, where batch_size: auto leaves it to the GPU
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp)
         write_provenance(
