@@ -84,7 +84,14 @@ def batch(config, size: int, device="cuda") -> dict:
 
 
 def sft_throughput(
-    model, config, batch_size: int, steps: int, n_params: int, peak_tflops: float, checkpointing: bool
+    model,
+    config,
+    batch_size: int,
+    steps: int,
+    n_params: int,
+    peak_tflops: float,
+    checkpointing: bool,
+    full_loss: bool = False,
 ) -> tuple[dict, torch.nn.Module]:
     """LoRA r=16 on the language model; AdamW on the adapter; samples/s over `steps` after warm-up.
 
@@ -105,7 +112,10 @@ def sft_throughput(
 
     def step():
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss, _ = answer_loss(model, features, inputs["labels"])  # the stages' loss: answer logits only
+            if full_loss:  # transformers' loss: logits at every position
+                loss = model(**inputs).loss
+            else:  # the stages' loss: logits at the answer positions only
+                loss, _ = answer_loss(model, features, inputs["labels"])
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -132,6 +142,7 @@ def sft_throughput(
         "peak_memory_gb": round(torch.cuda.max_memory_allocated() / 1e9, 1),
         "gradient_checkpointing": checkpointing,
         "vision_forward_share": round(vision_seconds / seconds, 4),
+        "loss": "full" if full_loss else "answer positions",
     }
     if checkpointing:
         model.gradient_checkpointing_disable()
@@ -307,6 +318,18 @@ def project(preset, rates: dict) -> dict:
     return minutes
 
 
+def study_preset():
+    """configs/study.yaml's settings (sizes only: its hub revision is left for `pin` to fill in)."""
+    import yaml
+
+    from posttrain.config import parse_params
+
+    data = yaml.safe_load(PRESET.read_text())
+    data["base"]["revision"] = "0" * 40  # pinned by `python -m posttrain pin`; the projection reads no hub
+    data["prepare"]["lrv"]["revision"] = "0" * 40
+    return parse_params(data, str(PRESET))
+
+
 def stage_rates(summary: dict, preset) -> dict:
     """The rates `python -m posttrain e2e WORKDIR --measure` read from the stages' logs (its summary.json),
     and the stages' start-up: an SFT stage's wall time less its training time."""
@@ -347,6 +370,9 @@ def main() -> None:
         help="comma-separated batch:samples:cache generation runs through posttrain.generation.generate",
     )
     ap.add_argument("--skip-upcast", action="store_true", help="skip the nf4 run with PEFT's fp32 upcast")
+    ap.add_argument(
+        "--full-loss-batches", default="", help="nf4 batches also run with the loss at every position"
+    )
     ap.add_argument("--nf4-batches", default="8", help="comma-separated QLoRA nf4 batch sizes")
     ap.add_argument("--ckpt-batch", type=int, default=16, help="bf16 batch with checkpointing; 0 skips")
     ap.add_argument("--critic", action="store_true", help="also measure LLaVA-Critic scoring (writes 16 GB)")
@@ -380,7 +406,7 @@ def main() -> None:
     tokenizer = standin_tokenizer(
         ["a chart"], LLAVA_SPECIALS, bos="<s>", eos="</s>", pad="<pad>", unk="<unk>"
     )
-    for variant in args.gen_variants.split(","):
+    for variant in filter(None, args.gen_variants.split(",")):
         gen_batch, samples, cache = variant.split(":")
         gen_batch, samples = int(gen_batch), int(samples)
         key = f"stage_generate_{cache}_b{gen_batch}" + ("_2samples" if samples == 2 else "")
@@ -459,6 +485,15 @@ def main() -> None:
             torch.cuda.empty_cache()
             if not intact:
                 break
+        # before: the loss's logits at every position
+        for bs in (int(b) for b in args.full_loss_batches.split(",") if b) if intact else ():
+            key = f"sft_qlora_nf4_b{bs}_full_loss"
+            result[key], q = sft_throughput(
+                q, config, bs, args.steps, n_params, result["bf16_matmul_tflops"], False, full_loss=True
+            )
+            print(key, json.dumps(result[key]), flush=True)
+            gc.collect()
+            torch.cuda.empty_cache()
         # before: PEFT's prepare_model_for_kbit_training upcasts the unquantized weights to fp32
         if intact and not args.skip_upcast:
             q = prepare_model_for_kbit_training(q, use_gradient_checkpointing=False)
@@ -494,7 +529,9 @@ def main() -> None:
         (v["mfu"] for v in bf16_runs if not v["gradient_checkpointing"]), default=None
     )
     nf4_runs = [
-        v for k, v in result.items() if k.startswith("sft_qlora_nf4_b") and "upcast" not in k and "mfu" in v
+        v
+        for k, v in result.items()
+        if k.startswith("sft_qlora_nf4_b") and "upcast" not in k and "full_loss" not in k and "mfu" in v
     ]
     result["sft_qlora_nf4_mfu"] = max((v["mfu"] for v in nf4_runs), default=None)
     gens = [g for k, g in result.items() if k.startswith("stage_generate_") and "tokens_per_s" in g]
@@ -506,10 +543,8 @@ def main() -> None:
     result["critic_items_per_s"] = max((v["items_per_s"] for v in critic_runs), default=None)
 
     if args.stage_rates:
-        from posttrain.config import load_params
-
         summary = json.loads(Path(args.stage_rates).read_text())
-        preset = load_params(PRESET)
+        preset = study_preset()
         rates = stage_rates(summary, preset)
         rates.update(
             dpo_pairs_per_s=result["dpo_pairs_per_s"], critic_items_per_s=result["critic_items_per_s"]
