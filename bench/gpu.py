@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from posttrain.architectures import build_random, load_config, param_count
-from posttrain.e2e import PRESET
+from posttrain.e2e import MEASURE_SFT_STEPS, PRESET
 from posttrain.training import answer_loss, language_model_regex
 
 IMAGE_TOKENS = 576  # (336 / 14)²
@@ -335,7 +335,7 @@ def stage_rates(summary: dict, preset) -> dict:
     and the stages' start-up: an SFT stage's wall time less its training time."""
     rates = summary["stage_rates"]
     sft_stages = [k for k in summary["stage_seconds"] if k.startswith("sft@")]
-    steps = preset.sft.common.max_steps
+    steps = MEASURE_SFT_STEPS  # what the --measure run trained, not the preset's
     startup = [
         summary["stage_seconds"][k]
         - steps * rates["sft_effective_batch"] / rates["sft_samples_per_s_each"][k.split("@")[1]]
@@ -349,6 +349,27 @@ def stage_rates(summary: dict, preset) -> dict:
         "score_tokens_per_s": rates["evaluate_score"]["tokens_per_s"],
         "stage_startup_s": round(max(startup), 1),
     }
+
+
+def add_projection(result: dict, summary: dict) -> None:
+    """Project the study preset into `result` from the e2e --measure `summary` and this bench's DPO and critic
+    rates (keys ``stage_*``, ``projected_study_minutes``)."""
+    preset = study_preset()
+    rates = stage_rates(summary, preset)
+    rates.update(dpo_pairs_per_s=result["dpo_pairs_per_s"], critic_items_per_s=result["critic_items_per_s"])
+    result["stage_rates"] = rates
+    result["stage_rates_from"] = {"device": summary.get("device"), "stage_seconds": summary["stage_seconds"]}
+    result["stage_sft_samples_per_s"] = rates["sft_samples_per_s"]
+    result["stage_generate_tokens_per_s"] = rates["generate_tokens_per_s"]
+    result["projected_study_minutes_breakdown"] = project(preset, rates)
+    result["projected_study_minutes"] = result["projected_study_minutes_breakdown"]["total"]
+    result["projection_note"] = (
+        "configs/study.yaml's settings at the rates its stages logged in `python -m posttrain e2e WORKDIR "
+        "--measure` on this card (SFT rows/s at the preset's batch; evaluation generation, preference "
+        "sampling and teacher-forced scoring tokens/s, all on the nf4 base with the adapter as the preset "
+        "holds it; the model stages' start-up), DPO at this bench's bf16 LoRA pairs/s and LLaVA-Critic at "
+        "its items/s through the evaluation's judge"
+    )
 
 
 def main() -> None:
@@ -377,7 +398,19 @@ def main() -> None:
     ap.add_argument("--ckpt-batch", type=int, default=16, help="bf16 batch with checkpointing; 0 skips")
     ap.add_argument("--critic", action="store_true", help="also measure LLaVA-Critic scoring (writes 16 GB)")
     ap.add_argument("--critic-batches", default="16", help="comma-separated critic scoring batch sizes")
+    ap.add_argument(
+        "--reproject",
+        help="a results file of this bench: recompute its projection from --stage-rates, no GPU",
+    )
     args = ap.parse_args()
+    if args.reproject:
+        result = json.loads(Path(args.reproject).read_text())
+        add_projection(result, json.loads(Path(args.stage_rates).read_text()))
+        Path(args.reproject).write_text(json.dumps(result, indent=2) + "\n")
+        print(
+            json.dumps({k: result[k] for k in ("stage_rates", "projected_study_minutes_breakdown")}, indent=2)
+        )
+        return
 
     def liger(m):
         """Liger's kernels in `m`'s language model as `sft.common.liger` applies them (training only)."""
@@ -543,28 +576,7 @@ def main() -> None:
     result["critic_items_per_s"] = max((v["items_per_s"] for v in critic_runs), default=None)
 
     if args.stage_rates:
-        summary = json.loads(Path(args.stage_rates).read_text())
-        preset = study_preset()
-        rates = stage_rates(summary, preset)
-        rates.update(
-            dpo_pairs_per_s=result["dpo_pairs_per_s"], critic_items_per_s=result["critic_items_per_s"]
-        )
-        result["stage_rates"] = rates
-        result["stage_rates_from"] = {
-            "device": summary.get("device"),
-            "stage_seconds": summary["stage_seconds"],
-        }
-        result["stage_sft_samples_per_s"] = rates["sft_samples_per_s"]
-        result["stage_generate_tokens_per_s"] = rates["generate_tokens_per_s"]
-        if result["dpo_pairs_per_s"] and result["critic_items_per_s"]:
-            result["projected_study_minutes_breakdown"] = project(preset, rates)
-            result["projected_study_minutes"] = result["projected_study_minutes_breakdown"]["total"]
-        result["projection_note"] = (
-            "configs/study.yaml's settings at the rates its stages logged in `python -m posttrain e2e "
-            "WORKDIR --measure` on this card (SFT rows/s at the preset's batch; evaluation generation, "
-            "preference sampling and teacher-forced scoring tokens/s; the model stages' start-up), DPO at "
-            "this bench's bf16 LoRA pairs/s and LLaVA-Critic at its items/s through the evaluation's judge"
-        )
+        add_projection(result, json.loads(Path(args.stage_rates).read_text()))
     print(json.dumps(result, indent=2))
     card = torch.cuda.get_device_name().split()[1].lower()  # "NVIDIA H200" -> h200
     out = Path(args.out or f"bench/results/{card}.json")
