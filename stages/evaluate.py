@@ -36,7 +36,9 @@ def main() -> None:
     from posttrain.io import write_json_atomic
     from posttrain.models import load_model
 
-    model, processor = load_model(args.model, Path(args.models), device, downstream_quantization(params))
+    model, processor = load_model(
+        args.model, Path(args.models), device, downstream_quantization(params), merged=True
+    )
     metrics = evaluate_model(
         args.model,
         model,

@@ -34,7 +34,9 @@ def main() -> None:
     from posttrain.models import load_model
     from posttrain.preferences import make_preferences
 
-    model, processor = load_model(args.policy, Path(args.models), device, downstream_quantization(params))
+    model, processor = load_model(
+        args.policy, Path(args.models), device, downstream_quantization(params), merged=True
+    )
     examples = load_split(args.data, "study_train")
     if params.preferences.max_prompts:
         examples = examples[: params.preferences.max_prompts]

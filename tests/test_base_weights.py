@@ -85,3 +85,71 @@ def test_every_stage_that_loads_adapters_reruns_when_the_base_weights_change():
         assert "adapters" in params and "sft.common.quantization" in params, name
     for name in ("base", "ensemble"):  # they do not load adapters onto a held base
         assert "adapters" not in stages[name]["params"], name
+
+
+def _quantize_language_model(model) -> int:
+    """Swap the language model's linear layers for bitsandbytes nf4 layers, as loading with the study's
+    quantization config does (blocksize 64, double quantization, bf16 compute), on the CPU."""
+    import bitsandbytes as bnb
+
+    swapped = 0
+    for name, parent in list(model.named_modules()):
+        for child_name, child in list(parent.named_children()):
+            if ".language_model." in f".{name}." and type(child) is torch.nn.Linear:
+                layer = bnb.nn.Linear4bit(
+                    child.in_features,
+                    child.out_features,
+                    bias=child.bias is not None,
+                    compute_dtype=torch.bfloat16,
+                    compress_statistics=True,
+                    quant_type="nf4",
+                )
+                layer.weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False, quant_type="nf4")
+                setattr(parent, child_name, layer.to("cpu"))  # quantizes
+                swapped += 1
+    return swapped
+
+
+def test_dequantized_nf4_layers_compute_what_the_nf4_layers_compute(tiny, prepared):
+    """`dequantize_4bit_linears` keeps the values the nf4 layers multiply with: the logits of the model are
+    those of its nf4 layers (bf16 on the CPU), far closer than those of the unquantized weights."""
+    pytest.importorskip("bitsandbytes")
+    import copy
+
+    from posttrain.data import load_split
+    from posttrain.models import dequantize_4bit_linears
+    from posttrain.training import TeacherForcedCollator, TeacherForcedDataset
+
+    model, processor = tiny
+    full = copy.deepcopy(model).to(torch.bfloat16).eval()
+    quantized = copy.deepcopy(full)
+    n = _quantize_language_model(quantized)
+    ds = TeacherForcedDataset(load_split(prepared, "study_train")[:4], prepared, processor)
+    batch = TeacherForcedCollator(processor.tokenizer.pad_token_id)([ds[i] for i in range(len(ds))])
+    batch = {k: v for k, v in batch.items() if k not in ("labels", "answer_start")}
+    batch["pixel_values"] = batch["pixel_values"].to(torch.bfloat16)
+    with torch.no_grad():
+        nf4 = quantized(**batch).logits.float()
+        assert dequantize_4bit_linears(quantized) == n > 0
+        assert not any("4bit" in type(m).__name__ for m in quantized.modules())
+        dequantized = quantized(**batch).logits.float()
+        unquantized = full(**batch).logits.float()
+    gap = (dequantized - nf4).abs().mean().item()
+    assert gap < 0.1 * (unquantized - nf4).abs().mean().item()
+
+
+def test_a_merged_adapter_answers_as_the_adapter_does(models):
+    """`load_model(..., merged=True)`: the adapter folded into the weights gives the unmerged model's logits
+    (fp32 on the CPU), with no adapter layer left."""
+    make_adapter(models / "base", models / "sft1", alpha=16.0)
+    unmerged, processor = load_model("sft1", models, "cpu", Quantization.NONE)
+    merged, _ = load_model("sft1", models, "cpu", Quantization.NONE, merged=True)
+    base, _ = load_model("base", models, "cpu", Quantization.NONE, merged=True)
+    assert not any("lora" in n for n, _ in merged.named_parameters())
+    ids = torch.tensor([[1, 5, 6, 7, 8, 9, 10, 11]])
+    with torch.no_grad():
+        a = unmerged(input_ids=ids).logits
+        b = merged(input_ids=ids).logits
+        c = base(input_ids=ids).logits
+    torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+    assert (c - a).abs().max() > 1e-3, "the check can fail: the adapter moves the logits"

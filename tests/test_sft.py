@@ -16,7 +16,7 @@ from peft import LoraConfig, get_peft_model
 
 from posttrain.config import Quantization
 from posttrain.data import load_split
-from posttrain.template import answer_positions
+from posttrain.template import answer_start
 from posttrain.training import (
     TeacherForcedCollator,
     TeacherForcedDataset,
@@ -60,10 +60,11 @@ def test_lora_adapts_the_language_model_only_and_base_stays_frozen(tiny, prepare
     assert sum(not torch.equal(params[n], p) for n, p in trainable_before.items()) == len(trainable_before)
 
 
-def test_answer_positions_are_those_whose_next_token_is_supervised():
-    labels = torch.tensor([[-100, -100, 5, 6, -100, -100], [-100, -100, -100, -100, -100, 9]])
-    # row 0 supervises tokens 2 and 3 (predicted at 1 and 2); row 1 token 5 (predicted at 4)
-    assert answer_positions(labels).tolist() == [1, 2, 4]
+def test_answer_start_is_the_first_position_whose_next_token_is_supervised():
+    labels = torch.tensor([[-100, -100, -100, 6, -100, -100], [-100, -100, 4, -100, -100, 9]])
+    # row 0 supervises token 3 (predicted at 2), row 1 tokens 2 and 5 (predicted at 1 and 4)
+    assert answer_start(labels) == 1
+    assert answer_start(torch.full((2, 5), -100)) == 4  # nothing supervised: only the last position
 
 
 def test_answer_loss_equals_the_full_logits_loss_and_its_gradients(tiny, prepared):
@@ -79,7 +80,8 @@ def test_answer_loss_equals_the_full_logits_loss_and_its_gradients(tiny, prepare
                 p.normal_(0, 0.05)
     ds = TeacherForcedDataset(load_split(prepared, "study_train")[:6], prepared, processor)
     batch = TeacherForcedCollator(processor.tokenizer.pad_token_id)([ds[i] for i in range(len(ds))])
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    assert batch["answer_start"] == answer_start(batch["labels"]) > 0
+    inputs = {k: v for k, v in batch.items() if k not in ("labels", "answer_start")}
 
     def grads(loss):
         peft.zero_grad()

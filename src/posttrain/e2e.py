@@ -143,7 +143,7 @@ def write_params(work: Path, cuda: bool, preset: Path = PRESET, measure: bool = 
     return path
 
 
-def write_standins(work: Path, shrink: bool, device: str, images: int = IMAGES) -> dict:
+def write_standins(work: Path, shrink: bool, device: str, images: int = IMAGES, critic: bool = True) -> dict:
     """The stand-in hub files: `images` charts as a parquet, LLaVA-1.5 and LLaVA-Critic (kept if present)."""
     import pyarrow.parquet as pq
 
@@ -164,10 +164,12 @@ def write_standins(work: Path, shrink: bool, device: str, images: int = IMAGES) 
     ]
     texts = [f"USER: ASSISTANT: {t}" for t in texts]
     timings["parquet_s"] = round(time.perf_counter() - t0, 1)
-    for name, write, extra in (
-        ("llava-1.5-7b", write_llava, []),
-        ("llava-critic-7b", write_critic, [pointwise_prompt("Q", "R"), pairwise_prompt("Q", "A", "B")]),
-    ):
+    models = [("llava-1.5-7b", write_llava, [])]
+    if critic:
+        models.append(
+            ("llava-critic-7b", write_critic, [pointwise_prompt("Q", "R"), pairwise_prompt("Q", "A", "B")])
+        )
+    for name, write, extra in models:
         folder = hub / name
         if (folder / "config.json").exists():
             continue
@@ -304,14 +306,20 @@ def plan(work: Path, params: Path) -> list[Step]:
     return steps
 
 
-def run_steps(steps: Sequence[Step], log: Path) -> dict[str, float]:
+def run_steps(steps: Sequence[Step], log: Path, seconds: dict[str, float] | None = None) -> dict[str, float]:
     """Run each step's stage script unless its output exists; stream and log the output; stop at a failure.
+
+    Args:
+        steps: the stages to run, in order.
+        log: the log file every stage's output is appended to.
+        seconds: filled with each finished stage's wall time as it finishes (so an interrupted run keeps
+            them); a new dict if None.
 
     Raises:
         RuntimeError: a stage exited non-zero; the message names it and the log.
     """
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    seconds: dict[str, float] = {}
+    seconds = {} if seconds is None else seconds
     with log.open("a") as out:
         for step in steps:
             if step.output.exists():
@@ -478,7 +486,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     t0 = time.perf_counter()
     summary: dict = {"device": torch.cuda.get_device_name() if cuda else "cpu", "shrunk": args.shrink}
     images = MEASURE_IMAGES if args.measure else IMAGES
-    summary["standins"] = write_standins(work, args.shrink, "cuda" if cuda else "cpu", images)
+    # --measure scores with the reference judge: the critic's rate is bench/gpu.py's
+    summary["standins"] = write_standins(
+        work, args.shrink, "cuda" if cuda else "cpu", images, critic=not args.measure
+    )
     params = write_params(work, cuda, measure=args.measure)
     steps = plan(work, params)
     if args.until:
@@ -487,12 +498,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"error: --until {args.until!r} is not one of {', '.join(names)}", file=sys.stderr)
             return 2
         steps = steps[: names.index(args.until) + 1]
-    summary["stage_seconds"] = run_steps(steps, work / "e2e.log")
-    if not args.until:
-        summary["checks"] = check_outputs(work)
-    summary["stage_rates"] = stage_rates(work)
-    summary["total_seconds"] = round(time.perf_counter() - t0, 1)
-    (work / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    summary["stage_seconds"] = {}
+    try:
+        run_steps(steps, work / "e2e.log", summary["stage_seconds"])
+        if not args.until:
+            summary["checks"] = check_outputs(work)
+    finally:  # also when interrupted (Ctrl-C, `timeout -s INT`): the stages that finished and their rates
+        summary["stage_rates"] = stage_rates(work)
+        summary["total_seconds"] = round(time.perf_counter() - t0, 1)
+        (work / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     print(json.dumps(summary, indent=2, default=str))
     return 0
 

@@ -11,9 +11,9 @@ from collections import defaultdict
 
 import torch
 import torch.nn.functional as F
-from transformers.cache_utils import DynamicCache, StaticCache, StaticLayer
+from transformers.cache_utils import DynamicCache, StaticCache
 
-from posttrain.template import IGNORE_INDEX, answer_positions, pad_batch
+from posttrain.template import IGNORE_INDEX, answer_start, pad_batch
 
 # Wall time and token counts of every `generate` and `answer_nll` call in this process, for the stages' logs
 # (`throughput`); never part of an output, which must not depend on timing.
@@ -43,19 +43,6 @@ def _new_token_count(new_tokens: torch.Tensor, eos_token_id: int) -> int:
     return int(first.sum())
 
 
-def _repeat_rows(cache, repeats: int) -> None:
-    """Repeat each row of a filled KV cache `repeats` times, in place (rows i·repeats ... stay prompt i's)."""
-    if repeats == 1:
-        return
-    for layer in cache.layers:
-        if isinstance(layer, StaticLayer):
-            layer.keys = layer.keys.repeat_interleave(repeats, dim=0)
-            layer.values = layer.values.repeat_interleave(repeats, dim=0)
-            layer.batch_size *= repeats
-        else:
-            layer.batch_repeat_interleave(repeats)
-
-
 def _generate_batch(
     model,
     input_ids: torch.Tensor,
@@ -71,31 +58,36 @@ def _generate_batch(
 
     The multimodal prompt (image tokens included) is the costly part: it runs once per prompt, into a KV cache
     whose rows are then repeated for the samples, and `model.generate` continues from there (its first step
-    feeds the prompt's last token). The static cache is allocated once for the whole continuation and written
-    in place; the dynamic cache grows by concatenation, copying itself every step.
+    feeds the prompt's last token). The prompt runs on a cache of its own length (a static cache would make
+    it attend over the whole preallocated length); the decoding steps then write in place into a static
+    cache allocated once for the whole continuation, or grow a dynamic one by concatenation, which copies
+    itself every step.
 
     Returns:
         (B·samples, max_new_tokens or fewer) new token ids; rows i·samples … i·samples + samples − 1 answer
         prompt i.
     """
-    batch, length = input_ids.shape
+    length = input_ids.shape[1]
     # positions as `generate` numbers them: left padding does not count
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (B, T)
-    kv = (
-        StaticCache(config=model.config, max_cache_len=length + max_new_tokens)
-        if cache == "static"
-        else DynamicCache(config=model.config)
-    )
+    prompt_kv = DynamicCache(config=model.config)  # the prompt attends over its own length, not the cache's
     model(
         input_ids=input_ids[:, :-1],
         attention_mask=attention_mask[:, :-1],
         position_ids=position_ids[:, :-1],
         pixel_values=pixel_values,
-        past_key_values=kv,
+        past_key_values=prompt_kv,
         use_cache=True,
         logits_to_keep=1,
     )
-    _repeat_rows(kv, samples)
+    if cache == "static":
+        kv = StaticCache(config=model.config, max_cache_len=length + max_new_tokens)
+        for i, layer in enumerate(prompt_kv.layers):  # (B, heads, T-1, head_dim) each, repeated per sample
+            kv.update(layer.keys.repeat_interleave(samples, 0), layer.values.repeat_interleave(samples, 0), i)
+        del prompt_kv
+    else:
+        prompt_kv.batch_repeat_interleave(samples)
+        kv = prompt_kv
     out = model.generate(
         input_ids=input_ids.repeat_interleave(samples, dim=0),
         attention_mask=attention_mask.repeat_interleave(samples, dim=0),
@@ -218,14 +210,18 @@ def answer_nll(
         t0 = time.perf_counter()
         pairs = sequences[start : start + batch_size]
         input_ids = pad_batch([p[0] for p in pairs], tokenizer.pad_token_id, "right").to(device)  # (B, T)
-        labels = pad_batch([p[1] for p in pairs], IGNORE_INDEX, "right").to(device)
+        labels = pad_batch([p[1] for p in pairs], IGNORE_INDEX, "right")
+        first = answer_start(labels)  # the head runs from the first labelled next token on
+        labels = labels.to(device)
         attention_mask = pad_batch([[1] * len(p[0]) for p in pairs], 0, "right").to(device)
         pixel_values = torch.stack(pixels[start : start + batch_size]).to(device, dtype)
-        keep = answer_positions(labels)  # (K,): the head runs only where the next token is labelled
         logits = model(
-            input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values, logits_to_keep=keep
-        ).logits.float()  # (B, K, V)
-        targets = labels[:, 1:][:, keep]  # (B, K): position t predicts token t+1
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            pixel_values=pixel_values,
+            logits_to_keep=labels.shape[1] - first,
+        ).logits.float()  # (B, K, V): positions first .. T-1
+        targets = F.pad(labels[:, first + 1 :], (0, 1), value=IGNORE_INDEX)  # (B, K): t predicts token t+1
         nll = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none")
         mask = targets != IGNORE_INDEX
         sums.extend((nll * mask).sum(1).tolist())

@@ -137,13 +137,17 @@ def pad_batch(sequences: list[list[int]], pad_value: int, side: str) -> torch.Te
     return out
 
 
-def answer_positions(labels):
-    """Positions whose next token carries loss in at least one row: the only logits a loss needs.
+def answer_start(labels) -> int:
+    """The first position whose next token carries loss in some row: logits before it are never needed.
+
+    Call it on the CPU copy of the labels (a GPU tensor would make the host wait for the device).
 
     Args:
         labels: (B, T) tensor of token ids, `IGNORE_INDEX` where nothing is supervised.
 
     Returns:
-        (K,) ascending positions t such that some row has a label at t + 1 (position t predicts token t + 1).
+        The smallest t such that some row has a label at t + 1 (position t predicts token t + 1); T − 1 when
+        nothing is supervised.
     """
-    return (labels[:, 1:] != IGNORE_INDEX).any(0).nonzero().squeeze(1)
+    supervised = (labels[:, 1:] != IGNORE_INDEX).any(0).nonzero()  # (K, 1)
+    return int(supervised[0, 0]) if len(supervised) else labels.shape[1] - 1

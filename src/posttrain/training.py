@@ -20,7 +20,7 @@ from posttrain.memory import MemoryEstimate
 from posttrain.models import image_token_count, quantization_config
 from posttrain.template import (
     IGNORE_INDEX,
-    answer_positions,
+    answer_start,
     conversation_text,
     encode_conversation,
     pad_batch,
@@ -78,6 +78,7 @@ class TeacherForcedCollator:
             "attention_mask": attention_mask,
             "labels": labels,
             "pixel_values": pixel_values,
+            "answer_start": answer_start(labels),  # an int, found here on the CPU: no device sync per step
         }
 
 
@@ -153,28 +154,30 @@ def training_arguments(
     )
 
 
-def answer_loss(model, inputs: dict, labels: torch.Tensor, num_items=None):
-    """The causal LM loss of `labels`, with logits computed at `answer_positions` only.
+def answer_loss(model, inputs: dict, labels: torch.Tensor, num_items=None, start: int | None = None):
+    """The causal LM loss of `labels`, with logits computed from the first supervised position on.
 
     The same loss as transformers' ``ForCausalLMLoss`` on all T positions (cross-entropy summed over the
     supervised next tokens, divided by `num_items`), but the language-model head and the fp32 log-softmax run
-    on K positions instead of T: in LLaVA's SFT most of a sequence is the 576 image tokens and the user turns,
-    which carry no loss, so K is a small share of T.
+    on the last K = T − `start` positions: in LLaVA's SFT the 576 image tokens and the first question come
+    before any answer and carry no loss. A contiguous slice, so its backward is a copy, not a scatter.
 
     Args:
-        model: a causal LM (LLaVA, PEFT-wrapped or not) whose forward takes ``logits_to_keep`` as a tensor of
-            positions.
+        model: a causal LM (LLaVA, PEFT-wrapped or not) whose forward takes an int ``logits_to_keep``.
         inputs: the forward's inputs without ``labels``.
         labels: (B, T), `IGNORE_INDEX` where no loss is taken.
         num_items: the divisor, the supervised tokens of the whole accumulated batch (the Trainer's
             ``num_items_in_batch``); None: this batch's.
+        start: `posttrain.template.answer_start` of the labels, found on the CPU by the collator; None: found
+            here.
 
     Returns:
         (loss, outputs); ``outputs.logits`` is (B, K, V).
     """
-    keep = answer_positions(labels)  # (K,)
-    outputs = model(**inputs, logits_to_keep=keep)
-    targets = labels[:, 1:][:, keep]  # (B, K)
+    if start is None:
+        start = answer_start(labels)
+    outputs = model(**inputs, logits_to_keep=labels.shape[1] - start)  # logits (B, K, V)
+    targets = F.pad(labels[:, start + 1 :], (0, 1), value=IGNORE_INDEX)  # (B, K): t predicts token t + 1
     loss = F.cross_entropy(
         outputs.logits.float().transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="sum"
     )
@@ -193,9 +196,10 @@ class AnswerLossTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = dict(inputs)
         labels = inputs.pop("labels")
+        start = inputs.pop("answer_start", None)
         if num_items_in_batch is None:  # the Trainer counts them for models taking loss kwargs (LLaVA does)
             num_items_in_batch = (labels[:, 1:] != IGNORE_INDEX).sum() * self.args.gradient_accumulation_steps
-        loss, outputs = answer_loss(model, inputs, labels, num_items_in_batch)
+        loss, outputs = answer_loss(model, inputs, labels, num_items_in_batch, start)
         if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
             loss = loss * self.accelerator.num_processes  # DDP averages gradients over the processes
         return (loss, outputs) if return_outputs else loss
