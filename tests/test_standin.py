@@ -161,6 +161,41 @@ def test_the_smoke_params_keep_batch_size_auto_and_validate(tmp_path, cuda):
         assert (section.effective_batch, section.gradient_accumulation) == (4, 1)
 
 
+def test_the_measure_params_keep_the_presets_batches_and_answer_lengths(tmp_path):
+    """`e2e --measure` changes sizes of work, never what sets a rate: batches, answer lengths, nf4, Liger."""
+    import yaml
+
+    from posttrain.config import Quantization, load_params
+    from posttrain.e2e import MEASURE_PROMPTS, MEASURE_SFT_STEPS, PRESET, write_params
+
+    (tmp_path / "hub" / "llava-1.5-7b").mkdir(parents=True)
+    measured = load_params(write_params(tmp_path, cuda=True, measure=True))
+    preset = yaml.safe_load(PRESET.read_text())
+    common, sft = measured.sft.common, preset["sft"]["common"]
+    assert common.max_steps == MEASURE_SFT_STEPS and measured.preferences.max_prompts == MEASURE_PROMPTS
+    assert (common.batch_size.value, common.effective_batch) == (sft["batch_size"], sft["effective_batch"])
+    assert common.quantization is Quantization.NF4 and common.liger
+    for section in ("preferences", "evaluate"):
+        for key in ("batch_size", "max_new_tokens"):
+            assert getattr(getattr(measured, section), key) == preset[section][key], (section, key)
+
+
+def test_e2e_stage_rates_read_the_stages_logs(tmp_path):
+    from posttrain.e2e import stage_rates
+
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    for v, rate in (("sft1", 10.0), ("sft2", 12.0)):
+        (logs / f"{v}.json").write_text(json.dumps({"samples_per_s": rate, "samples_per_step": 12}))
+    for m, (tokens, seconds) in (("base", (100, 2.0)), ("sfte", (300, 2.0))):
+        generate = {"seconds": seconds, "prompts": 4, "rows": 4, "prompt_tokens": 40, "new_tokens": tokens}
+        (logs / f"evaluate_{m}.json").write_text(json.dumps({"generate": generate}))
+    rates = stage_rates(tmp_path)  # sfte_dpo and preferences did not run: their parts are left out
+    assert rates["sft_samples_per_s"] == 11.0 and rates["sft_effective_batch"] == 12
+    assert rates["evaluate_generate"]["new_tokens_per_s"] == 100.0  # 400 tokens in 4 s, pooled
+    assert rates["preferences_generate"] is None and rates["evaluate_score"] is None
+
+
 def test_e2e_refuses_full_size_without_cuda(tmp_path, capsys):
     from posttrain.e2e import main
 
