@@ -31,6 +31,7 @@ def main() -> None:
     params = load_params(args.params)
     device = setup(params.base.threads)
     # only now that the params are valid: torch and transformers take seconds to import
+    from posttrain.distributed import is_main
     from posttrain.evaluation import evaluate_model, headline
     from posttrain.generation import throughput
     from posttrain.io import write_json_atomic
@@ -48,6 +49,8 @@ def main() -> None:
         Path(args.items),
         Path(args.items) / "metrics" / f"{args.model}.json",
     )
+    if not is_main():  # several processes (launch.processes): one writes
+        return
     write_json_atomic(Path(args.logs) / f"evaluate_{args.model}.json", throughput())  # not a DVC output
     table = headline(metrics)
     write_json_atomic(Path(args.metrics) / f"{args.model}.json", table)  # the row of `dvc metrics show`

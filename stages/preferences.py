@@ -30,6 +30,7 @@ def main() -> None:
     params = load_params(args.params)
     device = setup(params.base.threads)
     # only now that the params are valid: torch and transformers take seconds to import
+    from posttrain.distributed import is_main
     from posttrain.generation import throughput
     from posttrain.models import load_model
     from posttrain.preferences import make_preferences
@@ -43,6 +44,8 @@ def main() -> None:
     pairs, stats = make_preferences(
         model, processor, examples, Path(args.data), params.preferences, params.evaluate.critic
     )
+    if not is_main():  # several processes (launch.processes): one writes
+        return
     with atomic_dir(args.out) as tmp:
         write_jsonl(tmp / "pairs.jsonl", pairs)
     write_json_atomic(args.metrics, stats)

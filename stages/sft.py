@@ -34,6 +34,7 @@ def main() -> None:
         raise ParamsError([f"--variant {args.variant}: not a key of sft.variants ({known})"], args.params)
     setup(params.base.threads)
     # only now that the params are valid: torch and transformers take seconds to import
+    from posttrain.distributed import is_main
     from posttrain.training import train_sft_variant
 
     checkpoints = Path(args.checkpoints) / args.variant
@@ -48,6 +49,8 @@ def main() -> None:
         checkpoints,
         Path(args.live) / args.variant if args.live else None,
     )
+    if not is_main():  # several processes (launch.processes): one cleans up and writes
+        return
     shutil.rmtree(checkpoints, ignore_errors=True)
     write_json_atomic(Path(args.logs) / f"{args.variant}.json", summary)  # timings: outside every DVC output
     print(

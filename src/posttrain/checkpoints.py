@@ -196,7 +196,7 @@ def fit(trainer, live_dir: Path | None) -> dict:
         trainer.add_callback(ResumeWeights(resume_from))
     trainer.remove_callback(PrinterCallback)  # ProgressCallback prints a shorter line
     trainer.add_callback(StopOnNonFiniteLoss())
-    live = open_live(live_dir, step0)
+    live = open_live(live_dir, step0) if trainer.args.process_index == 0 else None  # one writes the curves
     if live is not None:
         trainer.add_callback(LiveCallback(live))
     step_times = StepTimes()

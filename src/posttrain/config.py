@@ -311,6 +311,11 @@ class ReportParams:
 
 
 @dataclass(frozen=True)
+class LaunchParams:
+    processes: int = 1  # processes per stage (one per GPU); read by `posttrain.launch` when a stage runs
+
+
+@dataclass(frozen=True)
 class Params:
     base: BaseParams = field(default_factory=BaseParams)
     prepare: PrepareParams = field(default_factory=PrepareParams)
@@ -321,6 +326,7 @@ class Params:
     dpo: DpoParams = field(default_factory=DpoParams)
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
     report: ReportParams = field(default_factory=ReportParams)
+    launch: LaunchParams = field(default_factory=LaunchParams)
 
 
 _BAD = object()  # _convert's result for a value that does not fit its type (the problem is already recorded)
@@ -657,6 +663,7 @@ def _check(p: Params, problems: list[str]) -> None:
             "evaluate.critic.model: empty; give a transformers-format LLaVA-Critic folder or hub id "
             "(or use evaluate.critic.kind: reference)"
         )
+    positive("launch.processes", p.launch.processes)
     positive("report.examples", p.report.examples, zero_ok=True)
     positive("report.resamples", p.report.resamples)
     seed("report.seed", p.report.seed)

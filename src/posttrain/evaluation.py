@@ -19,6 +19,7 @@ from posttrain.charts import COLORS
 from posttrain.config import EvaluateParams
 from posttrain.data import AnswerType, Example, load_split
 from posttrain.declines import is_decline
+from posttrain.distributed import is_main
 from posttrain.generation import answer_nll, generate
 from posttrain.images import load_pixels
 from posttrain.io import write_json_atomic, write_jsonl
@@ -311,7 +312,8 @@ def evaluate_model(
                 max_new_tokens=params.critic.max_new_tokens,
             )
         rows = score_items(examples, responses, nll, counts, scores, replies)
-        write_jsonl(items_dir / split / f"{name}.jsonl", rows)
+        if is_main():  # the other processes computed their share of the batches
+            write_jsonl(items_dir / split / f"{name}.jsonl", rows)
         all_rows += rows
         metrics.update(aggregate(rows, prefix, params.resamples, params.seed))
         metrics.update({f"chance_{f}": round(v, 4) for f, v in chance_lines(examples).items()})
@@ -319,5 +321,6 @@ def evaluate_model(
     metrics.update(family_accuracy(all_rows, families, params.resamples, params.seed))
     for f in families:  # same keys in every file, also where a split has no item of a family
         metrics.setdefault(f"chance_{f}", None)
-    write_json_atomic(details_path, metrics)
+    if is_main():
+        write_json_atomic(details_path, metrics)
     return metrics

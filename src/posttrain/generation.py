@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from transformers.cache_utils import DynamicCache, StaticCache
 
+from posttrain.distributed import gather_batches, is_main, my_batches
 from posttrain.template import IGNORE_INDEX, answer_start, pad_batch
 
 # Wall time and token counts of every `generate` and `answer_nll` call in this process, for the stages' logs
@@ -151,9 +152,11 @@ def generate(
         "pad_token_id": tokenizer.pad_token_id,
         "eos_token_id": tokenizer.eos_token_id,
     }
-    outputs: list = []
+    outputs: dict[int, list] = {}  # batch index -> its answers
     n_batches = -(-len(prompts) // batch_size)
-    for start in range(0, len(prompts), batch_size):
+    mine = my_batches(n_batches)  # with several processes, batch k is computed by process k mod N
+    for batch_index in mine:
+        start = batch_index * batch_size
         batch = prompts[start : start + batch_size]
         input_ids = pad_batch(batch, tokenizer.pad_token_id, "left").to(device)  # (B, T)
         attention_mask = pad_batch([[1] * len(p) for p in batch], 0, "left").to(device)
@@ -179,13 +182,20 @@ def generate(
         totals["prompt_tokens"] += int(attention_mask.sum())
         totals["new_tokens"] += _new_token_count(new_tokens, tokenizer.eos_token_id)
         if samples == 1:
-            outputs.extend(texts)
+            outputs[batch_index] = texts
         else:
-            outputs.extend(tuple(texts[i : i + samples]) for i in range(0, len(texts), samples))
-        batch_index = start // batch_size
-        if progress and (batch_index % max(n_batches // 4, 1) == 0 or batch_index == n_batches - 1):
-            print(f"{progress}: generated {len(outputs)}/{len(prompts)}", flush=True)
-    return outputs
+            outputs[batch_index] = [tuple(texts[i : i + samples]) for i in range(0, len(texts), samples)]
+        done = sum(map(len, outputs.values()))
+        if (
+            progress
+            and is_main()
+            and (len(outputs) % max(len(mine) // 4, 1) == 0 or len(outputs) == len(mine))
+        ):
+            print(
+                f"{progress}: generated {done}/{len(prompts)}" + ("" if len(mine) == n_batches else " here"),
+                flush=True,
+            )
+    return gather_batches(outputs)
 
 
 @torch.no_grad()
@@ -204,9 +214,9 @@ def answer_nll(
     """
     device = next(model.parameters()).device
     dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
-    sums: list[float] = []
-    counts: list[int] = []
-    for start in range(0, len(sequences), batch_size):
+    results: dict[int, list[tuple[float, int]]] = {}  # batch index -> (nll sum, token count) per item
+    for batch_index in my_batches(-(-len(sequences) // batch_size)):
+        start = batch_index * batch_size
         t0 = time.perf_counter()
         pairs = sequences[start : start + batch_size]
         input_ids = pad_batch([p[0] for p in pairs], tokenizer.pad_token_id, "right").to(device)  # (B, T)
@@ -224,10 +234,10 @@ def answer_nll(
         targets = F.pad(labels[:, first + 1 :], (0, 1), value=IGNORE_INDEX)  # (B, K): t predicts token t+1
         nll = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none")
         mask = targets != IGNORE_INDEX
-        sums.extend((nll * mask).sum(1).tolist())
-        counts.extend(mask.sum(1).tolist())
+        results[batch_index] = list(zip((nll * mask).sum(1).tolist(), mask.sum(1).tolist()))
         totals = _TOTALS["score"]
         totals["seconds"] += time.perf_counter() - t0
         totals["sequences"] += len(pairs)
         totals["tokens"] += int(attention_mask.sum())
-    return sums, counts
+    gathered = gather_batches(results)
+    return [nll for nll, _ in gathered], [n for _, n in gathered]

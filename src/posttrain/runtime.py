@@ -43,6 +43,9 @@ def setup(threads: int) -> str:
     transformers.utils.logging.disable_progress_bar()  # "Loading weights", "Writing model shards"
     transformers.utils.logging.set_verbosity_error()
     warnings.filterwarnings("ignore", message=DEPRECATED_CHECKPOINTING, category=FutureWarning)
+    from posttrain.distributed import init
+
+    init()  # started by torchrun as one of several processes (`posttrain.launch`): join the group
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 

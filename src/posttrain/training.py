@@ -15,6 +15,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from posttrain.checkpoints import claim_checkpoints, file_digest, fit
 from posttrain.config import BatchSize
 from posttrain.data import Example, group_conversations
+from posttrain.distributed import barrier, is_main, per_process_batch
 from posttrain.images import load_pixels
 from posttrain.memory import MemoryEstimate
 from posttrain.models import image_token_count, quantization_config
@@ -556,6 +557,8 @@ def train_sft_variant(
         effective_batch=common.effective_batch,
     )
     batch = {"micro_batch": micro_batch, "gradient_accumulation": accumulation}
+    # under N processes (launch.processes) each trains micro_batch / N rows: the recipe's step is unchanged
+    per_process = per_process_batch("sft.common", micro_batch)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     model, processor, base_prov = load_base(base_dir, device=device, dtype=dtype, quantization_config=qconfig)
@@ -583,20 +586,22 @@ def train_sft_variant(
         f"{'nf4' if qconfig else dtype}, checkpointing {common.gradient_checkpointing}, liger {common.liger}",
         flush=True,
     )
-    claim_checkpoints(
-        checkpoint_dir,
-        {
-            "stage": f"sft@{name}",
-            "params": {"common": to_dict(common), "variant": to_dict(variant), "seed": seed},
-            "data": file_digest(data_dir / "study_train.jsonl"),
-            "base": base_fingerprint(base_dir),
-            "batch": batch,  # auto picks it per GPU: another card's checkpoints are another run
-        },
-    )
+    if is_main():
+        claim_checkpoints(
+            checkpoint_dir,
+            {
+                "stage": f"sft@{name}",
+                "params": {"common": to_dict(common), "variant": to_dict(variant), "seed": seed},
+                "data": file_digest(data_dir / "study_train.jsonl"),
+                "base": base_fingerprint(base_dir),
+                "batch": batch,  # auto picks it per GPU: another card's checkpoints are another run
+            },
+        )
+    barrier()  # every process looks for checkpoints only once the folder is claimed
     args = training_arguments(
         checkpoint_dir,
         max_steps=common.max_steps,
-        batch_size=micro_batch,
+        batch_size=per_process,
         learning_rate=common.learning_rate,
         warmup_steps=common.warmup_steps,
         weight_decay=common.weight_decay,
@@ -611,6 +616,8 @@ def train_sft_variant(
     summary = run_trainer(model, args, dataset, collator, callbacks, live_dir)
     timing = summary.pop("timing")
     summary["batch"] = batch  # what ran, where batch_size: auto leaves it to the GPU
+    if not is_main():  # the processes hold the same weights after every step: one writes them
+        return {**summary, **timing}
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp)
         write_provenance(

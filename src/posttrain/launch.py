@@ -1,0 +1,80 @@
+"""Run a stage script in one process, or in `launch.processes` processes, as params.yaml says when it runs.
+
+    python -m posttrain.launch stages/evaluate.py --model sft1      # what every dvc.yaml command calls
+
+The setting is read here, when the stage starts: no stage lists ``launch`` among its params and it is in no
+command's text, so changing it reruns nothing (DVC reruns a stage whose command or dependencies change).
+`dvc exp run -S launch.processes=4` is then all it takes to spread the next stages over four GPUs.
+
+With one process the script replaces this one (``exec``): exactly ``python stages/<stage>.py ...``. With N the
+stages that shard their work (`SHARDED`) run under ``torchrun --standalone --nproc_per_node N``: SFT
+data-parallel (the Trainer's DDP, each process a 1/N share of the recipe's micro-batch), evaluation and
+preference sampling with their prompts split over the processes and gathered in order
+(`posttrain.distributed`). Every other stage (base and DPO training among them, for now) runs in one process
+and says so.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+SHARDED = {"sft.py", "evaluate.py", "preferences.py"}
+
+
+def command(script: str, args: Sequence[str], processes: int) -> list[str]:
+    """The command line that runs `script` with `args` in `processes` processes."""
+    if processes == 1 or Path(script).name not in SHARDED:
+        return [sys.executable, script, *args]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={processes}",
+        script,
+        *args,
+    ]
+
+
+def params_path(args: Sequence[str]) -> str:
+    """The params file the stage will read: its ``--params`` argument, else params.yaml."""
+    for i, arg in enumerate(args):
+        if arg == "--params" and i + 1 < len(args):
+            return args[i + 1]
+        if arg.startswith("--params="):
+            return arg.split("=", 1)[1]
+    return "params.yaml"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m posttrain.launch SCRIPT [ARGS...]``: exec the stage as `launch.processes` says."""
+    from posttrain.config import load_params
+    from posttrain.runtime import exit_status
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0 if argv else 2
+    script, args = argv[0], argv[1:]
+
+    def resolve() -> int:
+        processes = load_params(params_path(args)).launch.processes
+        if processes > 1 and Path(script).name not in SHARDED:
+            print(
+                f"launch.processes {processes}: {Path(script).name} runs in one process (the stages that "
+                f"shard their work over processes: {', '.join(sorted(SHARDED))})",
+                flush=True,
+            )
+        cmd = command(script, args, processes)
+        sys.stdout.flush()
+        os.execv(cmd[0], cmd)
+        return 0  # not reached
+
+    return exit_status(resolve)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
