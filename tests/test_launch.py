@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from conftest import ROOT, make_adapter, run_stage
 
@@ -25,7 +26,7 @@ def test_one_process_runs_the_script_itself_and_several_go_through_torchrun():
     assert several[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     assert several[5:] == ["stages/evaluate.py", "--model", "base"]
     assert command("stages/report.py", [], 4) == [sys.executable, "stages/report.py"]  # not sharded
-    assert SHARDED == {"evaluate.py", "preferences.py"}
+    assert SHARDED == {"sft.py", "evaluate.py", "preferences.py"}
 
 
 def test_the_params_file_is_the_stages_own():
@@ -107,28 +108,38 @@ def sft_params(root: Path, processes: int) -> None:
     (root / "params.yaml").write_text(yaml.safe_dump(params))
 
 
-def test_sft_in_two_processes_trains_the_adapter_of_one(project):
+def test_sft_in_two_processes_trains_the_adapter_of_one(project, tmp_path):
     """Data-parallel SFT (gloo, 2 processes of 4 rows) against one process of 8 rows, same 6 steps.
 
     Each step sees the same 8 conversations (the Trainer's sampler permutes once; process r takes every
     other micro-batch of 4 of that order) and the loss is divided by the supervised tokens of all 8, so the
-    gradients agree up to float rounding (a sum over two processes, rows padded to their process's longest).
-    AdamW turns equal gradients into equal steps; rounding makes the weights differ by far less than one
-    step moves them: the test asks for 1% of the distance the adapter travelled from its start.
+    gradients agree up to float rounding (a sum over two processes; rows padded to their own process's
+    longest). The weights do not agree to rounding: AdamW divides each gradient by its running size, so an
+    entry whose gradient is near zero moves a full step in the direction rounding gives it (measured: up to
+    30% of the largest lora_B entry). As models they agree: the test loss of the two adapters differs by
+    less than 5% of what SFT moved it from the base (measured: 1.3%).
     """
-    from safetensors.torch import load_file
+    from posttrain.data import load_split
+    from posttrain.models import load_model
+    from posttrain.training import TeacherForcedCollator, TeacherForcedDataset, answer_loss
 
-    adapters = {}
+    losses = {}
     for n in (1, 2):
         sft_params(project, n)
         shutil.rmtree(project / "models" / "sft1", ignore_errors=True)
         log = launch("sft.py", "--variant", "sft1", cwd=project)
         assert "6 steps" in log
-        adapters[n] = load_file(str(project / "models" / "sft1" / "adapter_model.safetensors"))
-    import torch
-
-    one, two = adapters[1], adapters[2]
-    travelled = max(one[k].abs().max().item() for k in one if "lora_B" in k)  # B starts at 0
-    differ = max((one[k] - two[k]).abs().max().item() for k in one)
-    assert travelled > 0 and differ < 0.01 * travelled, (differ, travelled)
-    assert not all(torch.equal(one[k], two[k]) for k in one) or differ == 0
+        models = tmp_path / f"models{n}"
+        shutil.copytree(project / "models", models)
+        for name in ("sft1", "base"):
+            model, processor = load_model(name, models, "cpu")
+            ds = TeacherForcedDataset(
+                load_split(project / "data/prepared", "study_test"), project / "data/prepared", processor
+            )
+            batch = TeacherForcedCollator(processor.tokenizer.pad_token_id)([ds[i] for i in range(len(ds))])
+            inputs = {k: v for k, v in batch.items() if k not in ("labels", "answer_start")}
+            with torch.no_grad():
+                losses[name if name == "base" else n] = answer_loss(model, inputs, batch["labels"])[0].item()
+    moved = abs(losses["base"] - losses[1])
+    assert moved > 0.01, losses
+    assert abs(losses[2] - losses[1]) < 0.05 * moved, losses
