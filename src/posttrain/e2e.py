@@ -132,11 +132,15 @@ def merge(base: dict, changes: dict) -> dict:
     return out
 
 
-def write_params(work: Path, cuda: bool, preset: Path = PRESET, measure: bool = False) -> Path:
-    """Write and validate WORKDIR/params.yaml: the preset with `smoke_overrides` (`measure_overrides`)."""
+def write_params(
+    work: Path, cuda: bool, preset: Path = PRESET, measure: bool = False, processes: int = 1
+) -> Path:
+    """Write and validate WORKDIR/params.yaml: the preset with `smoke_overrides` (`measure_overrides`) and
+    ``launch.processes``."""
     from posttrain.config import parse_params
 
     changes = measure_overrides(work) if measure else smoke_overrides(work, cuda)
+    changes["launch"] = {"processes": processes}
     data = merge(yaml.safe_load(preset.read_text()), changes)
     data["sft"]["variants"] = {k: v for k, v in data["sft"]["variants"].items() if k in VARIANTS}
     parse_params(data, str(preset))  # raises ParamsError naming every bad key
@@ -332,7 +336,7 @@ def run_steps(steps: Sequence[Step], log: Path, seconds: dict[str, float] | None
             out.write(f"\n===== {step.name}\n")
             t0 = time.perf_counter()
             proc = subprocess.Popen(
-                [sys.executable, str(script), *step.args],
+                [sys.executable, "-m", "posttrain.launch", str(script), *step.args],  # as dvc.yaml runs it
                 cwd=ROOT,
                 env=env,
                 stdout=subprocess.PIPE,
@@ -469,6 +473,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--shrink", action="store_true", help="2-layer towers of the same configs (CPU)")
     ap.add_argument("--until", help="stop after this stage (e.g. ensemble), to split the run")
     ap.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        help="launch.processes: SFT, evaluation and preference sampling in N processes (one per GPU)",
+    )
+    ap.add_argument(
         "--measure",
         action="store_true",
         help=f"the stages' own rates at the preset's batches: {MEASURE_IMAGES} charts, {MEASURE_SFT_STEPS} "
@@ -492,7 +502,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     summary["standins"] = write_standins(
         work, args.shrink, "cuda" if cuda else "cpu", images, critic=not args.measure
     )
-    params = write_params(work, cuda, measure=args.measure)
+    params = write_params(work, cuda, measure=args.measure, processes=args.processes)
     steps = plan(work, params)
     if args.until:
         names = [s.name for s in steps]
