@@ -136,7 +136,8 @@ def write_params(
     work: Path, cuda: bool, preset: Path = PRESET, measure: bool = False, processes: int = 1
 ) -> Path:
     """Write and validate WORKDIR/params.yaml: the preset with `smoke_overrides` (`measure_overrides`) and
-    ``launch.processes``."""
+    ``launch.processes``.
+    """
     from posttrain.config import parse_params
 
     changes = measure_overrides(work) if measure else smoke_overrides(work, cuda)
