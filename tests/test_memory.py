@@ -155,8 +155,8 @@ def _conversations(prepared) -> list:
     return [(c.turns[:-1], *c.turns[-1]) for c in group_conversations(load_split(prepared, "study_train"))]
 
 
-def _check(base_dir, sequences, batch_size, sequences_per_row=1, section="sft.common"):
-    check_training_memory(
+def _check(base_dir, sequences, batch_size, sequences_per_row=1, section="sft.common", effective_batch=None):
+    return check_training_memory(
         base_dir,
         sequences,
         section=section,
@@ -167,6 +167,7 @@ def _check(base_dir, sequences, batch_size, sequences_per_row=1, section="sft.co
         quantized=False,
         checkpointing=False,
         liger=False,
+        effective_batch=effective_batch,
     )
 
 
@@ -225,19 +226,7 @@ def test_choose_micro_batch_asks_only_down_to_the_first_fit_and_names_the_knobs_
 
 
 def _auto(base_dir, sequences, effective, sequences_per_row=1, section="sft.common"):
-    return check_training_memory(
-        base_dir,
-        sequences,
-        section=section,
-        batch_size=BatchSize.AUTO,
-        sequences_per_row=sequences_per_row,
-        target_regex=language_model_regex(LINEAR),
-        rank=4,
-        quantized=False,
-        checkpointing=False,
-        liger=False,
-        effective_batch=effective,
-    )
+    return _check(base_dir, sequences, BatchSize.AUTO, sequences_per_row, section, effective_batch=effective)
 
 
 @pytest.fixture()
