@@ -44,6 +44,8 @@ def main() -> None:
             )
         print(f"base: {params.hub_id}@{params.revision} recorded in {args.out}")
         return
+    from posttrain.distributed import is_main
+
     summary = train_tiny_base(
         params,
         Path(args.data),
@@ -51,6 +53,8 @@ def main() -> None:
         Path(args.checkpoints),
         Path(args.live) if args.live else None,
     )
+    if not is_main():  # several processes (launch.processes): one cleans up and writes
+        return
     shutil.rmtree(args.checkpoints, ignore_errors=True)  # the model is saved; they only served resuming
     write_json_atomic(Path(args.logs) / "base.json", summary)  # timings: outside every DVC output
     print(

@@ -31,6 +31,7 @@ def main() -> None:
     params = load_params(args.params)
     setup(params.base.threads)
     # only now that the params are valid: torch and transformers take seconds to import
+    from posttrain.distributed import is_main
     from posttrain.dpo import run_rounds
 
     models = Path(args.models)
@@ -48,6 +49,8 @@ def main() -> None:
         Path(args.checkpoints),
         Path(args.live) if args.live else None,
     )
+    if not is_main():  # several processes (launch.processes): one cleans up and writes
+        return
     shutil.rmtree(args.checkpoints, ignore_errors=True)  # the adapter is saved; they only served resuming
     for r in rounds:
         t = r["training"]

@@ -102,6 +102,7 @@ def make_adapter(
     fingerprint=None,
     scale: float | None = 0.05,
     base_quantization: str = "none",
+    dropout: float = 0.1,
 ) -> Path:
     """A LoRA adapter with random non-zero A and B (as if trained), saved with provenance.
 
@@ -115,7 +116,7 @@ def make_adapter(
     model, _, _ = load_base(base_dir)
     torch.manual_seed(seed)
     cfg = LoraConfig(
-        r=rank, lora_alpha=alpha, lora_dropout=0.1, target_modules=language_model_regex(LM_MODULES)
+        r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=language_model_regex(LM_MODULES)
     )
     peft = get_peft_model(model, cfg)
     with torch.no_grad():

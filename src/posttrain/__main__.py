@@ -6,6 +6,7 @@ Commands:
     pin              Pin a params file's hub revisions to commits (see `posttrain.pinning`).
     e2e              The study preset end to end on stand-in hub files (see `posttrain.e2e`).
     seeds            The study under several seeds, and the table of its conclusions (see `posttrain.seeds`).
+    grid             An ablation grid of DVC experiments, each on its own GPU group (see `posttrain.grid`).
 """
 
 from __future__ import annotations
@@ -43,6 +44,9 @@ def _build_parser() -> argparse.ArgumentParser:
     sub.add_parser("pin", help="resolve a params file's open hub revisions to commits (SRC [DST])")
     sub.add_parser("e2e", help="run every stage of the study preset on stand-ins of the hub files (WORKDIR)")
     sub.add_parser("seeds", help="run the study under other seeds (run --seeds 1 2); their table (table)")
+    sub.add_parser(
+        "grid", help="an ablation grid of DVC experiments over GPU groups (-S KEY=V1,V2 --gpus 0,1)"
+    )
     sub.add_parser(
         "convert-critic", help="convert LLaVA-Critic from LLaVA-NeXT's layout to transformers' (SRC DST)"
     )
@@ -118,6 +122,10 @@ def _run(argv: list[str]) -> int:
         from posttrain.seeds import main as seeds
 
         return seeds(argv[1:])
+    if argv[:1] == ["grid"]:  # dvc experiments over GPU groups (posttrain.grid)
+        from posttrain.grid import main as grid
+
+        return grid(argv[1:])
     parser = _build_parser()
     try:
         args = parser.parse_args(argv)

@@ -10,6 +10,7 @@ the same for any N. Only the main process writes outputs (`is_main`).
 from __future__ import annotations
 
 import os
+import sys
 
 
 def init() -> None:
@@ -19,11 +20,30 @@ def init() -> None:
 
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
         return
+    die_with_launcher()
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group("nccl")
     else:
         dist.init_process_group("gloo")
+
+
+def die_with_launcher() -> None:
+    """Have the kernel SIGKILL this worker when the torchrun that started it dies (Linux).
+
+    torchrun starts each worker in a session of its own: a torchrun killed outright (SIGKILL, the OOM killer)
+    would leave them training, writing the outputs and deleting the checkpoints that the stage's rerun
+    resumes from. A signal torchrun can catch (Ctrl-C, SIGTERM) it forwards to them itself.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    parent = os.getppid()
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the launcher died before the request was in place
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def rank_and_size() -> tuple[int, int]:
@@ -46,6 +66,17 @@ def barrier() -> None:
 
     if rank_and_size()[1] > 1:
         dist.barrier()
+
+
+def broadcast(value):
+    """Rank 0's `value` on every process (`value` itself outside a process group)."""
+    import torch.distributed as dist
+
+    if rank_and_size()[1] == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def per_process_batch(section: str, batch: int) -> int:

@@ -8,6 +8,7 @@ special tokens and would drop the BOS every other stage sees.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from pathlib import Path
 import torch
 
 from posttrain.config import Quantization
+from posttrain.distributed import barrier, broadcast, is_main, per_process_batch
 from posttrain.template import encode_completion, encode_prompt, pad_batch
 
 
@@ -189,20 +191,24 @@ def train_dpo(
         effective_batch=params.effective_batch,
     )
     batch = {"micro_batch": micro_batch, "gradient_accumulation": accumulation}
+    # under N processes (launch.processes) each trains micro_batch / N pairs: the recipe's step is unchanged
+    per_process = per_process_batch("dpo", micro_batch)
     from posttrain.config import to_dict
     from posttrain.models import base_fingerprint
 
-    claim_checkpoints(
-        checkpoint_dir,
-        {
-            "stage": "dpo",
-            "params": {"dpo": to_dict(params), "seed": seed, "base_quantization": quantization.value},
-            "pairs": hashlib.sha256(json.dumps(pairs, sort_keys=True).encode()).hexdigest(),
-            "start_adapter": file_digest(start_adapter / "adapter_model.safetensors"),
-            "base": base_fingerprint(base_dir),
-            "batch": batch,  # auto picks it per GPU: another card's checkpoints are another run
-        },
-    )
+    if is_main():
+        claim_checkpoints(
+            checkpoint_dir,
+            {
+                "stage": "dpo",
+                "params": {"dpo": to_dict(params), "seed": seed, "base_quantization": quantization.value},
+                "pairs": hashlib.sha256(json.dumps(pairs, sort_keys=True).encode()).hexdigest(),
+                "start_adapter": file_digest(start_adapter / "adapter_model.safetensors"),
+                "base": base_fingerprint(base_dir),
+                "batch": batch,  # auto picks it per GPU: another card's checkpoints are another run
+            },
+        )
+    barrier()  # every process looks for checkpoints only once the folder is claimed
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, processor = policy_from_adapter(base_dir, start_adapter, device, quantization)
     callbacks = [ProgressCallback(every=5, batch_size=micro_batch * accumulation)]  # pairs per step
@@ -215,7 +221,7 @@ def train_dpo(
         checkpoint_dir,
         seed,
         callbacks,
-        micro_batch=micro_batch,
+        micro_batch=per_process,
         gradient_accumulation=accumulation,
     )
     result = fit(trainer, live_dir)
@@ -227,7 +233,9 @@ def train_dpo(
         "batch": batch,
         **{k: last[k] for k in last if k.startswith(("rewards/", "logps/")) or k == "loss"},
     }
-    trainer.model.save_pretrained(out_dir, selected_adapters=["default"])  # not the frozen "ref" copy
+    if is_main():  # the processes hold the same weights after every step: one writes them
+        trainer.model.save_pretrained(out_dir, selected_adapters=["default"])  # not the frozen "ref" copy
+    barrier()  # a next round loads this adapter in every process
     return {**summary, "timing": result["timing"]}
 
 
@@ -285,7 +293,9 @@ def run_rounds(
     check_adapters(base_dir, {"sfte": sfte_dir})
     check_base_quantization(sfte_dir, "ensemble", quantization)
     rounds = []
-    with atomic_dir(out_dir) as tmp:
+    # under N processes one writes: the others train into (and load later rounds from) its temporary folder
+    with atomic_dir(out_dir) if is_main() else contextlib.nullcontext() as tmp:
+        tmp = broadcast(tmp)
         adapter, pairs, stats = sfte_dir, first_pairs, first_stats
         for r in range(1, params.dpo.rounds + 1):
             if r > 1:
@@ -330,6 +340,8 @@ def run_rounds(
             adapter = dest
         from posttrain.config import to_dict
 
+        if not is_main():
+            return rounds
         write_provenance(
             tmp,
             kind="adapter",

@@ -313,7 +313,9 @@ def plan(work: Path, params: Path) -> list[Step]:
     return steps
 
 
-def run_steps(steps: Sequence[Step], log: Path, seconds: dict[str, float] | None = None) -> dict[str, float]:
+def run_steps(
+    steps: Sequence[Step], log: Path, seconds: dict[str, float] | None = None, direct: bool = False
+) -> dict[str, float]:
     """Run each step's stage script unless its output exists; stream and log the output; stop at a failure.
 
     Args:
@@ -321,6 +323,8 @@ def run_steps(steps: Sequence[Step], log: Path, seconds: dict[str, float] | None
         log: the log file every stage's output is appended to.
         seconds: filled with each finished stage's wall time as it finishes (so an interrupted run keeps
             them); a new dict if None.
+        direct: run ``python stages/<stage>.py`` itself instead of through `posttrain.launch` as dvc.yaml
+            does (to check that the launcher changes nothing).
 
     Raises:
         RuntimeError: a stage exited non-zero; the message names it and the log.
@@ -336,8 +340,9 @@ def run_steps(steps: Sequence[Step], log: Path, seconds: dict[str, float] | None
             print(f"[e2e] {step.name}: python {script.relative_to(ROOT)} {' '.join(step.args)}", flush=True)
             out.write(f"\n===== {step.name}\n")
             t0 = time.perf_counter()
+            launcher = [] if direct else ["-m", "posttrain.launch"]  # as dvc.yaml runs it
             proc = subprocess.Popen(
-                [sys.executable, "-m", "posttrain.launch", str(script), *step.args],  # as dvc.yaml runs it
+                [sys.executable, *launcher, str(script), *step.args],
                 cwd=ROOT,
                 env=env,
                 stdout=subprocess.PIPE,
@@ -480,6 +485,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="launch.processes: SFT, evaluation and preference sampling in N processes (one per GPU)",
     )
     ap.add_argument(
+        "--direct",
+        action="store_true",
+        help="run each stage as plain `python stages/<stage>.py`, not through the launcher (a check)",
+    )
+    ap.add_argument(
         "--measure",
         action="store_true",
         help=f"the stages' own rates at the preset's batches: {MEASURE_IMAGES} charts, {MEASURE_SFT_STEPS} "
@@ -513,7 +523,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         steps = steps[: names.index(args.until) + 1]
     summary["stage_seconds"] = {}
     try:
-        run_steps(steps, work / "e2e.log", summary["stage_seconds"])
+        run_steps(steps, work / "e2e.log", summary["stage_seconds"], direct=args.direct)
         if not args.until:
             summary["checks"] = check_outputs(work)
     finally:  # also when interrupted (Ctrl-C, `timeout -s INT`): the stages that finished and their rates

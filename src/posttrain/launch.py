@@ -7,11 +7,11 @@ command's text, so changing it reruns nothing (DVC reruns a stage whose command 
 `dvc exp run -S launch.processes=4` is then all it takes to spread the next stages over four GPUs.
 
 With one process the script replaces this one (``exec``): exactly ``python stages/<stage>.py ...``. With N the
-stages that shard their work (`SHARDED`) run under ``torchrun --standalone --nproc_per_node N``: SFT
-data-parallel (the Trainer's DDP, each process a 1/N share of the recipe's micro-batch), evaluation and
-preference sampling with their prompts split over the processes and gathered in order
-(`posttrain.distributed`). Every other stage (base and DPO training among them, for now) runs in one process
-and says so.
+stages that shard their work (`SHARDED`) run under ``torchrun --standalone --nproc_per_node N``: the
+training stages (base, SFT, DPO) data-parallel (the Trainer's and TRL's DDP, each process a 1/N share of the
+recipe's micro-batch), evaluation, preference sampling and DPO's later rounds with their prompts split over
+the processes and gathered in order (`posttrain.distributed`). The others (prepare, ensemble, report: seconds
+of CPU work) run in one process and say so.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-SHARDED = {"sft.py", "evaluate.py", "preferences.py"}
+SHARDED = {"base.py", "sft.py", "dpo.py", "evaluate.py", "preferences.py"}
 
 
 def command(script: str, args: Sequence[str], processes: int) -> list[str]:

@@ -1,6 +1,7 @@
 """Conclusions across seeds: the study rerun under other seeds as DVC experiments, and one table of them.
 
     python -m posttrain seeds run --seeds 1 2      # one `dvc exp run` per seed (base.seed), in turn
+    python -m posttrain seeds run --seeds 1 2 3 4 --gpus 0,1 --gpus 2,3   # two at a time (`posttrain.grid`)
     python -m posttrain seeds table                # metrics/seeds.md and metrics/seeds.json
 
 `run` queues nothing in the background: each seed is `dvc exp run --temp -n seed<k> -S base.seed=<k>`, run in
@@ -17,7 +18,6 @@ from __future__ import annotations
 import json
 import math
 import subprocess
-import sys
 from pathlib import Path
 
 import yaml
@@ -126,6 +126,12 @@ def main(argv: list[str]) -> int:
     sub = ap.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the study under each seed as a DVC experiment (in turn)")
     run.add_argument("--seeds", type=int, nargs="+", required=True, help="values of base.seed, e.g. 1 2")
+    run.add_argument(
+        "--gpus",
+        action="append",
+        metavar="I[,J...]",
+        help="a GPU group per concurrent seed (repeat; see `python -m posttrain grid`); none: one at a time",
+    )
     table = sub.add_parser(
         "table", help="the seeds table from the committed result and the seed<k> experiments"
     )
@@ -134,22 +140,10 @@ def main(argv: list[str]) -> int:
     args = ap.parse_args(argv)
     repo = Path.cwd()
     if args.command == "run":
-        for s in args.seeds:
-            cmd = [
-                sys.executable,
-                "-m",
-                "dvc",
-                "exp",
-                "run",
-                "--temp",
-                "-n",
-                f"seed{s}",
-                "-S",
-                f"base.seed={s}",
-            ]
-            print(f"[seeds] {' '.join(cmd[2:])}", flush=True)
-            subprocess.run(cmd, cwd=repo, check=True)
-        return 0
+        from posttrain.grid import Experiment, gpu_groups, run_experiments
+
+        experiments = [Experiment(f"seed{s}", {"base.seed": str(s)}) for s in args.seeds]
+        return run_experiments(experiments, gpu_groups(args.gpus), repo, repo / "params.yaml")
     results = seed_results(repo)
     if len(results) < 2:
         print(f"error: results for {len(results)} seed(s); run `python -m posttrain seeds run --seeds 1 2`")

@@ -265,18 +265,22 @@ def train_tiny_base(
         f"{t.max_steps * t.batch_size / len(dataset):.1f} epochs",
         flush=True,
     )
-    claim_checkpoints(
-        checkpoint_dir,
-        {
-            "stage": "base",
-            "params": to_dict(params),
-            "data": file_digest(data_dir / "pretrain_train.jsonl", data_dir / "study_train.jsonl"),
-        },
-    )
+    # under N processes (launch.processes) each trains batch_size / N rows: the recipe's step is unchanged
+    per_process = per_process_batch("base.train", t.batch_size)
+    if is_main():
+        claim_checkpoints(
+            checkpoint_dir,
+            {
+                "stage": "base",
+                "params": to_dict(params),
+                "data": file_digest(data_dir / "pretrain_train.jsonl", data_dir / "study_train.jsonl"),
+            },
+        )
+    barrier()  # every process looks for checkpoints only once the folder is claimed
     args = training_arguments(
         checkpoint_dir,
         max_steps=t.max_steps,
-        batch_size=t.batch_size,
+        batch_size=per_process,
         learning_rate=t.learning_rate,
         warmup_steps=t.warmup_steps,
         weight_decay=t.weight_decay,
@@ -288,6 +292,8 @@ def train_tiny_base(
     summary = run_trainer(model, args, dataset, collator, callbacks, live_dir)
     timing = summary.pop("timing")
     summary["params"] = count_params(model)
+    if not is_main():  # the processes hold the same weights after every step: one writes them
+        return {**summary, **timing}
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
