@@ -46,3 +46,23 @@ def test_training_steps_change_the_weights_and_save_reloads_bit_identical(tiny, 
     assert prov["kind"] == "local"
     for k, v in reloaded.state_dict().items():
         assert torch.equal(v, after[k]), k
+
+
+def test_a_quantized_base_loads_on_the_processes_own_gpu(base_dir, monkeypatch):
+    """QLoRA under DDP (TRL's recipe): each process puts its nf4 base on its own GPU, the current device that
+    `posttrain.distributed.init` set from LOCAL_RANK, not on whatever "cuda" would resolve to."""
+    import posttrain.models as models
+
+    seen = {}
+
+    def from_pretrained(source, **kwargs):
+        seen.update(kwargs)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    monkeypatch.setattr(models.LlavaForConditionalGeneration, "from_pretrained", from_pretrained)
+    try:
+        load_base(base_dir, device="cuda", quantization_config=object())
+    except RuntimeError as e:
+        assert str(e) == "stop here"
+    assert seen["device_map"] == {"": "cuda:3"}

@@ -176,6 +176,10 @@ def load_base(
     """
     prov = read_provenance(folder, "base")
     source, revision = base_source(folder)
+    if device == "cuda" and quantization_config is not None:
+        # each process of a data-parallel stage on its own GPU (`posttrain.distributed.init` made it the
+        # current one): TRL's QLoRA-under-DDP recipe, device_map={"": local rank}
+        device = f"cuda:{torch.cuda.current_device()}"
     model = LlavaForConditionalGeneration.from_pretrained(
         source,
         revision=revision,
