@@ -100,6 +100,7 @@ def test_killed_base_resumes_every_tensor_and_ends_as_an_uninterrupted_run(prepa
     step = kill_after_first_checkpoint(killed, "base.py", checkpoints=killed / "checkpoints/base")
     assert 0 < step < 20
     assert not (killed / "models/base").exists(), "a killed run leaves no model for DVC to cache"
+    shutil.rmtree(killed / "dvclive/base")  # as `dvc repro` does: it deletes a stage's outputs before its run
     out = run_stage("base.py", cwd=killed)
     assert f"resuming from checkpoints/base/checkpoint-{step}" in out
     assert "resumed 64 weight tensors" in out

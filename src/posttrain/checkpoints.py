@@ -17,7 +17,6 @@ Every training stage (base, SFT, DPO) goes through `fit`:
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import math
@@ -118,21 +117,26 @@ class StopOnNonFiniteLoss(TrainerCallback):
                 )
 
 
+def log_row(live, step: int, logs: dict) -> None:
+    """One Trainer log entry as DVCLive rows at `step`, timings left out (same run, same files)."""
+    from dvclive.utils import standardize_metric_name
+
+    live.step = step
+    for key, value in logs.items():
+        if isinstance(value, (int, float)) and key != "step" and not any(t in key for t in SKIPPED_KEYS):
+            live.log_metric(standardize_metric_name(key, "dvclive.huggingface"), value)
+
+
 class LiveCallback(TrainerCallback):
-    """The Trainer's logs as DVCLive curves at its global step, timings left out (same run, same files)."""
+    """The Trainer's logs as DVCLive curves at its global step (`log_row`)."""
 
     def __init__(self, live):
         self.live = live
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        from dvclive.utils import standardize_metric_name
-
         if not state.is_world_process_zero or not logs:
             return
-        self.live.step = state.global_step
-        for key, value in logs.items():
-            if isinstance(value, (int, float)) and not any(t in key for t in SKIPPED_KEYS):
-                self.live.log_metric(standardize_metric_name(key, "dvclive.huggingface"), value)
+        log_row(self.live, state.global_step, logs)
 
 
 class StepTimes(TrainerCallback):
@@ -157,27 +161,26 @@ class StepTimes(TrainerCallback):
         return round(steps * samples_per_step / (self.times[-1] - self.times[skip]), 3)
 
 
-def open_live(live_dir: Path | None, resume_step: int | None):
+def open_live(live_dir: Path | None, resume_from: Path | None):
     """A DVCLive logger that writes only the curves, ``live_dir/plots`` (None: no curves).
 
     No summary, params or dvc.yaml beside them: the curves are the stage's declared output, restorable from
-    DVC's cache. A fresh run clears the folder; a resumed one keeps the rows up to `resume_step` (rows the
-    killed run logged after its last checkpoint are logged again).
+    DVC's cache. The folder starts empty. A run resumed from a checkpoint first writes the rows of the steps
+    before it from the checkpoint's own log history (``trainer_state.json``), not from the folder: `dvc repro`
+    deletes a stage's outputs before running it, so the killed run's rows are gone by then, and rows it logged
+    after its last checkpoint must not stay either.
     """
     if live_dir is None:
         return None
     from dvclive import Live
 
-    if resume_step is not None:
-        for tsv in Path(live_dir).glob("plots/metrics/**/*.tsv"):
-            with open(tsv, newline="") as f:
-                rows = list(csv.reader(f, delimiter="\t"))
-            kept = [rows[0]] + [r for r in rows[1:] if int(r[0]) <= resume_step]
-            with open(tsv, "w", newline="") as f:
-                csv.writer(f, delimiter="\t", lineterminator="\n").writerows(kept)
-    return Live(
-        dir=str(live_dir), resume=resume_step is not None, dvcyaml=False, save_dvc_exp=False, report=None
-    )
+    shutil.rmtree(Path(live_dir) / "plots", ignore_errors=True)
+    live = Live(dir=str(live_dir), resume=False, dvcyaml=False, save_dvc_exp=False, report=None)
+    if resume_from is not None:
+        history = json.loads((Path(resume_from) / "trainer_state.json").read_text())["log_history"]
+        for entry in history:
+            log_row(live, entry["step"], entry)
+    return live
 
 
 def fit(trainer, live_dir: Path | None) -> dict:
@@ -196,7 +199,7 @@ def fit(trainer, live_dir: Path | None) -> dict:
         trainer.add_callback(ResumeWeights(resume_from))
     trainer.remove_callback(PrinterCallback)  # ProgressCallback prints a shorter line
     trainer.add_callback(StopOnNonFiniteLoss())
-    live = open_live(live_dir, step0) if trainer.args.process_index == 0 else None  # one writes the curves
+    live = open_live(live_dir, resume_from) if trainer.args.process_index == 0 else None  # one writes them
     if live is not None:
         trainer.add_callback(LiveCallback(live))
     step_times = StepTimes()
