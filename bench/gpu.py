@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from posttrain.architectures import build_random, load_config, param_count
-from posttrain.e2e import MEASURE_SFT_STEPS, PRESET
+from posttrain.e2e import PRESET
 from posttrain.training import answer_loss, language_model_regex
 
 IMAGE_TOKENS = 576  # (336 / 14)²
@@ -330,12 +330,18 @@ def study_preset():
     return parse_params(data, str(PRESET))
 
 
+def computed(generation: dict) -> float:
+    """Row positions decoded per second (EOS or not); the tokens up to EOS where a log has no such count."""
+    return generation.get("computed_tokens_per_s") or generation["new_tokens_per_s"]
+
+
 def stage_rates(summary: dict, preset) -> dict:
     """The rates `python -m posttrain e2e WORKDIR --measure` read from the stages' logs (its summary.json),
     and the stages' start-up: an SFT stage's wall time less its training time."""
     rates = summary["stage_rates"]
     sft_stages = [k for k in summary["stage_seconds"] if k.startswith("sft@")]
-    steps = MEASURE_SFT_STEPS  # what the --measure run trained, not the preset's
+    # what the --measure run trained, not the preset's (runs before the summary said so trained 24)
+    steps = summary.get("measure", {}).get("sft_steps", 24)
     startup = [
         summary["stage_seconds"][k]
         - steps * rates["sft_effective_batch"] / rates["sft_samples_per_s_each"][k.split("@")[1]]
@@ -344,8 +350,10 @@ def stage_rates(summary: dict, preset) -> dict:
     return {
         "sft_samples_per_s": rates["sft_samples_per_s"],
         "sft_effective_batch": rates["sft_effective_batch"],
-        "generate_tokens_per_s": rates["evaluate_generate"]["new_tokens_per_s"],
-        "sample_tokens_per_s": rates["preferences_generate"]["new_tokens_per_s"],
+        # every row of a batch decoding until the batch's last row ends (what the projection's answers of
+        # max_new_tokens each cost); older summaries counted only the tokens up to each row's EOS
+        "generate_tokens_per_s": computed(rates["evaluate_generate"]),
+        "sample_tokens_per_s": computed(rates["preferences_generate"]),
         "score_tokens_per_s": rates["evaluate_score"]["tokens_per_s"],
         "stage_startup_s": round(max(startup), 1),
     }

@@ -90,3 +90,24 @@ def test_sampled_pairs_are_seeded_and_differ_within_a_pair(model, tiny, prompts)
     assert first == again
     assert first != other
     assert sum(a != b for a, b in first) > len(ids) // 2, "the two samples of a prompt must be drawn apart"
+
+
+def test_throughput_counts_answer_tokens_and_every_decoded_row_position(tiny, prompts, monkeypatch):
+    """`throughput` gives two counts: the tokens of each answer up to its EOS, and the positions the batch
+    decoded for every row (a row that ended waits for the batch's longest): the cost a projection of answers
+    of max_new_tokens needs."""
+    from posttrain import generation
+
+    tok = tiny[1].tokenizer
+    ids, pixels = prompts
+    eos, pad, word = tok.eos_token_id, tok.pad_token_id, 5
+    decoded = {  # batch size -> what the model decoded: one row ends after 2 tokens, one runs all 4
+        2: torch.tensor([[word, eos, pad, pad], [word, word, word, word]]),
+        1: torch.tensor([[word, word, eos]]),
+    }
+    monkeypatch.setattr(generation, "_generate_batch", lambda m, input_ids, *a, **k: decoded[len(input_ids)])
+    generation._TOTALS.clear()
+    generate(tiny[0], tok, pixels[:3], ids[:3], batch_size=2, max_new_tokens=4)
+    counts = generation.throughput()["generate"]
+    assert counts["new_tokens"] == 2 + 4 + 3 and counts["computed_tokens"] == 8 + 3
+    assert counts["computed_tokens_per_s"] > counts["new_tokens_per_s"] > 0

@@ -189,10 +189,12 @@ def test_e2e_stage_rates_read_the_stages_logs(tmp_path):
         (logs / f"{v}.json").write_text(json.dumps({"samples_per_s": rate, "samples_per_step": 12}))
     for m, (tokens, seconds) in (("base", (100, 2.0)), ("sfte", (300, 2.0))):
         generate = {"seconds": seconds, "prompts": 4, "rows": 4, "prompt_tokens": 40, "new_tokens": tokens}
+        generate["computed_tokens"] = 4 * 128  # every row decoded 128 positions, EOS or not
         (logs / f"evaluate_{m}.json").write_text(json.dumps({"generate": generate}))
     rates = stage_rates(tmp_path)  # sfte_dpo and preferences did not run: their parts are left out
     assert rates["sft_samples_per_s"] == 11.0 and rates["sft_effective_batch"] == 12
     assert rates["evaluate_generate"]["new_tokens_per_s"] == 100.0  # 400 tokens in 4 s, pooled
+    assert rates["evaluate_generate"]["computed_tokens_per_s"] == 256.0  # 1,024 row positions in 4 s
     assert rates["preferences_generate"] is None and rates["evaluate_score"] is None
 
 

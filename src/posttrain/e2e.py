@@ -34,9 +34,11 @@ VARIANTS = ("sft1", "sft2")
 EVALUATED = ("base", "sfte", "sfte_dpo")
 IMAGES = 24  # charts in the parquet (~60 questions); 6 of them form the test split
 # --measure: enough data for the stages' own rates at the preset's batches and answer lengths
-MEASURE_IMAGES, MEASURE_TEST_IMAGES = 200, 70  # ~130 test turns: two evaluation batches of 64
-MEASURE_SFT_STEPS = 24  # the rate is taken over the steps after the first two
-MEASURE_PROMPTS = 64  # one preference batch: 64 prompts, two samples each
+# (the first version, 200 charts, 24 steps and 64 prompts, timed one or two generation batches: a rate that
+# is mostly the first batch's warm-up, which a study of 1,000 prompts pays once)
+MEASURE_IMAGES, MEASURE_TEST_IMAGES = 340, 140  # ~260 test turns: five evaluation batches of 64
+MEASURE_SFT_STEPS = 48  # the rate is taken over the steps after the first two
+MEASURE_PROMPTS = 192  # three preference batches: 64 prompts, two samples each
 
 
 @dataclass(frozen=True)
@@ -449,24 +451,29 @@ def stage_rates(work: Path) -> dict:
         path = logs / f"{name}.json"
         return json.loads(path.read_text()) if path.exists() else {}
 
-    def pooled(parts: list[dict], counted: str) -> dict | None:
+    def pooled(parts: list[dict], *counted: str) -> dict | None:
         parts = [p for p in parts if p]
         if not parts:
             return None
         total = {k: sum(p[k] for p in parts) for k in parts[0] if not k.endswith("_per_s")}
-        total[f"{counted}_per_s"] = round(total[counted] / total["seconds"], 1)
+        for key in counted:
+            if key in total:
+                total[f"{key}_per_s"] = round(total[key] / total["seconds"], 1)
         return total
 
     sft = [read(v).get("samples_per_s") for v in VARIANTS]
     effective = {read(v).get("samples_per_step") for v in VARIANTS}
     evaluations = [read(f"evaluate_{m}") for m in EVALUATED]
+    sampled = read("preferences").get("generate")
     return {
         "sft_samples_per_s": round(sum(sft) / len(sft), 2) if all(sft) else None,
         "sft_samples_per_s_each": dict(zip(VARIANTS, sft)),
         "sft_effective_batch": effective.pop() if len(effective) == 1 else None,
-        "evaluate_generate": pooled([e.get("generate", {}) for e in evaluations], "new_tokens"),
+        "evaluate_generate": pooled(
+            [e.get("generate", {}) for e in evaluations], "new_tokens", "computed_tokens"
+        ),
         "evaluate_score": pooled([e.get("score", {}) for e in evaluations], "tokens"),
-        "preferences_generate": read("preferences").get("generate"),
+        "preferences_generate": pooled([sampled or {}], "new_tokens", "computed_tokens"),
     }
 
 
@@ -508,6 +515,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     summary: dict = {"device": torch.cuda.get_device_name() if cuda else "cpu", "shrunk": args.shrink}
+    if args.measure:
+        summary["measure"] = {
+            "images": MEASURE_IMAGES,
+            "test_images": MEASURE_TEST_IMAGES,
+            "sft_steps": MEASURE_SFT_STEPS,
+            "preference_prompts": MEASURE_PROMPTS,
+        }
     images = MEASURE_IMAGES if args.measure else IMAGES
     # --measure scores with the reference judge: the critic's rate is bench/gpu.py's
     summary["standins"] = write_standins(

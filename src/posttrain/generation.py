@@ -24,15 +24,19 @@ _TOTALS: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
 def throughput() -> dict[str, dict[str, float]]:
     """What this process generated and scored so far, with rates.
 
+    ``new_tokens`` counts each answer's tokens up to its EOS; ``computed_tokens`` the positions decoded for
+    every row, a row that ended waiting for its batch's longest (what answers of max_new_tokens each cost).
+
     Returns:
-        ``{"generate": {seconds, prompts, rows, prompt_tokens, new_tokens, new_tokens_per_s}, "score":
-        {seconds, sequences, tokens, tokens_per_s}}``, the parts that ran.
+        ``{"generate": {seconds, prompts, rows, prompt_tokens, new_tokens, computed_tokens, new_tokens_per_s,
+        computed_tokens_per_s}, "score": {seconds, sequences, tokens, tokens_per_s}}``, the parts that ran.
     """
     out = {}
     for kind, totals in _TOTALS.items():
         row = {k: round(v, 3) if k == "seconds" else int(v) for k, v in totals.items()}
-        counted = "new_tokens" if kind == "generate" else "tokens"
-        row[f"{counted}_per_s"] = round(totals[counted] / totals["seconds"], 1) if totals["seconds"] else None
+        for counted in ("new_tokens", "computed_tokens") if kind == "generate" else ("tokens",):
+            rate = totals[counted] / totals["seconds"] if totals["seconds"] else None
+            row[f"{counted}_per_s"] = round(rate, 1) if rate is not None else None
         out[kind] = row
     return out
 
@@ -181,6 +185,7 @@ def generate(
         totals["rows"] += len(batch) * samples
         totals["prompt_tokens"] += int(attention_mask.sum())
         totals["new_tokens"] += _new_token_count(new_tokens, tokenizer.eos_token_id)
+        totals["computed_tokens"] += new_tokens.numel()  # (rows, positions the batch decoded)
         if samples == 1:
             outputs[batch_index] = texts
         else:
