@@ -147,3 +147,35 @@ def run_stage(script: str, *args: str, cwd: Path = ROOT) -> str:
     if proc.returncode:
         pytest.fail(f"{script} {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
     return proc.stdout
+
+
+def kill_after_first_checkpoint(
+    cwd: Path, script: str, *args: str, checkpoints: Path, launcher: bool = False, env: dict | None = None
+) -> int:
+    """Start a stage script (through `posttrain.launch` if `launcher`), SIGKILL its process group once it
+    has a complete checkpoint in `checkpoints`; the checkpoint's step."""
+    import signal
+    import subprocess
+    import time
+
+    from posttrain.checkpoints import newest_checkpoint
+
+    env = env or {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT / "src")}
+    prefix = [sys.executable, "-m", "posttrain.launch"] if launcher else [sys.executable]
+    proc = subprocess.Popen(
+        [*prefix, str(ROOT / "stages" / script), *args],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    deadline = time.time() + 300
+    while time.time() < deadline and newest_checkpoint(checkpoints) is None:
+        assert proc.poll() is None, proc.stdout.read().decode()
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    step = newest_checkpoint(checkpoints)
+    assert step is not None, "no checkpoint before the deadline"
+    return int(step.name.split("-")[1])

@@ -4,7 +4,6 @@ generation stages shard their prompts over the processes and give the same outpu
 import csv
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -13,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import ROOT, make_adapter, run_stage
+from conftest import ROOT, kill_after_first_checkpoint, make_adapter, run_stage
 
 from posttrain.launch import SHARDED, command, params_path
 
@@ -249,7 +248,6 @@ def test_sft_killed_under_two_processes_resumes_to_the_uninterrupted_result(proj
     """SIGKILL a 2-process SFT's torchrun after its first checkpoint: its workers die with it. Launched
     again, it resumes in both processes (each its own RNG state) and ends with the adapter and curves of an
     uninterrupted 2-process run, byte for byte."""
-    from posttrain.checkpoints import newest_checkpoint
 
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["launch"] = {"processes": 2}
@@ -265,31 +263,20 @@ def test_sft_killed_under_two_processes_resumes_to_the_uninterrupted_result(proj
         shutil.copytree(project / "models" / "base", models / "base")
         args = ["--variant", "sft3", "--models", str(models), "--live", str(live)]
         args += ["--checkpoints", str(ckpts)]
-        if kind == "killed":
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "posttrain.launch", str(ROOT / "stages" / "sft.py"), *args],
-                cwd=project,
-                env=ENV,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
+        if kind == "killed":  # torchrun's group: its workers are in sessions of their own
+            step = kill_after_first_checkpoint(
+                project, "sft.py", *args, checkpoints=ckpts / "sft3", launcher=True, env=ENV
             )
-            deadline = time.time() + 300
-            while time.time() < deadline and newest_checkpoint(ckpts / "sft3") is None:
-                assert proc.poll() is None, proc.stdout.read().decode()
-                time.sleep(0.1)
-            os.killpg(proc.pid, signal.SIGKILL)  # torchrun; its workers are in sessions of their own
-            proc.wait()
             deadline = time.time() + 30
             while running(str(models)) and time.time() < deadline:
                 time.sleep(0.1)
             assert not running(str(models)), "the workers must die with torchrun, or finish the run unseen"
-            step = newest_checkpoint(ckpts / "sft3")
-            assert step is not None and int(step.name.split("-")[1]) < 6
+            assert step < 6
             assert not (models / "sft3").exists()
         log = launch("sft.py", *args, cwd=project)
         if kind == "killed":
-            assert f"resuming from {step}" in log and log.count("resumed") >= 2, log
+            resumed = ckpts / "sft3" / f"checkpoint-{step}"
+            assert f"resuming from {resumed}" in log and log.count("resumed") >= 2, log
         runs[kind] = {
             **{f"m/{p.name}": p.read_bytes() for p in (models / "sft3").iterdir()},
             **{f"l/{p.name}": p.read_bytes() for p in (live / "sft3").rglob("*.tsv")},

@@ -11,43 +11,26 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT, make_adapter, micro_params, run_stage, write_params
+from conftest import (
+    ROOT,
+    kill_after_first_checkpoint,
+    make_adapter,
+    micro_params,
+    run_stage,
+    write_params,
+)
 
-from posttrain.checkpoints import claim_checkpoints, newest_checkpoint
+from posttrain.checkpoints import claim_checkpoints
 from posttrain.data import load_split
 from posttrain.io import atomic_dir
 
 pytestmark = pytest.mark.slow
-
-
-def kill_after_first_checkpoint(cwd: Path, script: str, *args: str, checkpoints: Path) -> int:
-    """Start a stage script, SIGKILL it (and its children) once it has a complete checkpoint; its step."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT / "src")}
-    proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "stages" / script), *args],
-        cwd=cwd,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    deadline = time.time() + 300
-    while time.time() < deadline and newest_checkpoint(checkpoints) is None:
-        assert proc.poll() is None, proc.stdout.read().decode()
-        time.sleep(0.1)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    step = newest_checkpoint(checkpoints)
-    assert step is not None, "no checkpoint before the deadline"
-    return int(step.name.split("-")[1])
 
 
 def files_of(folder: Path) -> dict[str, bytes]:

@@ -30,7 +30,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -51,7 +51,6 @@ class Outcome:
     returncode: int
     seconds: float
     log: Path | None = None
-    overrides: dict[str, str] = field(default_factory=dict)
 
 
 def parse_settings(settings: Sequence[str]) -> list[dict[str, str]]:
@@ -178,7 +177,7 @@ def run_grid(
                 print(f"[grid] {e.name}: could not start: {err}", flush=True)
             seconds = time.perf_counter() - t0
             with lock:
-                outcomes[e.name] = Outcome(e.name, group, code, seconds, log, e.overrides)
+                outcomes[e.name] = Outcome(e.name, group, code, seconds, log)
                 status = "done" if code == 0 else f"FAILED (exit {code})" + (f", see {log}" if log else "")
                 print(f"[grid] {e.name} on {where}: {status} in {seconds:.0f}s", flush=True)
 
@@ -190,14 +189,14 @@ def run_grid(
     return [outcomes[e.name] for e in experiments]
 
 
-def dvc_runner(repo: Path, log_dir: Path, processes_from_group: bool) -> Callable[[Experiment, str], tuple]:
+def dvc_runner(repo: Path, log_dir: Path) -> Callable[[Experiment, str], tuple]:
     """`run_grid`'s runner through `dvc_command`, the group in CUDA_VISIBLE_DEVICES, output to a log file."""
 
     def run_one(e: Experiment, group: str) -> tuple[int, Path]:
         env = dict(os.environ)
         if group:
             env["CUDA_VISIBLE_DEVICES"] = group
-        processes = len(group.split(",")) if group and processes_from_group else None
+        processes = len(group.split(",")) if group else None
         log = log_dir / f"{e.name}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
         with open(log, "w") as f:
@@ -250,7 +249,7 @@ def run_experiments(
             print(prefix + " ".join(dvc_command(e, processes)[2:]))
         return 0
     print(f"[grid] {len(experiments)} experiments on {len(groups)} GPU group(s)", flush=True)
-    outcomes = run_grid(experiments, groups, dvc_runner(repo, repo / "logs" / "grid", True))
+    outcomes = run_grid(experiments, groups, dvc_runner(repo, repo / "logs" / "grid"))
     failed = [o for o in outcomes if o.returncode]
     print(
         f"[grid] {len(outcomes) - len(failed)} of {len(outcomes)} done"
