@@ -290,8 +290,9 @@ def project(preset, rates: dict) -> dict:
     """Minutes of the study preset (`configs/study.yaml`) at the given rates, part by part.
 
     SFT trains variants × max_steps × effective batch conversations; preferences sample max_prompts × 2
-    answers of max_new_tokens and self-judge each pair in both orders (3 verdict sentences scored, each a
-    teacher-forced sequence); DPO takes every prompt as a pair (an upper bound) for its epochs; evaluation
+    answers of max_new_tokens and self-judge each pair in both orders (at the stage's measured pairwise
+    prompts/s where the rates have it; else 3 verdict sentences scored as whole teacher-forced sequences, as
+    the judge did before it computed the prompt once); DPO takes every prompt as a pair (an upper bound) for its epochs; evaluation
     answers the test items with every model (base, 4 SFT, SFTe, SFTe_DPO), scores their test loss and has
     the critic score them. Answer lengths are the presets' maxima: random weights rarely stop early, real
     answers do. Every model-loading stage pays its start-up (loading, quantizing) once.
@@ -302,7 +303,11 @@ def project(preset, rates: dict) -> dict:
     seconds = {
         "sft": len(preset.sft.variants) * sft.max_steps * effective / rates["sft_samples_per_s"],
         "preferences": prefs.max_prompts * 2 * prefs.max_new_tokens / rates["sample_tokens_per_s"]
-        + prefs.max_prompts * 2 * 3 * JUDGE_SEQUENCE_TOKENS / rates["score_tokens_per_s"],
+        + (
+            prefs.max_prompts * 2 / rates["judge_prompts_per_s"]
+            if rates.get("judge_prompts_per_s")
+            else prefs.max_prompts * 2 * 3 * JUDGE_SEQUENCE_TOKENS / rates["score_tokens_per_s"]
+        ),
         "dpo": prefs.max_prompts * dpo.epochs / rates["dpo_pairs_per_s"],
         "evaluation": models
         * STUDY_TEST_ITEMS
@@ -355,6 +360,8 @@ def stage_rates(summary: dict, preset) -> dict:
         "generate_tokens_per_s": computed(rates["evaluate_generate"]),
         "sample_tokens_per_s": computed(rates["preferences_generate"]),
         "score_tokens_per_s": rates["evaluate_score"]["tokens_per_s"],
+        # pairwise prompts (one order of a pair) the self-judge scored per second, its 3 verdicts included
+        "judge_prompts_per_s": (rates.get("preferences_judge") or {}).get("prompts_per_s"),
         "stage_startup_s": round(max(startup), 1),
     }
 

@@ -85,6 +85,39 @@ def test_self_judge_returns_a_verdict_per_order(tiny, prepared):
     assert len(out) == 3 and all(v in VERDICTS for pair in out for v in pair)
 
 
+def test_continuation_nll_equals_scoring_each_whole_sequence(tiny, prepared):
+    """The self-judge's prompt-once scoring gives what teacher-forcing every prompt + sentence gives: prompts of
+    different lengths (left padding), two batches, each sentence's tokens and EOS. Comparing against the
+    verdict *chosen* would hide a wrong sum that keeps the order; the sums themselves must agree."""
+    from posttrain.critic import PAIRWISE
+    from posttrain.generation import answer_nll, continuation_nll
+    from posttrain.images import load_pixels
+    from posttrain.models import image_token_count
+    from posttrain.preferences import verdict_continuations
+    from posttrain.template import encode_conversation, encode_prompt
+
+    model, processor = tiny
+    tok, n_img = processor.tokenizer, image_token_count(processor)
+    examples = load_split(prepared, "study_train")[:5]
+    pix = load_pixels(processor, prepared, [e.image for e in examples])
+    pixels = [pix[e.image] for e in examples]
+    texts = [PAIRWISE.format(question=e.context_question(), r1=e.answer, r2="no" * i) for i, e in enumerate(examples)]
+    prompts = [encode_prompt(tok, (), t, n_img) for t in texts]
+    assert len({len(p) for p in prompts}) == 5  # every row padded differently
+    conts = verdict_continuations(tok, n_img)
+    got = continuation_nll(model, tok, pixels, prompts, conts, batch_size=3)
+    sequences, seq_pixels = [], []
+    for t, p in zip(texts, pixels):
+        for sentence in VERDICTS.values():
+            sequences.append(encode_conversation(tok, (), t, sentence, n_img))
+            seq_pixels.append(p)
+    want, counts = answer_nll(model, tok, seq_pixels, sequences, batch_size=4)
+    assert counts == [len(c) for c in conts] * 5
+    flat = [x for row in got for x in row]
+    assert flat == pytest.approx(want, rel=1e-4, abs=1e-4)
+    assert len({round(x, 3) for x in flat}) > 5  # distinct sums: the check can tell rows apart
+
+
 @pytest.mark.parametrize("judge", [Judge.REFERENCE, Judge.SELF])
 def test_make_preferences_end_to_end(tiny, prepared, judge):
     model, processor = tiny
@@ -116,27 +149,25 @@ def test_self_judge_builds_pairs_when_its_verdicts_are_consistent(tiny, prepared
     response exactly when that one is the longer. Both orders then agree, so every pair of distinct samples
     of different length is kept, longer answer chosen, with its turn's history."""
     import posttrain.preferences as prefs
-    from posttrain.generation import answer_nll as real_answer_nll
 
     model, processor = tiny
     tok = processor.tokenizer
 
-    def judge_by_length(model_, tokenizer, pixels, sequences, *, batch_size):
-        if not sequences or "The first response: [" not in tokenizer.decode(sequences[0][0]):
-            return real_answer_nll(model_, tokenizer, pixels, sequences, batch_size=batch_size)
+    def judge_by_length(model_, tokenizer, pixels, prompts, continuations, *, batch_size):
+        assert len(pixels) == len(prompts) and len(continuations) == len(prefs.VERDICTS)
+        sentences = [tok.decode(c, skip_special_tokens=True).strip() for c in continuations]
         nll = []
-        for ids, labels in sequences:
-            text = tok.decode([i for i, lab in zip(ids, labels) if lab == -100], skip_special_tokens=True)
+        for ids in prompts:
+            text = tok.decode(ids, skip_special_tokens=True)
             first = text.split("The first response: [", 1)[1].split("]\nThe second response: [", 1)
             second = first[1].split("]\nASSISTANT:", 1)[0]
-            verdict = tok.decode([lab for lab in labels if lab != -100], skip_special_tokens=True).strip()
             want = (
                 "first" if len(first[0]) > len(second) else "second" if len(second) > len(first[0]) else "tie"
             )
-            nll.append(0.0 if verdict == prefs.VERDICTS[want] else 10.0)
-        return nll, [1] * len(sequences)
+            nll.append([0.0 if s == prefs.VERDICTS[want] else 10.0 for s in sentences])
+        return nll
 
-    monkeypatch.setattr(prefs, "answer_nll", judge_by_length)
+    monkeypatch.setattr(prefs, "continuation_nll", judge_by_length)
     examples = [e for e in load_split(prepared, "study_train") if e.history][:8]
     params = PreferencesParams(judge=Judge.SELF, temperature=1.5, max_new_tokens=8, batch_size=8, min_pairs=1)
     pairs, stats = make_preferences(model, processor, examples, prepared, params, CriticParams())

@@ -196,6 +196,33 @@ def test_e2e_stage_rates_read_the_stages_logs(tmp_path):
     assert rates["evaluate_generate"]["new_tokens_per_s"] == 100.0  # 400 tokens in 4 s, pooled
     assert rates["evaluate_generate"]["computed_tokens_per_s"] == 256.0  # 1,024 row positions in 4 s
     assert rates["preferences_generate"] is None and rates["evaluate_score"] is None
+    assert rates["preferences_judge"] is None
+
+    judge = {"seconds": 4.0, "prompts": 10, "tokens": 9000}  # the self-judge's pairwise prompts
+    (logs / "preferences.json").write_text(json.dumps({"judge": judge}))
+    assert stage_rates(tmp_path)["preferences_judge"]["prompts_per_s"] == 2.5
+
+
+def test_the_projection_costs_self_judging_at_the_stage_measured_rate():
+    """bench/gpu.py projects the preset's preferences from the judge's measured pairwise prompts/s; a summary
+    from before the judge logged its rate falls back to scoring 3 whole sequences per order."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_bench", Path(__file__).parents[1] / "bench" / "gpu.py")
+    gpu = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu)
+    preset = gpu.study_preset()
+    prefs = preset.preferences
+    rates = dict(
+        sft_samples_per_s=20.0, sft_effective_batch=12, generate_tokens_per_s=1000.0,
+        sample_tokens_per_s=2000.0, score_tokens_per_s=25000.0, stage_startup_s=30.0,
+        dpo_pairs_per_s=7.0, critic_items_per_s=6.0,
+    )  # fmt: skip
+    sampling = prefs.max_prompts * 2 * prefs.max_new_tokens / 2000.0
+    old = gpu.project(preset, rates)["preferences"]
+    assert old == round((sampling + prefs.max_prompts * 6 * gpu.JUDGE_SEQUENCE_TOKENS / 25000.0) / 60, 1)
+    new = gpu.project(preset, {**rates, "judge_prompts_per_s": 40.0})["preferences"]
+    assert new == round((sampling + prefs.max_prompts * 2 / 40.0) / 60, 1) < old
 
 
 def test_e2e_refuses_full_size_without_cuda(tmp_path, capsys):

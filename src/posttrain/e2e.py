@@ -441,7 +441,8 @@ def check_outputs(work: Path) -> dict:
 
 def stage_rates(work: Path) -> dict:
     """The rates the stages logged in WORKDIR/logs: SFT rows/s, and tokens/s of the evaluation's generation
-    (one answer per prompt), of preference sampling (two per prompt) and of teacher-forced scoring.
+    (one answer per prompt), of preference sampling (two per prompt), of teacher-forced scoring, and the
+    self-judge's pairwise prompts (one order each) per second.
 
     Generation rates count the tokens each row generated up to its EOS, prefill included in the time.
     """
@@ -465,6 +466,7 @@ def stage_rates(work: Path) -> dict:
     effective = {read(v).get("samples_per_step") for v in VARIANTS}
     evaluations = [read(f"evaluate_{m}") for m in EVALUATED]
     sampled = read("preferences").get("generate")
+    judged = read("preferences").get("judge")  # the self-judge (`continuation_nll`); absent for other judges
     return {
         "sft_samples_per_s": round(sum(sft) / len(sft), 2) if all(sft) else None,
         "sft_samples_per_s_each": dict(zip(VARIANTS, sft)),
@@ -474,6 +476,7 @@ def stage_rates(work: Path) -> dict:
         ),
         "evaluate_score": pooled([e.get("score", {}) for e in evaluations], "tokens"),
         "preferences_generate": pooled([sampled or {}], "new_tokens", "computed_tokens"),
+        "preferences_judge": pooled([judged or {}], "prompts", "tokens"),
     }
 
 

@@ -23,7 +23,7 @@ from posttrain.data import Example
 from posttrain.declines import is_decline
 from posttrain.errors import InputError
 from posttrain.evaluation import critic_images, extract_short_answer, is_correct
-from posttrain.generation import answer_nll, generate
+from posttrain.generation import continuation_nll, generate
 from posttrain.metrics import rouge_l
 from posttrain.template import encode_conversation, encode_prompt
 
@@ -101,26 +101,40 @@ def self_verdicts(
     """The policy judges its own pairs: (verdict with A first, verdict with B first) per candidate.
 
     Each order's verdict is the sentence of `VERDICTS` with the highest total log-likelihood after the
-    pairwise prompt in the shared chat template; the prompt quotes the turn's earlier conversation.
+    pairwise prompt in the shared chat template; the prompt quotes the turn's earlier conversation. The
+    prompt runs once for the three sentences (`continuation_nll`); `batch_size` counts prompts (orders).
     """
-    sequences, pix = [], []
+    prompts, pix = [], []
     for c, p in zip(candidates, pixels):
         for r1, r2 in ((c.a, c.b), (c.b, c.a)):
             prompt = PAIRWISE.format(question=c.example.context_question(), r1=r1, r2=r2)
-            for sentence in VERDICTS.values():
-                sequences.append(encode_conversation(tokenizer, (), prompt, sentence, n_image_tokens))
-                pix.append(p)
-    nll, _ = answer_nll(model, tokenizer, pix, sequences, batch_size=batch_size)
+            prompts.append(encode_prompt(tokenizer, (), prompt, n_image_tokens))
+            pix.append(p)
+    if not prompts:
+        return []
+    nll = continuation_nll(
+        model, tokenizer, pix, prompts, verdict_continuations(tokenizer, n_image_tokens), batch_size=batch_size
+    )
     names = list(VERDICTS)
+    orders = [names[min(range(len(names)), key=scores.__getitem__)] for scores in nll]
+    return [(orders[2 * i], orders[2 * i + 1]) for i in range(len(candidates))]
+
+
+def verdict_continuations(tokenizer, n_image_tokens: int) -> list[list[int]]:
+    """The token ids of each `VERDICTS` sentence (and its EOS) as it follows a prompt in a training sequence.
+
+    The template tokenizes every piece on its own, so these are the same after any prompt; checked here on a
+    probe prompt: the sequence must be the prompt followed by exactly the labelled tokens.
+    """
+    probe = "?"
+    prompt = encode_prompt(tokenizer, (), probe, n_image_tokens)
     out = []
-    per_order = len(names)
-    for i in range(len(candidates)):
-        orders = []
-        for o in range(2):
-            start = (2 * i + o) * per_order
-            scores = nll[start : start + per_order]
-            orders.append(names[min(range(per_order), key=scores.__getitem__)])
-        out.append((orders[0], orders[1]))
+    for sentence in VERDICTS.values():
+        ids, labels = encode_conversation(tokenizer, (), probe, sentence, n_image_tokens)
+        tail = ids[len(prompt) :]
+        if ids[: len(prompt)] != prompt or labels[len(prompt) :] != tail:
+            raise AssertionError(f"the template does not put {sentence!r} right after the prompt, all labelled")
+        out.append(tail)
     return out
 
 
