@@ -292,8 +292,8 @@ def project(preset, rates: dict) -> dict:
     SFT trains variants × max_steps × effective batch conversations; preferences sample max_prompts × 2
     answers of max_new_tokens and self-judge each pair in both orders (at the stage's measured pairwise
     prompts/s where the rates have it; else 3 verdict sentences scored as whole teacher-forced sequences, as
-    the judge did before it computed the prompt once); DPO takes every prompt as a pair (an upper bound) for its epochs; evaluation
-    answers the test items with every model (base, 4 SFT, SFTe, SFTe_DPO), scores their test loss and has
+    the judge did before it computed the prompt once); DPO takes every prompt as a pair (an upper bound)
+    for its epochs; evaluation answers the test items with every model (base, 4 SFT, SFTe, SFTe_DPO), scores their test loss and has
     the critic score them. Answer lengths are the presets' maxima: random weights rarely stop early, real
     answers do. Every model-loading stage pays its start-up (loading, quantizing) once.
     """
@@ -366,12 +366,19 @@ def stage_rates(summary: dict, preset) -> dict:
     }
 
 
-def add_projection(result: dict, summary: dict) -> None:
+def add_projection(result: dict, summary: dict, judge: dict | None = None) -> None:
     """Project the study preset into `result` from the e2e --measure `summary` and this bench's DPO and critic
-    rates (keys ``stage_*``, ``projected_study_minutes``)."""
+    rates (keys ``stage_*``, ``projected_study_minutes``); the self-judge's rate from `bench/judge.py`'s
+    `judge` results where the summary has none (--measure samples with the reference judge: random weights
+    cannot judge)."""
     preset = study_preset()
     rates = stage_rates(summary, preset)
     rates.update(dpo_pairs_per_s=result["dpo_pairs_per_s"], critic_items_per_s=result["critic_items_per_s"])
+    if not rates["judge_prompts_per_s"] and judge:
+        rates["judge_prompts_per_s"] = judge["judge_prompts_per_s"]
+        result["judge_rate_from"] = {
+            k: judge[k] for k in ("device", "batch", "mean_prompt_tokens", "speedup")
+        }
     result["stage_rates"] = rates
     result["stage_rates_from"] = {"device": summary.get("device"), "stage_seconds": summary["stage_seconds"]}
     result["stage_sft_samples_per_s"] = rates["sft_samples_per_s"]
@@ -413,6 +420,7 @@ def main() -> None:
     ap.add_argument("--ckpt-batch", type=int, default=16, help="bf16 batch with checkpointing; 0 skips")
     ap.add_argument("--critic", action="store_true", help="also measure LLaVA-Critic scoring (writes 16 GB)")
     ap.add_argument("--critic-batches", default="16", help="comma-separated critic scoring batch sizes")
+    ap.add_argument("--judge", help="bench/judge.py's results: the self-judge's rate for the projection")
     ap.add_argument(
         "--reproject",
         help="a results file of this bench: recompute its projection from --stage-rates, no GPU",
@@ -420,7 +428,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.reproject:
         result = json.loads(Path(args.reproject).read_text())
-        add_projection(result, json.loads(Path(args.stage_rates).read_text()))
+        judge = json.loads(Path(args.judge).read_text()) if args.judge else None
+        add_projection(result, json.loads(Path(args.stage_rates).read_text()), judge)
         Path(args.reproject).write_text(json.dumps(result, indent=2) + "\n")
         print(
             json.dumps({k: result[k] for k in ("stage_rates", "projected_study_minutes_breakdown")}, indent=2)
@@ -591,7 +600,8 @@ def main() -> None:
     result["critic_items_per_s"] = max((v["items_per_s"] for v in critic_runs), default=None)
 
     if args.stage_rates:
-        add_projection(result, json.loads(Path(args.stage_rates).read_text()))
+        judge = json.loads(Path(args.judge).read_text()) if args.judge else None
+        add_projection(result, json.loads(Path(args.stage_rates).read_text()), judge)
     print(json.dumps(result, indent=2))
     card = torch.cuda.get_device_name().split()[1].lower()  # "NVIDIA H200" -> h200
     out = Path(args.out or f"bench/results/{card}.json")

@@ -86,8 +86,8 @@ def test_self_judge_returns_a_verdict_per_order(tiny, prepared):
 
 
 def test_continuation_nll_equals_scoring_each_whole_sequence(tiny, prepared):
-    """The self-judge's prompt-once scoring gives what teacher-forcing every prompt + sentence gives: prompts of
-    different lengths (left padding), two batches, each sentence's tokens and EOS. Comparing against the
+    """The self-judge's prompt-once scoring gives what teacher-forcing every prompt + sentence gives:
+    prompts of different lengths (left padding), two batches, each sentence's tokens and EOS. Comparing the
     verdict *chosen* would hide a wrong sum that keeps the order; the sums themselves must agree."""
     from posttrain.critic import PAIRWISE
     from posttrain.generation import answer_nll, continuation_nll
@@ -101,7 +101,10 @@ def test_continuation_nll_equals_scoring_each_whole_sequence(tiny, prepared):
     examples = load_split(prepared, "study_train")[:5]
     pix = load_pixels(processor, prepared, [e.image for e in examples])
     pixels = [pix[e.image] for e in examples]
-    texts = [PAIRWISE.format(question=e.context_question(), r1=e.answer, r2="no" * i) for i, e in enumerate(examples)]
+    texts = [
+        PAIRWISE.format(question=e.context_question(), r1=e.answer, r2="no" * i)
+        for i, e in enumerate(examples)
+    ]
     prompts = [encode_prompt(tok, (), t, n_img) for t in texts]
     assert len({len(p) for p in prompts}) == 5  # every row padded differently
     conts = verdict_continuations(tok, n_img)

@@ -287,17 +287,21 @@ def continuation_nll(
         attention_mask = pad_batch([[1] * len(p) for p in batch], 0, "left").to(device)
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # left padding does not count
         kv = DynamicCache(config=model.config)
-        last = model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            pixel_values=torch.stack(pixels[start : start + batch_size]).to(device, dtype),
-            past_key_values=kv,
-            use_cache=True,
-            logits_to_keep=1,
-        ).logits[:, -1].float()  # (B, V): predicts each continuation's first token
+        last = (
+            model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                pixel_values=torch.stack(pixels[start : start + batch_size]).to(device, dtype),
+                past_key_values=kv,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+            .logits[:, -1]
+            .float()
+        )  # (B, V): predicts each continuation's first token
         first_logp = last.log_softmax(-1)
-        length, rows = input_ids.shape[1], len(batch)
+        rows = len(batch)
         sums = torch.zeros(rows, len(continuations), device=device)
         for k, ids in enumerate(continuations):
             cont = torch.tensor(ids, device=device).expand(rows, -1)  # (B, L)
@@ -305,7 +309,9 @@ def continuation_nll(
             if len(ids) > 1:
                 logits = model(
                     input_ids=cont[:, :-1],
-                    attention_mask=torch.cat([attention_mask, attention_mask.new_ones(rows, len(ids) - 1)], 1),
+                    attention_mask=torch.cat(
+                        [attention_mask, attention_mask.new_ones(rows, len(ids) - 1)], 1
+                    ),
                     position_ids=position_ids[:, -1:] + 1 + torch.arange(len(ids) - 1, device=device),
                     past_key_values=kv,
                     use_cache=True,

@@ -113,7 +113,12 @@ def self_verdicts(
     if not prompts:
         return []
     nll = continuation_nll(
-        model, tokenizer, pix, prompts, verdict_continuations(tokenizer, n_image_tokens), batch_size=batch_size
+        model,
+        tokenizer,
+        pix,
+        prompts,
+        verdict_continuations(tokenizer, n_image_tokens),
+        batch_size=batch_size,
     )
     names = list(VERDICTS)
     orders = [names[min(range(len(names)), key=scores.__getitem__)] for scores in nll]
@@ -133,7 +138,9 @@ def verdict_continuations(tokenizer, n_image_tokens: int) -> list[list[int]]:
         ids, labels = encode_conversation(tokenizer, (), probe, sentence, n_image_tokens)
         tail = ids[len(prompt) :]
         if ids[: len(prompt)] != prompt or labels[len(prompt) :] != tail:
-            raise AssertionError(f"the template does not put {sentence!r} right after the prompt, all labelled")
+            raise AssertionError(
+                f"the template does not put {sentence!r} right after the prompt, all labelled"
+            )
         out.append(tail)
     return out
 
