@@ -268,6 +268,8 @@ def continuation_nll(
     once; each continuation then runs on that cache, which is cropped back to the prompts after it.
 
     Args:
+        model: a LLaVA model (PEFT-wrapped or not), in eval mode.
+        tokenizer: its tokenizer (the pad id).
         pixels: (3, H, W) pixel values, one per prompt.
         prompts: token ids ending where the continuations start (image tokens included).
         continuations: K token-id lists, each scored after every prompt.
