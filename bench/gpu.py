@@ -295,7 +295,8 @@ def project(preset, rates: dict) -> dict:
     the judge did before it computed the prompt once); DPO takes every prompt as a pair (an upper bound)
     for its epochs; evaluation answers the test items with every model (base, 4 SFT, SFTe, SFTe_DPO), scores
     their test loss and has the critic score them. Answer lengths are the presets' maxima: random weights
-    rarely stop early, real answers do. Every model-loading stage pays its start-up (loading, quantizing) once.
+    rarely stop early, real answers do. Every model-loading stage pays its start-up (loading, quantizing)
+    once.
     """
     sft, prefs, dpo, ev = preset.sft.common, preset.preferences, preset.dpo, preset.evaluate
     effective = rates["sft_effective_batch"]
