@@ -181,13 +181,24 @@ def test_report_says_whether_dpo_learned():
             "rewards/margins": 0.001,
         },
     }
+    learned["training"]["heldout"] = {
+        "pairs": 12,
+        "loss": 0.66,
+        "reward_accuracy": 0.75,
+        "reward_margin": 0.1,
+    }
     text = "\n".join(dpo_signal_section([learned, flat]))
-    assert (
-        "| 1 | 100 | 7 | 0.610 | 80.0% | 0.200 |" in text and "| 2 | 50 | 3 | 0.693 | 43.0% | 0.001 |" in text
-    )
+    assert "| 1 | 100 | 7 | 0.610 | 80.0% | 0.200 | 12 | 0.660 | 75.0% | 0.100 |" in text
+    assert "| 2 | 50 | 3 | 0.693 | 43.0% | 0.001 | n/a | n/a | n/a | n/a |" in text
     assert "Round 2: the loss stayed at ln 2 (0.693)" in text and "Round 1:" not in text
     chance = {"round": 1, "training": {"loss": 0.65, "rewards/accuracies": 0.5}}
-    assert "no better than chance" in "\n".join(dpo_signal_section([chance]))
+    assert "50.0% (in training) is no better than chance" in "\n".join(dpo_signal_section([chance]))
+    # the held-out accuracy is the one judged: high in training, at chance on unseen charts
+    overfit = {
+        "round": 1,
+        "training": {"loss": 0.4, "rewards/accuracies": 0.9, "heldout": {"reward_accuracy": 0.45}},
+    }
+    assert "45.0% (held out) is no better than chance" in "\n".join(dpo_signal_section([overfit]))
 
 
 def test_proportions_get_wilson_intervals_not_degenerate_bootstraps():

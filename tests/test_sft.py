@@ -16,6 +16,7 @@ from peft import LoraConfig, get_peft_model
 
 from posttrain.config import Quantization
 from posttrain.data import load_split
+from posttrain.errors import InputError
 from posttrain.template import answer_start
 from posttrain.training import (
     TeacherForcedCollator,
@@ -222,3 +223,39 @@ def test_sft_with_batch_size_auto_trains_with_the_resolved_batch_and_records_it(
         "sft1", p.sft.common, p.sft.variants["sft1"], 0, base_dir, prepared, out, ck, None
     )
     assert "left by a run with other inputs (its batch changed); starting over" in capsys.readouterr().out
+
+
+def test_replay_mixes_whole_pretrain_conversations_at_the_asked_share(prepared):
+    """`sft.common.replay_fraction` draws whole pretrain conversations, seeded, so they are that share of
+    the SFT conversations; 0 draws none; a share the pool cannot fill names the key."""
+    from posttrain.data import group_conversations, load_split
+    from posttrain.training import replay_examples
+
+    study = load_split(prepared, "study_train")
+    pretrain = load_split(prepared, "pretrain_train")
+    n_study = len(group_conversations(study))
+    assert replay_examples(prepared, study, 0.0, 0) == []
+    replay = replay_examples(prepared, study, 0.25, 0)
+    conversations = group_conversations(replay)
+    assert len(conversations) == round(n_study / 3)  # 1/4 of study + replay
+    assert {e.id for e in replay} <= {e.id for e in pretrain}
+    for c in conversations:  # every turn of a chosen conversation comes with it
+        assert len(c.turns) == sum(e.conversation == c.id for e in pretrain)
+    assert replay_examples(prepared, study, 0.25, 0) == replay
+    assert {e.conversation for e in replay_examples(prepared, study, 0.25, 1)} != {
+        e.conversation for e in replay
+    }
+    n_pool = len(group_conversations(pretrain))
+    too_much = n_pool / (n_pool + n_study) + 0.05
+    with pytest.raises(InputError, match=r"sft.common.replay_fraction .* pretrain pool has \d+"):
+        replay_examples(prepared, study, too_much, 0)
+
+
+def test_replay_fraction_is_validated():
+    from posttrain.config import ParamsError, parse_params
+
+    with pytest.raises(ParamsError, match=r"sft.common.replay_fraction: 0.95 is not in \[0, 0.9\]"):
+        parse_params({"sft": {"common": {"replay_fraction": 0.95}}})
+    with pytest.raises(ParamsError, match=r"sft.common.replay_fraction: -0.1 is not in"):
+        parse_params({"sft": {"common": {"replay_fraction": -0.1}}})
+    assert parse_params({"sft": {"common": {"replay_fraction": 0.3}}}).sft.common.replay_fraction == 0.3

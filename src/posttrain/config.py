@@ -195,6 +195,7 @@ class SftCommon:
     effective_batch: int | None = None  # batch_size auto only: rows per optimizer step, kept exact
     gradient_checkpointing: bool = False  # recompute activations: far less memory, ~30% slower
     liger: bool = False  # Liger's fused RMSNorm/RoPE/SwiGLU kernels in the Llama language model (CUDA)
+    replay_fraction: float = 0.0  # share of the SFT conversations drawn from the pretrain pool (forgetting)
 
 
 @dataclass(frozen=True)
@@ -282,6 +283,7 @@ class DpoParams:
     rounds: int = 1  # each extra round samples from the last round's model, judges and trains again
     label_smoothing: float = 0.0  # assumed share of wrong verdicts (robust); must be in (0, 0.5) for robust
     save_steps: int = 20  # checkpoint interval for resuming a killed run; 0 disables
+    heldout_fraction: float = 0.1  # share of the pairs (by image) kept out of training to measure the rewards
 
 
 @dataclass(frozen=True)
@@ -599,6 +601,7 @@ def _check(p: Params, problems: list[str]) -> None:
     batch("sft.common", sc)
     for name in ("warmup_steps", "weight_decay", "save_steps"):
         positive(f"sft.common.{name}", getattr(sc, name), zero_ok=True)
+    within("sft.common.replay_fraction", sc.replay_fraction, 0, 0.9)
     if sc.target_modules is not None and not sc.target_modules:
         problems.append(
             "sft.common.target_modules: empty; name the language-model layers to adapt, e.g. q_proj"
@@ -645,6 +648,7 @@ def _check(p: Params, problems: list[str]) -> None:
     batch("dpo", dp)
     positive("dpo.warmup_steps", dp.warmup_steps, zero_ok=True)
     positive("dpo.save_steps", dp.save_steps, zero_ok=True)
+    within("dpo.heldout_fraction", dp.heldout_fraction, 0, 0.5, "[)")
     if dp.label_smoothing is not None and not 0 <= dp.label_smoothing < 0.5:
         problems.append(f"dpo.label_smoothing: {dp.label_smoothing} is not in [0, 0.5)")
     elif dp.loss_type is not None and dp.loss_type.needs_label_smoothing and dp.label_smoothing == 0:

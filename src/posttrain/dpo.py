@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import random
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,6 +76,31 @@ def policy_from_adapter(
     return model, processor
 
 
+def split_heldout(pairs: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """(train, held-out) pairs: the pairs of a seeded `fraction` of the images are held out.
+
+    By image, so a held-out pair's chart was never trained on (its other turns are held out with it); the
+    held-out share of pairs is close to `fraction`, not exact. Order is kept on both sides.
+    """
+    if fraction <= 0:
+        return list(pairs), []
+    images = sorted({r["image"] for r in pairs})
+    random.Random(seed).shuffle(images)
+    held = set(images[: round(len(images) * fraction)])
+    return [r for r in pairs if r["image"] not in held], [r for r in pairs if r["image"] in held]
+
+
+def _dataset(pairs: list[dict]):
+    from datasets import Dataset
+
+    return Dataset.from_list(
+        [
+            {**{k: r[k] for k in ("image", "prompt", "chosen", "rejected")}, "history": r.get("history", [])}
+            for r in pairs
+        ]
+    )
+
+
 def dpo_trainer(
     model,
     processor,
@@ -87,19 +113,20 @@ def dpo_trainer(
     *,
     micro_batch: int,
     gradient_accumulation: int,
+    heldout: list[dict] = (),
 ):
     """A configured TRL `DPOTrainer` for `pairs` (rows: image, prompt, chosen, rejected).
 
     `micro_batch` and `gradient_accumulation` are the ones `posttrain.training.check_training_memory`
-    resolved from `params` (``batch_size: auto`` leaves them to the GPU).
+    resolved from `params` (``batch_size: auto`` leaves them to the GPU). `heldout` pairs are its evaluation
+    set (`trainer.evaluate()`: their loss, reward accuracy and margin), never trained on.
     """
-    from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
     from posttrain.images import load_pixels
     from posttrain.models import image_token_count
 
-    pixels = load_pixels(processor, data_dir, [r["image"] for r in pairs])
+    pixels = load_pixels(processor, data_dir, [r["image"] for r in [*pairs, *heldout]])
     collator = PreferenceCollator(processor.tokenizer, image_token_count(processor), pixels)
     args = DPOConfig(
         output_dir=str(output_dir),
@@ -109,6 +136,7 @@ def dpo_trainer(
         learning_rate=params.learning_rate,
         num_train_epochs=params.epochs,
         per_device_train_batch_size=micro_batch,
+        per_device_eval_batch_size=micro_batch,
         gradient_accumulation_steps=gradient_accumulation,
         gradient_checkpointing=params.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False} if params.gradient_checkpointing else None,
@@ -128,17 +156,12 @@ def dpo_trainer(
         bf16=torch.cuda.is_available(),
         use_cpu=not torch.cuda.is_available(),
     )
-    dataset = Dataset.from_list(
-        [
-            {**{k: r[k] for k in ("image", "prompt", "chosen", "rejected")}, "history": r.get("history", [])}
-            for r in pairs
-        ]
-    )
     return DPOTrainer(
         model=model,
         args=args,
         data_collator=collator,
-        train_dataset=dataset,
+        train_dataset=_dataset(pairs),
+        eval_dataset=_dataset(heldout) if heldout else None,
         processing_class=processor,
         callbacks=callbacks,
     )
@@ -212,10 +235,11 @@ def train_dpo(
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, processor = policy_from_adapter(base_dir, start_adapter, device, quantization)
     callbacks = [ProgressCallback(every=5, batch_size=micro_batch * accumulation)]  # pairs per step
+    train_pairs, heldout = split_heldout(pairs, params.heldout_fraction, seed)
     trainer = dpo_trainer(
         model,
         processor,
-        pairs,
+        train_pairs,
         data_dir,
         params,
         checkpoint_dir,
@@ -223,16 +247,30 @@ def train_dpo(
         callbacks,
         micro_batch=per_process,
         gradient_accumulation=accumulation,
+        heldout=heldout,
     )
     result = fit(trainer, live_dir)
     logs = [h for h in trainer.state.log_history if "loss" in h]
     last = logs[-1] if logs else {}
     summary = {
         "steps": result["steps"],
-        "pairs": len(pairs),
+        "pairs": len(train_pairs),
         "batch": batch,
         **{k: last[k] for k in last if k.startswith(("rewards/", "logps/")) or k == "loss"},
     }
+    if heldout:  # what the trained policy prefers on pairs of charts it never saw, against its reference
+        ev = trainer.evaluate()
+        summary["heldout"] = {
+            "pairs": len(heldout),
+            "loss": ev["eval_loss"],
+            "reward_accuracy": ev["eval_rewards/accuracies"],
+            "reward_margin": ev["eval_rewards/margins"],
+        }
+        print(
+            f"held-out pairs: {len(heldout)}, loss {ev['eval_loss']:.4f}, reward accuracy "
+            f"{ev['eval_rewards/accuracies']:.3f}, margin {ev['eval_rewards/margins']:.3f}",
+            flush=True,
+        )
     if is_main():  # the processes hold the same weights after every step: one writes them
         trainer.model.save_pretrained(out_dir, selected_adapters=["default"])  # not the frozen "ref" copy
     barrier()  # a next round loads this adapter in every process

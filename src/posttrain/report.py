@@ -253,41 +253,51 @@ LN2 = math.log(2)
 
 
 def dpo_signal_section(rounds: list[dict]) -> list[str]:
-    """Markdown: DPO's training signal per round (pairs, steps, last loss, reward accuracy and margin).
+    """Markdown: DPO's training signal per round (pairs, steps, last loss, reward accuracy and margin), and
+    the same measured after training on held-out pairs (`dpo.heldout_fraction`: charts never trained on).
 
     DPO's loss starts at ln 2 (policy = reference, every margin 0); a last loss within 0.01 of it, or a
-    reward accuracy at or below one half, means the policy did not move towards the chosen answers, and the
-    section says so.
+    reward accuracy at or below one half (held-out where there is one), means the policy did not move
+    towards the chosen answers, and the section says so.
     """
     lines = [
         "## DPO's training signal",
         "",
-        "Values of the last logged step (TRL); the loss starts at ln 2 = 0.693 when the policy equals its "
-        "reference.",
+        "Training: values of the last logged step (TRL); the loss starts at ln 2 = 0.693 when the policy "
+        "equals its reference. Held out: the trained policy on pairs of charts it never trained on "
+        "(`dpo.heldout_fraction`); reward accuracy is the share of pairs whose chosen answer gains more "
+        "log-likelihood over the reference than the rejected one.",
         "",
-        "| round | pairs | steps | loss | reward accuracy | reward margin |",
-        "|---:|---:|---:|---:|---:|---:|",
+        "| round | pairs | steps | loss | reward accuracy | reward margin | held-out pairs | held-out loss | "
+        "held-out reward accuracy | held-out margin |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     notes = []
+
+    def cell(x, fmt="{:.3f}"):
+        return "n/a" if x is None else fmt.format(x)
+
     for entry in rounds:
         t = entry.get("training", {})
+        h = t.get("heldout") or {}
         loss, accuracy, margin = t.get("loss"), t.get("rewards/accuracies"), t.get("rewards/margins")
-
-        def cell(x, fmt="{:.3f}"):
-            return "n/a" if x is None else fmt.format(x)
-
         lines.append(
             f"| {entry.get('round', '?')} | {t.get('pairs', 'n/a')} | {t.get('steps', 'n/a')} | "
-            f"{cell(loss)} | {cell(accuracy, '{:.1%}')} | {cell(margin)} |"
+            f"{cell(loss)} | {cell(accuracy, '{:.1%}')} | {cell(margin)} | {h.get('pairs', 'n/a')} | "
+            f"{cell(h.get('loss'))} | {cell(h.get('reward_accuracy'), '{:.1%}')} | "
+            f"{cell(h.get('reward_margin'))} |"
         )
+        judged = h.get("reward_accuracy", accuracy)
+        where = "held out" if "reward_accuracy" in h else "in training"
         if loss is not None and abs(loss - LN2) < 0.01:
             notes.append(
                 f"Round {entry.get('round', '?')}: the loss stayed at ln 2 ({loss:.3f}): DPO did not learn "
                 "from these pairs."
             )
-        elif accuracy is not None and accuracy <= 0.5:
+        elif judged is not None and judged <= 0.5:
             notes.append(
-                f"Round {entry.get('round', '?')}: reward accuracy {accuracy:.1%} is no better than chance."
+                f"Round {entry.get('round', '?')}: reward accuracy {judged:.1%} ({where}) is no better than "
+                "chance."
             )
     return [*lines, "", *notes, *([""] if notes else [])]
 

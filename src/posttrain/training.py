@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import random
 import re
 import time
 from dataclasses import dataclass, replace
@@ -16,6 +17,7 @@ from posttrain.checkpoints import claim_checkpoints, file_digest, fit
 from posttrain.config import BatchSize
 from posttrain.data import Example, group_conversations
 from posttrain.distributed import barrier, is_main, per_process_batch
+from posttrain.errors import InputError
 from posttrain.images import load_pixels
 from posttrain.memory import MemoryEstimate
 from posttrain.models import image_token_count, quantization_config
@@ -509,6 +511,39 @@ def apply_liger(model) -> None:
     )
 
 
+def replay_examples(data_dir: Path, study: list[Example], fraction: float, seed: int) -> list[Example]:
+    """Conversations of the pretrain pool to mix into SFT so they make up `fraction` of its conversations.
+
+    A remedy for forgetting: the base's own families keep appearing while the adapter learns the study's
+    (`sft.common.replay_fraction`; 0, the seed study's setting, replays nothing). Whole conversations are
+    drawn without replacement, seeded, so every variant of a run replays the same ones and the Trainer's
+    shuffle spreads them over the batches (each batch holds `fraction` of them in expectation).
+
+    Raises:
+        InputError: the pretrain pool has fewer conversations than the fraction asks for.
+    """
+    if fraction <= 0:
+        return []
+    from posttrain.data import load_split
+
+    n_study = len(group_conversations(study))
+    pretrain = load_split(data_dir, "pretrain_train")
+    pool = group_conversations(pretrain)
+    wanted = round(n_study * fraction / (1 - fraction))
+    if not pool:
+        raise InputError(
+            f"sft.common.replay_fraction {fraction}: the prepared data has no pretrain pool to replay "
+            "(prepare.source: lrv_chart has none: the hub base was trained elsewhere); set it to 0"
+        )
+    if wanted > len(pool):
+        raise InputError(
+            f"sft.common.replay_fraction {fraction} asks for {wanted} pretrain conversations beside the "
+            f"{n_study} of the study, but the pretrain pool has {len(pool)}; lower the fraction"
+        )
+    chosen = {c.id for c in random.Random(seed).sample(pool, wanted)}
+    return [e for e in pretrain if e.conversation in chosen]
+
+
 def train_sft_variant(
     name: str,
     common,
@@ -548,6 +583,8 @@ def train_sft_variant(
     if common.liger:
         require_liger()
     train = load_split(data_dir, "study_train")
+    replay = replay_examples(data_dir, train, common.replay_fraction, seed)
+    train = train + replay
     micro_batch, accumulation = check_training_memory(
         base_dir,
         [(c.turns[:-1], *c.turns[-1]) for c in group_conversations(train)],
@@ -586,7 +623,9 @@ def train_sft_variant(
     print(
         f"{name}: LoRA r={common.rank} alpha={variant.alpha} dropout={variant.dropout}; "
         f"{count_params(model, trainable_only=True):,} trainable of {count_params(model):,} params; "
-        f"{len(dataset)} conversations ({dataset.turns} turns, {dataset.tokens:,} tokens), "
+        f"{len(dataset)} conversations ({dataset.turns} turns, {dataset.tokens:,} tokens"
+        + (f"; {len(group_conversations(replay))} replayed from the pretrain pool" if replay else "")
+        + "), "
         f"{common.max_steps} steps × batch {micro_batch} × accumulation "
         f"{accumulation} = {common.max_steps * effective / len(dataset):.1f} epochs; "
         f"{'nf4' if qconfig else dtype}, checkpointing {common.gradient_checkpointing}, liger {common.liger}",
@@ -598,7 +637,7 @@ def train_sft_variant(
             {
                 "stage": f"sft@{name}",
                 "params": {"common": to_dict(common), "variant": to_dict(variant), "seed": seed},
-                "data": file_digest(data_dir / "study_train.jsonl"),
+                "data": file_digest(data_dir / "study_train.jsonl", data_dir / "pretrain_train.jsonl"),
                 "base": base_fingerprint(base_dir),
                 "batch": batch,  # auto picks it per GPU: another card's checkpoints are another run
             },
@@ -638,6 +677,7 @@ def train_sft_variant(
             base_quantization=common.quantization.value,  # how the base was held while it trained
             training=summary,
             train_conversations=len(dataset),
+            replayed_conversations=len(group_conversations(replay)),
             train_turns=dataset.turns,
             train_tokens=dataset.tokens,
         )
