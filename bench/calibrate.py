@@ -71,8 +71,12 @@ def row(name: str, overrides: dict, metrics: dict, seconds: dict) -> dict:
 
 def line(r: dict) -> str:
     cells = [f"{r['name']:<40}", f"sft {r['seconds'].get('sft', 0):>5.0f}s"]
+
+    def num(x) -> str:
+        return "—" if x is None else f"{x:.0f}"
+
     for f, v in r["families"].items():
-        cells.append(f"{f} {v['acc']:.0f} [{v['ci_low']:.0f}] /{v['chance']:.0f}")
+        cells.append(f"{f} {num(v['acc'])} [{num(v['ci_low'])}] /{num(v['chance'])}")
     cells += [
         f"beats {r['beats_chance']}/5",
         f"rel {r['relaxed_acc']:.1f}",
@@ -132,15 +136,28 @@ def main() -> None:
         metrics = json.loads((work / "eval" / "metrics" / f"{args.variant}.json").read_text())
         rows.append(row(name, overrides, metrics, seconds))
         print("CALIBRATION " + line(rows[-1]), flush=True)
+        if args.json:  # after every line: a long calibration killed midway keeps what it measured
+            path = Path(args.json)
+            old = json.loads(path.read_text()) if path.exists() else {"rows": []}
+            old["machine"] = machine()
+            old["rows"].append(rows[-1])
+            path.write_text(json.dumps(old, indent=1) + "\n")
     print()
     for r in rows:
         print(line(r))
-    if args.json:
-        path = Path(args.json)
-        old = json.loads(path.read_text()) if path.exists() else {"rows": []}
-        old["machine"] = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
-        old["rows"] += rows
-        path.write_text(json.dumps(old, indent=1) + "\n")
+
+
+def machine() -> str:
+    """The CPU model and core count (figures are only comparable on one machine kind)."""
+    model = platform.processor() or platform.machine()
+    try:
+        for text_line in Path("/proc/cpuinfo").read_text().splitlines():
+            if text_line.startswith("model name"):
+                model = text_line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model}, {os.cpu_count()} cores, Python {platform.python_version()}"
 
 
 if __name__ == "__main__":

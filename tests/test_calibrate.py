@@ -1,0 +1,35 @@
+"""bench/calibrate.py: a family counts as beaten only when its whole interval lies above its chance line."""
+
+import importlib.util
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _calibrate():
+    spec = importlib.util.spec_from_file_location("calibrate", ROOT / "bench" / "calibrate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_family_is_beaten_only_when_its_interval_clears_the_chance_line():
+    cal = _calibrate()
+    metrics = {"relaxed_acc": 30.0, "negative_acc": 0.0, "retain_relaxed_acc": 20.0, "critic": 40.0}
+    cells = {  # family: (accuracy, interval low, chance)
+        "bar_shortest": (39.0, 27.0, 19.6),  # beaten
+        "bar_value": (25.0, 15.0, 19.6),  # above chance, interval not: not beaten
+        "line_trend": (90.0, 77.0, 50.0),  # beaten
+        "pie_count": (37.5, 25.0, 37.5),
+        "pie_smallest": (21.0, 20.8, 20.8),  # touching is not clearing
+    }
+    for f, (acc, low, chance) in cells.items():
+        metrics.update({f"acc_{f}": acc, f"acc_{f}_ci_low": low, f"chance_{f}": chance})
+    r = cal.row("x", {"sft.common.max_steps": "800"}, metrics, {"sft": 100.0})
+    assert r["beats_chance"] == 2
+    assert r["families"]["bar_value"] == {"acc": 25.0, "ci_low": 15.0, "chance": 19.6}
+    assert "beats 2/5" in cal.line(r) and "bar_value 25 [15] /20" in cal.line(r)
+    del metrics["chance_pie_count"]  # a family without a chance line is never counted
+    metrics["acc_pie_count_ci_low"] = 90.0
+    r = cal.row("x", {}, metrics, {"sft": 1.0})
+    assert r["beats_chance"] == 2 and "pie_count 38 [90] /—" in cal.line(r)
