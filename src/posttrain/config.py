@@ -284,6 +284,7 @@ class DpoParams:
     label_smoothing: float = 0.0  # assumed share of wrong verdicts (robust); must be in (0, 0.5) for robust
     save_steps: int = 20  # checkpoint interval for resuming a killed run; 0 disables
     heldout_fraction: float = 0.1  # share of the pairs (by image) kept out of training to measure the rewards
+    sft_weight: float = 0.0  # weight of the chosen answers' NLL added to the DPO loss (RPO); 0 is plain DPO
 
 
 @dataclass(frozen=True)
@@ -649,6 +650,7 @@ def _check(p: Params, problems: list[str]) -> None:
     positive("dpo.warmup_steps", dp.warmup_steps, zero_ok=True)
     positive("dpo.save_steps", dp.save_steps, zero_ok=True)
     within("dpo.heldout_fraction", dp.heldout_fraction, 0, 0.5, "[)")
+    positive("dpo.sft_weight", dp.sft_weight, zero_ok=True)
     if dp.label_smoothing is not None and not 0 <= dp.label_smoothing < 0.5:
         problems.append(f"dpo.label_smoothing: {dp.label_smoothing} is not in [0, 0.5)")
     elif dp.loss_type is not None and dp.loss_type.needs_label_smoothing and dp.label_smoothing == 0:

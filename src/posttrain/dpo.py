@@ -131,7 +131,9 @@ def dpo_trainer(
     args = DPOConfig(
         output_dir=str(output_dir),
         beta=params.beta,
-        loss_type=[params.loss_type.value],
+        # with sft_weight, the chosen answers' mean token NLL is added (RPO: DPO that keeps the chosen likely)
+        loss_type=[params.loss_type.value] + (["sft"] if params.sft_weight > 0 else []),
+        loss_weights=[1.0, params.sft_weight] if params.sft_weight > 0 else None,
         label_smoothing=params.label_smoothing,
         learning_rate=params.learning_rate,
         num_train_epochs=params.epochs,
