@@ -273,7 +273,7 @@ class PreferencesParams:
 class DpoParams:
     beta: float = 0.1
     loss_type: DpoLoss = DpoLoss.SIGMOID
-    learning_rate: float = 1e-4
+    learning_rate: float = 2e-4
     epochs: float = 1.0
     batch_size: int | BatchSize = 16  # pairs per micro-batch, or auto: picked by the memory check
     gradient_accumulation: int = 1  # micro-batches per optimizer step (effective pairs = batch_size × this)
