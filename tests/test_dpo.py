@@ -246,6 +246,7 @@ def test_dpo_measures_its_rewards_on_heldout_pairs(base_dir, sfte, prepared, pai
     out.mkdir()
     summary = train_dpo(base_dir, sfte, pairs, prepared, params, 0, out, tmp_path / "ck", None)
     assert summary["pairs"] == len(train)
+    assert summary["last_step_pairs"] == (len(train) % 2 or 2)  # batch 2: the last step's pairs
     h = summary["heldout"]
     assert h["pairs"] == len(held) and h["loss"] < 0.6931  # below ln 2: the policy moved the right way
     assert h["reward_accuracy"] > 0.5 and h["reward_margin"] > 0

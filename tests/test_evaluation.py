@@ -187,8 +187,9 @@ def test_report_says_whether_dpo_learned():
         "reward_accuracy": 0.75,
         "reward_margin": 0.1,
     }
+    learned["training"]["last_step_pairs"] = 4  # 100 pairs at 16 a step: the last step saw 4
     text = "\n".join(dpo_signal_section([learned, flat]))
-    assert "| 1 | 100 | 7 | 0.610 | 80.0% | 0.200 | 12 | 0.660 | 75.0% | 0.100 |" in text
+    assert "| 1 | 100 | 7 | 0.610 | 80.0% (4 pairs) | 0.200 | 12 | 0.660 | 75.0% | 0.100 |" in text
     assert "| 2 | 50 | 3 | 0.693 | 43.0% | 0.001 | n/a | n/a | n/a | n/a |" in text
     assert "Round 2: the loss stayed at ln 2 (0.693)" in text and "Round 1:" not in text
     chance = {"round": 1, "training": {"loss": 0.65, "rewards/accuracies": 0.5}}

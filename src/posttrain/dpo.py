@@ -257,6 +257,8 @@ def train_dpo(
     summary = {
         "steps": result["steps"],
         "pairs": len(train_pairs),
+        # the pairs behind the last logged step's figures: a short last batch makes them noise
+        "last_step_pairs": len(train_pairs) % (micro_batch * accumulation) or micro_batch * accumulation,
         "batch": batch,
         **{k: last[k] for k in last if k.startswith(("rewards/", "logps/")) or k == "loss"},
     }

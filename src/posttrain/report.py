@@ -281,9 +281,10 @@ def dpo_signal_section(rounds: list[dict]) -> list[str]:
         t = entry.get("training", {})
         h = t.get("heldout") or {}
         loss, accuracy, margin = t.get("loss"), t.get("rewards/accuracies"), t.get("rewards/margins")
+        last = f" ({t['last_step_pairs']} pairs)" if accuracy is not None and "last_step_pairs" in t else ""
         lines.append(
             f"| {entry.get('round', '?')} | {t.get('pairs', 'n/a')} | {t.get('steps', 'n/a')} | "
-            f"{cell(loss)} | {cell(accuracy, '{:.1%}')} | {cell(margin)} | {h.get('pairs', 'n/a')} | "
+            f"{cell(loss)} | {cell(accuracy, '{:.1%}')}{last} | {cell(margin)} | {h.get('pairs', 'n/a')} | "
             f"{cell(h.get('loss'))} | {cell(h.get('reward_accuracy'), '{:.1%}')} | "
             f"{cell(h.get('reward_margin'))} |"
         )
