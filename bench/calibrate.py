@@ -26,6 +26,9 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "bench"))  # bench/pipeline.py
+
+from pipeline import cpu_model  # noqa: E402
 
 from posttrain.config import ParamsError, parse_params  # noqa: E402
 from posttrain.grid import experiment_names, parse_settings, set_key  # noqa: E402
@@ -139,25 +142,12 @@ def main() -> None:
         if args.json:  # after every line: a long calibration killed midway keeps what it measured
             path = Path(args.json)
             old = json.loads(path.read_text()) if path.exists() else {"rows": []}
-            old["machine"] = machine()
+            old["machine"] = f"{cpu_model()}, {os.cpu_count()} cores, Python {platform.python_version()}"
             old["rows"].append(rows[-1])
             path.write_text(json.dumps(old, indent=1) + "\n")
     print()
     for r in rows:
         print(line(r))
-
-
-def machine() -> str:
-    """The CPU model and core count (figures are only comparable on one machine kind)."""
-    model = platform.processor() or platform.machine()
-    try:
-        for text_line in Path("/proc/cpuinfo").read_text().splitlines():
-            if text_line.startswith("model name"):
-                model = text_line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{model}, {os.cpu_count()} cores, Python {platform.python_version()}"
 
 
 if __name__ == "__main__":

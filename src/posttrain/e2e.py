@@ -465,8 +465,9 @@ def stage_rates(work: Path) -> dict:
     sft = [read(v).get("samples_per_s") for v in VARIANTS]
     effective = {read(v).get("samples_per_step") for v in VARIANTS}
     evaluations = [read(f"evaluate_{m}") for m in EVALUATED]
-    sampled = read("preferences").get("generate")
-    judged = read("preferences").get("judge")  # the self-judge (`continuation_nll`); absent for other judges
+    preferences = read("preferences")
+    sampled = preferences.get("generate")
+    judged = preferences.get("judge")  # the self-judge (`continuation_nll`); absent for other judges
     return {
         "sft_samples_per_s": round(sum(sft) / len(sft), 2) if all(sft) else None,
         "sft_samples_per_s_each": dict(zip(VARIANTS, sft)),

@@ -50,6 +50,13 @@ def _new_token_count(new_tokens: torch.Tensor, eos_token_id: int) -> int:
     return int(first.sum())
 
 
+def _left_padded(prompts: list[list[int]], pad_token_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask), both (B, T), of prompts left-padded so that they all end together."""
+    input_ids = pad_batch(prompts, pad_token_id, "left").to(device)
+    attention_mask = pad_batch([[1] * len(p) for p in prompts], 0, "left").to(device)
+    return input_ids, attention_mask
+
+
 def _generate_batch(
     model,
     input_ids: torch.Tensor,
@@ -164,8 +171,7 @@ def generate(
     for batch_index in mine:
         start = batch_index * batch_size
         batch = prompts[start : start + batch_size]
-        input_ids = pad_batch(batch, tokenizer.pad_token_id, "left").to(device)  # (B, T)
-        attention_mask = pad_batch([[1] * len(p) for p in batch], 0, "left").to(device)
+        input_ids, attention_mask = _left_padded(batch, tokenizer.pad_token_id, device)  # (B, T) each
         pixel_values = torch.stack(pixels[start : start + batch_size]).to(device, dtype)  # (B, 3, H, W)
         if do_sample:
             torch.manual_seed(seed + start)
@@ -285,8 +291,7 @@ def continuation_nll(
         start = batch_index * batch_size
         t0 = time.perf_counter()
         batch = prompts[start : start + batch_size]
-        input_ids = pad_batch(batch, tokenizer.pad_token_id, "left").to(device)  # (B, T)
-        attention_mask = pad_batch([[1] * len(p) for p in batch], 0, "left").to(device)
+        input_ids, attention_mask = _left_padded(batch, tokenizer.pad_token_id, device)  # (B, T) each
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # left padding does not count
         kv = DynamicCache(config=model.config)
         last = (

@@ -584,6 +584,7 @@ def train_sft_variant(
         require_liger()
     train = load_split(data_dir, "study_train")
     replay = replay_examples(data_dir, train, common.replay_fraction, seed)
+    n_replayed = len(group_conversations(replay))
     train = train + replay
     micro_batch, accumulation = check_training_memory(
         base_dir,
@@ -624,7 +625,7 @@ def train_sft_variant(
         f"{name}: LoRA r={common.rank} alpha={variant.alpha} dropout={variant.dropout}; "
         f"{count_params(model, trainable_only=True):,} trainable of {count_params(model):,} params; "
         f"{len(dataset)} conversations ({dataset.turns} turns, {dataset.tokens:,} tokens"
-        + (f"; {len(group_conversations(replay))} replayed from the pretrain pool" if replay else "")
+        + (f"; {n_replayed} replayed from the pretrain pool" if replay else "")
         + "), "
         f"{common.max_steps} steps × batch {micro_batch} × accumulation "
         f"{accumulation} = {common.max_steps * effective / len(dataset):.1f} epochs; "
@@ -677,7 +678,7 @@ def train_sft_variant(
             base_quantization=common.quantization.value,  # how the base was held while it trained
             training=summary,
             train_conversations=len(dataset),
-            replayed_conversations=len(group_conversations(replay)),
+            replayed_conversations=n_replayed,
             train_turns=dataset.turns,
             train_tokens=dataset.tokens,
         )
