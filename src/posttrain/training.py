@@ -60,6 +60,11 @@ class TeacherForcedDataset(torch.utils.data.Dataset):
     def tokens(self) -> int:
         return sum(len(ids) for ids, _ in self.encoded)
 
+    @property
+    def lengths(self) -> list[int]:
+        """Tokens of each conversation, image included: what its row pads to."""
+        return [len(ids) for ids, _ in self.encoded]
+
     def __getitem__(self, i: int) -> dict:
         ids, labels = self.encoded[i]
         return {"input_ids": ids, "labels": labels, "pixel_values": self.pixels[self.images[i]]}
@@ -83,6 +88,104 @@ class TeacherForcedCollator:
             "pixel_values": pixel_values,
             "answer_start": answer_start(labels),  # an int, found here on the CPU: no device sync per step
         }
+
+
+class LengthGroupedBatches(torch.utils.data.Sampler[int]):
+    """Row order in which consecutive batches hold rows of similar length; fixed by (seed, epoch) alone.
+
+    Each epoch draws a seeded permutation and cuts it into groups of `group_batches` batches; each group is
+    sorted by length (a stable sort: ties keep their random order) and cut into batches, which are shuffled
+    within the group. A batch then pads to about its own rows' length: on the embedded default's data (batches
+    of 32, groups of 4) padding falls from 18% to 4% of SFT's positions and from 36% to 10% of the base's
+    training, where random batches pad every row to the batch's longest conversation. A batch still draws its
+    rows from a random 4 × 32, not from all the rows of one length.
+
+    Unlike transformers' ``LengthGroupedSampler``, which draws on the global RNG, the order is recomputed from
+    (seed, epoch): a run resumed mid-epoch skips into the very batches the killed run saw. The Trainer calls
+    `set_epoch` (through accelerate's loader) before each epoch. Under N processes, `batch_size` is the rows
+    of one step over all processes (accelerate deals consecutive per-process batches out in turn).
+    """
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int, group_batches: int = 4):
+        self.lengths, self.batch_size, self.seed, self.group_batches = (
+            list(lengths),
+            batch_size,
+            seed,
+            group_batches,
+        )
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        perm = torch.randperm(len(self.lengths), generator=g).tolist()
+        group = self.batch_size * self.group_batches
+        order = []
+        for s in range(0, len(perm), group):
+            rows = sorted(perm[s : s + group], key=lambda i: -self.lengths[i])
+            batches = [rows[b : b + self.batch_size] for b in range(0, len(rows), self.batch_size)]
+            full = [
+                b for b in batches if len(b) == self.batch_size
+            ]  # only the epoch's last batch can be short
+            for k in torch.randperm(len(full), generator=g).tolist():
+                order += full[k]
+            order += [i for b in batches if len(b) < self.batch_size for i in b]
+        return iter(order)
+
+
+class MaskDropout(torch.nn.Module):
+    """Dropout with the same law as ``nn.Dropout`` to 2⁻¹⁶, whose CPU mask costs under half as much.
+
+    On the CPU, torch draws a dropout mask one element at a time (``bernoulli_``): LoRA's input dropout
+    took 26% of an SFT step of the embedded default (torch profiler, batch 32, 14 masks a step). Here one
+    64-bit draw (``random_``: 63 uniform bits) gives three elements 16 bits each, and an element is kept
+    when its field is at least round(65536·p): keep probability q = 1 − round(65536·p)/65536, kept values
+    scaled by 1/q, so E[out] = x exactly (p = 0.05 keeps 0.950003). On other devices it is ``F.dropout`` (a
+    fused kernel there). Seeded by the global RNG like every other draw of a run, so a resumed run continues
+    the same stream.
+    """
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+        self.threshold = round(65536 * p)
+        self.scale = 65536 / (65536 - self.threshold)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        if x.device.type != "cpu":
+            return F.dropout(x, self.p, training=True)
+        n = x.numel()
+        words = torch.empty((n + 2) // 3, dtype=torch.int64).random_()  # (n/3,) bits 0..62 uniform
+        fields = torch.cat([(words >> shift) & 0xFFFF for shift in (0, 16, 32)])[:n].view(x.shape)
+        return torch.where(fields >= self.threshold, x, 0) * self.scale
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+def use_mask_dropout(model) -> int:
+    """Swap PEFT's LoRA input dropouts (``nn.Dropout``) for `MaskDropout` of the same p; returns the count.
+
+    Training only: the adapter saved is the same files (its config keeps ``lora_dropout``), and any PEFT
+    loads it with ``nn.Dropout``.
+    """
+    swapped = 0
+    for module in model.modules():
+        drops = getattr(module, "lora_dropout", None)
+        if not isinstance(drops, torch.nn.ModuleDict):
+            continue
+        for name, drop in drops.items():
+            if isinstance(drop, torch.nn.Dropout):
+                drops[name] = MaskDropout(drop.p)
+                swapped += 1
+    return swapped
 
 
 class ProgressCallback(TrainerCallback):
@@ -195,6 +298,14 @@ class AnswerLossTrainer(Trainer):
     """HF Trainer whose loss is `answer_loss`: logits only where a label is supervised."""
 
     loss_is_scaled_for_ga = True  # divided by the supervised tokens of the whole accumulated batch
+
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if not isinstance(dataset, TeacherForcedDataset):
+            return super()._get_train_sampler(train_dataset)
+        # grouped by the rows one step takes over all processes (accelerate deals them out in turn)
+        step_rows = self.args.train_batch_size * self.args.world_size
+        return LengthGroupedBatches(dataset.lengths, step_rows, self.args.data_seed)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = dict(inputs)
@@ -619,6 +730,7 @@ def train_sft_variant(
     )
     torch.manual_seed(seed)
     model = get_peft_model(model, lora)
+    use_mask_dropout(model)  # the same dropout law, drawn faster on the CPU
     dataset = TeacherForcedDataset(train, data_dir, processor)
     effective = micro_batch * accumulation
     print(
