@@ -65,14 +65,12 @@ def policy_from_adapter(
     from peft import PeftModel
 
     from posttrain.models import load_base, quantization_config
-    from posttrain.training import use_mask_dropout
 
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     model, processor, _ = load_base(
         base_dir, device=device, dtype=dtype, quantization_config=quantization_config(quantization)
     )
     model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=True)
-    use_mask_dropout(model)  # the adapter's dropout law, drawn faster on the CPU
     if quantization is Quantization.NONE:
         model = model.to(device)  # an nf4 base is already placed by its device_map
     return model, processor

@@ -85,56 +85,6 @@ class TeacherForcedCollator:
         }
 
 
-class MaskDropout(torch.nn.Module):
-    """Dropout with the same law as ``nn.Dropout`` to 2⁻¹⁶, whose CPU mask costs under half as much.
-
-    On the CPU, torch draws a dropout mask one element at a time (``bernoulli_``): LoRA's input dropout
-    took 26% of an SFT step of the embedded default (torch profiler, batch 32, 14 masks a step). Here one
-    64-bit draw (``random_``: 63 uniform bits) gives three elements 16 bits each, and an element is kept
-    when its field is at least round(65536·p): keep probability q = 1 − round(65536·p)/65536, kept values
-    scaled by 1/q, so E[out] = x exactly (p = 0.05 keeps 0.950003). On other devices it is ``F.dropout`` (a
-    fused kernel there). Seeded by the global RNG like every other draw of a run, so a resumed run continues
-    the same stream.
-    """
-
-    def __init__(self, p: float):
-        super().__init__()
-        self.p = p
-        self.threshold = round(65536 * p)
-        self.scale = 65536 / (65536 - self.threshold)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.p == 0:
-            return x
-        if x.device.type != "cpu":
-            return F.dropout(x, self.p, training=True)
-        n = x.numel()
-        words = torch.empty((n + 2) // 3, dtype=torch.int64).random_()  # (n/3,) bits 0..62 uniform
-        fields = torch.cat([(words >> shift) & 0xFFFF for shift in (0, 16, 32)])[:n].view(x.shape)
-        return torch.where(fields >= self.threshold, x, 0) * self.scale
-
-    def extra_repr(self) -> str:
-        return f"p={self.p}"
-
-
-def use_mask_dropout(model) -> int:
-    """Swap PEFT's LoRA input dropouts (``nn.Dropout``) for `MaskDropout` of the same p; returns the count.
-
-    Training only: the adapter saved is the same files (its config keeps ``lora_dropout``), and any PEFT
-    loads it with ``nn.Dropout``.
-    """
-    swapped = 0
-    for module in model.modules():
-        drops = getattr(module, "lora_dropout", None)
-        if not isinstance(drops, torch.nn.ModuleDict):
-            continue
-        for name, drop in drops.items():
-            if isinstance(drop, torch.nn.Dropout):
-                drops[name] = MaskDropout(drop.p)
-                swapped += 1
-    return swapped
-
-
 class ProgressCallback(TrainerCallback):
     """One line every `every` steps: step, loss, learning rate, samples/s, ETA."""
 
@@ -669,7 +619,6 @@ def train_sft_variant(
     )
     torch.manual_seed(seed)
     model = get_peft_model(model, lora)
-    use_mask_dropout(model)  # the same dropout law, drawn faster on the CPU
     dataset = TeacherForcedDataset(train, data_dir, processor)
     effective = micro_batch * accumulation
     print(
