@@ -7,7 +7,8 @@
 `run` queues nothing in the background: each seed is `dvc exp run --temp -n seed<k> -S base.seed=<k>`, run in
 a temporary copy, so DVC keeps its granularity (the prepared data is shared; every stage after it reruns) and
 the workspace is left alone. `table` reads the report's paired comparisons (``metrics/report_compare.json``)
-of the workspace's committed result and of every experiment named ``seed<k>``, and, for each comparison the
+of the workspace's committed result and of every experiment named ``seed<k>`` run with the same code and
+params (the seed aside; others are named and left out), and, for each comparison the
 report makes (each model against the baseline, each against SFTe), gives the delta per seed, its mean and
 standard deviation, and a verdict: significant in every seed (Holm-adjusted p < 0.05, same sign), in none,
 or mixed, which is the flag that a conclusion flips with the seed.
@@ -30,13 +31,52 @@ def git(*args: str, cwd: Path) -> str:
     return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, check=True).stdout
 
 
-def seed_results(repo: Path) -> dict[int, dict]:
-    """base.seed -> the report's comparisons, for the workspace's HEAD and every ``seed<k>`` experiment."""
+def recipe(repo: Path, rev: str) -> tuple[dict, dict]:
+    """What made a commit's results, the seed aside: its params without ``base.seed``, and the hashes of the
+    Python files its stages depend on (from its dvc.lock; none if it has none).
+    """
+    params = yaml.safe_load(git("show", f"{rev}:params.yaml", cwd=repo))
+    params.get("base", {}).pop("seed", None)
+    try:
+        lock = yaml.safe_load(git("show", f"{rev}:dvc.lock", cwd=repo))
+    except subprocess.CalledProcessError:
+        lock = {}
+    code = {
+        d["path"]: d.get("md5")
+        for stage in (lock or {}).get("stages", {}).values()
+        for d in stage.get("deps", [])
+        if d["path"].endswith(".py")
+    }
+    return params, code
+
+
+def seed_results(repo: Path) -> tuple[dict[int, dict], list[str]]:
+    """base.seed -> the report's comparisons, for the workspace's HEAD and every ``seed<k>`` experiment of the
+    same recipe.
+
+    An experiment counts when its params, ``base.seed`` aside, and the code its stages ran (the Python deps'
+    hashes in its dvc.lock) are HEAD's: a seed run with older code or other settings is another recipe's
+    result, and taking it would mix recipes in one table (a commit that touches neither, a README say, keeps
+    them). The others are returned as "seed<k> of <the commit DVC filed it under>", for the caller to name.
+    """
     found = {}
+    stale = []
+    here = recipe(repo, "HEAD")
     refs = git("for-each-ref", "--format=%(refname) %(objectname)", "refs/exps", cwd=repo).split("\n")
-    revs = ["HEAD"] + [
-        line.split()[1] for line in refs if line and line.split()[0].rsplit("/", 1)[1][:4] == "seed"
-    ]
+    revs = ["HEAD"]
+    for line in filter(None, refs):
+        ref, rev = line.split()
+        parts = ref.split("/")  # refs, exps, sha[:2], sha[2:], name
+        if not parts[-1].startswith("seed"):
+            continue
+        try:
+            same = recipe(repo, rev) == here
+        except subprocess.CalledProcessError:
+            continue  # an experiment that failed before its results
+        if same:
+            revs.append(rev)
+        else:
+            stale.append(f"{parts[-1]} of {''.join(parts[2:4])[:7]}")
     for rev in revs:
         try:
             params = yaml.safe_load(git("show", f"{rev}:params.yaml", cwd=repo))
@@ -46,7 +86,7 @@ def seed_results(repo: Path) -> dict[int, dict]:
         if "against" not in compare:
             continue  # a report of an older version
         found.setdefault(int(params["base"]["seed"]), compare["against"])
-    return dict(sorted(found.items()))
+    return dict(sorted(found.items())), stale
 
 
 def verdict(tests: list[dict]) -> str:
@@ -144,9 +184,14 @@ def main(argv: list[str]) -> int:
 
         experiments = [Experiment(f"seed{s}", {"base.seed": str(s)}) for s in args.seeds]
         return run_experiments(experiments, gpu_groups(args.gpus), repo, repo / "params.yaml")
-    results = seed_results(repo)
+    results, stale = seed_results(repo)
+    if stale:
+        print(f"left out, another recipe (code or params): {', '.join(stale)}")
     if len(results) < 2:
-        print(f"error: results for {len(results)} seed(s); run `python -m posttrain seeds run --seeds 1 2`")
+        print(
+            f"error: results for {len(results)} seed(s) of this recipe; "
+            "run `python -m posttrain seeds run --seeds 1 2`"
+        )
         return 1
     rows = seeds_table(results)
     write_text_atomic(args.out, format_markdown(rows, list(results)) + "\n")
