@@ -56,8 +56,9 @@ def seed_results(repo: Path) -> tuple[dict[int, dict], list[str]]:
 
     An experiment counts when its params, ``base.seed`` aside, and the code its stages ran (the Python deps'
     hashes in its dvc.lock) are HEAD's: a seed run with older code or other settings is another recipe's
-    result, and taking it would mix recipes in one table (a commit that touches neither, a README say, keeps
-    them). The others are returned as "seed<k> of <the commit DVC filed it under>", for the caller to name.
+    result, and taking it would mix recipes in one table. A later commit that touches neither (a README
+    edit) keeps them. The others are returned as "seed<k> of <the commit DVC filed it under>", for the
+    caller to name.
     """
     found = {}
     stale = []
