@@ -286,6 +286,22 @@ JUDGE_SEQUENCE_TOKENS = 960  # a self-judging sequence: image, question, two ans
 MODEL_STAGES = 14  # stages that load the 7B model: 4 SFT, ensemble, preferences, DPO, 7 evaluations
 
 
+def load_llava(folder: str | Path, nf4: bool):
+    """LLaVA from `folder` on the GPU in bf16, or as nf4 the way the stages quantize QLoRA's base."""
+    from transformers import LlavaForConditionalGeneration
+
+    from posttrain.config import Quantization
+    from posttrain.training import quantization_config
+
+    return LlavaForConditionalGeneration.from_pretrained(
+        folder,
+        dtype=torch.bfloat16,
+        quantization_config=quantization_config(Quantization.NF4) if nf4 else None,
+        device_map={"": "cuda"},
+        use_safetensors=True,
+    )
+
+
 def project(preset, rates: dict) -> dict:
     """Minutes of the study preset (`configs/study.yaml`) at the given rates, part by part.
 
@@ -509,23 +525,13 @@ def main() -> None:
 
     if not args.skip_nf4:
         from peft import prepare_model_for_kbit_training
-        from transformers import LlavaForConditionalGeneration
-
-        from posttrain.config import Quantization
-        from posttrain.training import quantization_config
 
         with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP", "/tmp")) as tmp:
             model.save_pretrained(tmp)
             del model
             gc.collect()
             torch.cuda.empty_cache()
-            q = LlavaForConditionalGeneration.from_pretrained(
-                tmp,
-                dtype=torch.bfloat16,
-                quantization_config=quantization_config(Quantization.NF4),
-                device_map={"": "cuda"},
-                use_safetensors=True,
-            )
+            q = load_llava(tmp, nf4=True)
         # as posttrain.training loads it: unquantized weights stay bf16 (no prepare_model_for_kbit_training)
         q = liger(q)
         intact = True  # an OOM inside sft_throughput leaves LoRA layers injected: stop measuring then

@@ -44,11 +44,9 @@ def main() -> None:
     import trl  # noqa: F401
 
     t = timed("import trl", t)
-    from transformers import LlavaForConditionalGeneration
+    from gpu import load_llava  # bench/gpu.py, beside this script
 
-    from posttrain.config import Quantization
     from posttrain.e2e import write_standins
-    from posttrain.training import quantization_config
 
     work = Path(args.work)
     write_standins(work, False, "cuda", 24, critic=False)
@@ -57,21 +55,13 @@ def main() -> None:
     for run in ("first", "second"):
         torch.cuda.synchronize()
         t = time.perf_counter()
-        model = LlavaForConditionalGeneration.from_pretrained(
-            folder,
-            dtype=torch.bfloat16,
-            quantization_config=quantization_config(Quantization.NF4),
-            device_map={"": "cuda"},
-            use_safetensors=True,
-        )
+        model = load_llava(folder, nf4=True)
         torch.cuda.synchronize()
         timed(f"load LLaVA-1.5-7B as nf4 ({run} load)", t)
         del model
         torch.cuda.empty_cache()
     t = time.perf_counter()
-    model = LlavaForConditionalGeneration.from_pretrained(
-        folder, dtype=torch.bfloat16, device_map={"": "cuda"}, use_safetensors=True
-    )
+    model = load_llava(folder, nf4=False)
     torch.cuda.synchronize()
     timed("load LLaVA-1.5-7B as bf16", t)
     del model

@@ -31,12 +31,12 @@ def git(*args: str, cwd: Path) -> str:
     return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, check=True).stdout
 
 
-def recipe(repo: Path, rev: str) -> tuple[dict, dict]:
-    """What made a commit's results, the seed aside: its params without ``base.seed``, and the hashes of the
-    Python files its stages depend on (from its dvc.lock; none if it has none).
+def recipe(repo: Path, rev: str) -> tuple[int, tuple[dict, dict]]:
+    """A commit's ``base.seed``, and what else made its results: its params without the seed, and the hashes
+    of the Python files its stages depend on (from its dvc.lock; none if it has none).
     """
     params = yaml.safe_load(git("show", f"{rev}:params.yaml", cwd=repo))
-    params.get("base", {}).pop("seed", None)
+    seed = int(params["base"].pop("seed"))
     try:
         lock = yaml.safe_load(git("show", f"{rev}:dvc.lock", cwd=repo))
     except subprocess.CalledProcessError:
@@ -47,7 +47,7 @@ def recipe(repo: Path, rev: str) -> tuple[dict, dict]:
         for d in stage.get("deps", [])
         if d["path"].endswith(".py")
     }
-    return params, code
+    return seed, (params, code)
 
 
 def seed_results(repo: Path) -> tuple[dict[int, dict], list[str]]:
@@ -60,33 +60,31 @@ def seed_results(repo: Path) -> tuple[dict[int, dict], list[str]]:
     edit) keeps them. The others are returned as "seed<k> of <the commit DVC filed it under>", for the
     caller to name.
     """
-    found = {}
-    stale = []
-    here = recipe(repo, "HEAD")
+    _, here = recipe(repo, "HEAD")
+    revs = [("HEAD", "HEAD")]
     refs = git("for-each-ref", "--format=%(refname) %(objectname)", "refs/exps", cwd=repo).split("\n")
-    revs = ["HEAD"]
     for line in filter(None, refs):
         ref, rev = line.split()
         parts = ref.split("/")  # refs, exps, sha[:2], sha[2:], name
-        if not parts[-1].startswith("seed"):
-            continue
+        if parts[-1].startswith("seed"):
+            revs.append((rev, f"{parts[-1]} of {''.join(parts[2:4])[:7]}"))
+    found = {}
+    stale = []
+    for rev, label in revs:
         try:
-            same = recipe(repo, rev) == here
+            seed, made_by = recipe(repo, rev)
         except subprocess.CalledProcessError:
             continue  # an experiment that failed before its results
-        if same:
-            revs.append(rev)
-        else:
-            stale.append(f"{parts[-1]} of {''.join(parts[2:4])[:7]}")
-    for rev in revs:
+        if made_by != here:
+            stale.append(label)
+            continue
         try:
-            params = yaml.safe_load(git("show", f"{rev}:params.yaml", cwd=repo))
             compare = json.loads(git("show", f"{rev}:{REPORT_COMPARE}", cwd=repo))
         except subprocess.CalledProcessError:
             continue  # an experiment that failed before its report
         if "against" not in compare:
             continue  # a report of an older version
-        found.setdefault(int(params["base"]["seed"]), compare["against"])
+        found.setdefault(seed, compare["against"])
     return dict(sorted(found.items())), stale
 
 
