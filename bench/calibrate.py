@@ -39,7 +39,11 @@ STUDY_FAMILIES = ("bar_shortest", "bar_value", "line_trend", "pie_count", "pie_s
 def stage(script: str, *args: str) -> float:
     """Run a stage script with this interpreter; its seconds. Output is echoed; a failure stops the run."""
     t0 = time.perf_counter()
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    path = [
+        str(ROOT / "src"),
+        os.environ.get("PYTHONPATH"),
+    ]  # a PYTHONPATH of wheels set aside (GPU host) stays
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in path if p)}
     if subprocess.run([sys.executable, str(ROOT / "stages" / script), *args], cwd=ROOT, env=env).returncode:
         raise SystemExit(f"stages/{script} {' '.join(args)} failed")
     return round(time.perf_counter() - t0, 1)

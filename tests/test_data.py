@@ -4,7 +4,16 @@ import random
 import pytest
 from PIL import Image
 
-from posttrain.charts import COLORS, POOL_FAMILIES, Chart, draw_chart, generate_pool, random_chart
+from posttrain.charts import (
+    CAPTION_FAMILY,
+    COLORS,
+    POOL_FAMILIES,
+    Chart,
+    _describe,
+    draw_chart,
+    generate_pool,
+    random_chart,
+)
 from posttrain.config import load_params
 from posttrain.data import (
     SPLITS,
@@ -37,6 +46,38 @@ def test_pools_ask_disjoint_families(tmp_path):
     assert {e.chart_type for e in pre} == {e.chart_type for e in study} == {"bar", "line", "pie"}
     for pool in POOL_FAMILIES.values():
         assert set(pool) == {"bar", "line", "pie"}
+
+
+def test_captions_describe_every_element_of_pretrain_charts_only(tmp_path):
+    """prepare.synthetic.captions: each pretrain chart type also gets "Describe the chart.", whose answer
+    names every colour in drawing order (bars with their values, the line with its direction and ends);
+    the study pool is untouched, and off (the default) the pretrain pool is too."""
+    for d in "abcd":
+        (tmp_path / d).mkdir()
+    plain = generate_pool("pretrain", 60, 84, 3, 0.3, 0, tmp_path / "a", 0.5)
+    assert CAPTION_FAMILY not in {e.family for e in plain}
+    pre = generate_pool("pretrain", 60, 84, 3, 0.3, 0, tmp_path / "b", 0.5, captions=True)
+    captions = [e for e in pre if e.family == CAPTION_FAMILY]
+    assert {e.chart_type for e in captions} == {"bar", "line", "pie"}
+    for e in captions:
+        assert e.question == "Describe the chart." and e.short_answer is None and not e.negative
+        assert e.answer_type is AnswerType.TEXT
+        named = [w.strip(",.") for w in e.answer.split() if w.strip(",.") in COLORS]
+        assert tuple(named) == e.elements, e.answer
+    bars = [e for e in captions if e.chart_type == "bar"]
+    chart = random_chart(random.Random(0), "bar")
+    assert (
+        _describe(chart)
+        == f"A bar chart with {len(chart.values)} bars: "
+        + ", ".join(f"{c} {v}" for c, v in zip(chart.colors, chart.values))
+        + "."
+    )
+    assert bars and all(f"{len(e.elements)} bars:" in e.answer for e in bars)
+    line = _describe(Chart("line", ("orange",), (2, 3, 5, 6, 8)))
+    assert line == "An orange line going up from 2 to 8."
+    assert _describe(Chart("line", ("red",), (8, 6, 5, 3, 1))) == "A red line going down from 8 to 1."
+    study = generate_pool("study", 30, 84, 3, 0.3, 0, tmp_path / "c", 0.5, captions=True)
+    assert study == generate_pool("study", 30, 84, 3, 0.3, 0, tmp_path / "d", 0.5)
 
 
 def test_answers_match_the_drawn_ground_truth(tmp_path):

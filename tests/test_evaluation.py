@@ -120,6 +120,18 @@ def test_aggregate_by_hand():
     assert fam["acc_bar_value"] == 100.0 and fam["acc_bar_value_negative"] == 100.0
 
 
+def test_free_text_families_get_no_accuracy():
+    """A caption (or an LRV row without a short answer) can be neither matched nor declined: its family gets
+    no acc_ row, where it used to read 0% whatever the model said; negatives and short answers keep theirs."""
+    from posttrain.evaluation import scored_families
+
+    caption = _ex(
+        family="describe", short=None, atype=AnswerType.TEXT, answer="A bar chart with 2 bars: red 3, blue 5."
+    )
+    negative = _ex(family="bar_value_negative", short=None, atype=AnswerType.DECLINE, negative=True)
+    assert scored_families([caption, negative, _ex()]) == ["bar_value", "bar_value_negative"]
+
+
 def test_aggregate_of_an_empty_split_has_the_same_keys():
     rows = score_items([_ex()], ["x"], [1.0], [1], [10.0])
     full, empty = aggregate(rows, "retain_", 20, 0), aggregate([], "retain_", 20, 0)

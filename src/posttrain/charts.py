@@ -45,6 +45,7 @@ POOL_FAMILIES: dict[str, dict[str, tuple[str, ...]]] = {
 }
 NEGATIVE_FAMILIES = ("bar_compare", "bar_value", "line_trend")  # families with a colour referent
 FOLLOWUP_FAMILIES = ("bar_compare", "bar_value")  # may be followed by "And the <colour> bar?"
+CAPTION_FAMILY = "describe"  # "Describe the chart.": a pretrain family with prepare.synthetic.captions
 CHART_TYPES = ("bar", "line", "pie")
 
 
@@ -130,9 +131,28 @@ def _compare_answer(colour: str, other: str, taller: bool) -> str:
     return f"No, the {colour} bar is shorter than the {other} bar."
 
 
-def _qa(family: str, chart: Chart, rng: random.Random) -> tuple[str, str, str, AnswerType]:
+def _describe(chart: Chart) -> str:
+    """A dense caption: every element's colour in drawing order, with bar values and the line's ends.
+
+    "A bar chart with 3 bars: red 3, blue 5, green 2." / "A cyan line going up from 2 to 8." /
+    "A pie chart with 4 slices: red, blue, green, pink." It names what the study families ask about (colours
+    present, values, direction) without their question or answer form.
+    """
+    c, v = chart.colors, chart.values
+    if chart.kind == "bar":
+        return f"A bar chart with {len(v)} bars: " + ", ".join(f"{x} {y}" for x, y in zip(c, v)) + "."
+    if chart.kind == "line":
+        way = "up" if v[-1] > v[0] else "down"
+        article = "An" if c[0][0] in "aeiou" else "A"
+        return f"{article} {c[0]} line going {way} from {v[0]} to {v[-1]}."
+    return f"A pie chart with {len(v)} slices: " + ", ".join(c) + "."
+
+
+def _qa(family: str, chart: Chart, rng: random.Random) -> tuple[str, str, str | None, AnswerType]:
     """(question, answer sentence, short answer, answer type) for a positive question."""
     c, v = chart.colors, chart.values
+    if family == CAPTION_FAMILY:
+        return "Describe the chart.", _describe(chart), None, AnswerType.TEXT
     if family == "bar_count":
         return (
             "How many bars are in the chart?",
@@ -254,18 +274,23 @@ def generate_pool(
     seed: int,
     image_dir: Path,
     followup_fraction: float = 0.0,
+    captions: bool = False,
 ) -> list[Example]:
     """Draw `n_images` charts of one pool into `image_dir` and hold one conversation about each.
 
     Each chart gets up to `questions_per_image` distinct families of its chart type (fewer where the pool has
     fewer); each question is replaced, with probability `negative_fraction`, by a negative question where the
     family allows one. With probability `followup_fraction` a `FOLLOWUP_FAMILIES` question is followed by
-    "And the <colour> bar?" (itself negative with probability `negative_fraction`). The conversation id is
+    "And the <colour> bar?" (itself negative with probability `negative_fraction`). With `captions`, the
+    pretrain pool also asks `CAPTION_FAMILY` of every chart type ("Describe the chart.": `_describe`), as
+    LLaVA's base learns from dense captions before it answers questions. The conversation id is
     ``<pool>-<k>``; the image id is the chart's `posttrain.data.image_hash`, so two identical charts are one
     image.
     """
     rng = random.Random(f"{pool}-{seed}")
     families = POOL_FAMILIES[pool]
+    if captions and pool == "pretrain":
+        families = {kind: (*f, CAPTION_FAMILY) for kind, f in families.items()}
     examples = []
     for k in range(n_images):
         kind = CHART_TYPES[k % len(CHART_TYPES)]

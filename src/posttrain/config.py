@@ -110,6 +110,7 @@ class SyntheticParams:
     questions_per_image: int = 3
     negative_fraction: float = 0.35
     followup_fraction: float = 0.5
+    captions: bool = False  # the pretrain pool also asks "Describe the chart." (dense captions)
 
 
 @dataclass(frozen=True)

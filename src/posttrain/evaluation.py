@@ -203,6 +203,15 @@ def aggregate(rows: list[dict], prefix: str, resamples: int, seed: int) -> dict:
     return out
 
 
+def scored_families(examples) -> list[str]:
+    """The families whose answers can be right or wrong: a short answer to match, or a negative to decline.
+
+    Free-text families (captions, LRV rows without a short answer) have neither; BLEU, ROUGE-L and the
+    critic score them, and an accuracy of 0 for them would say nothing.
+    """
+    return sorted({e.family for e in examples if e.negative or e.short_answer is not None})
+
+
 def family_accuracy(rows: list[dict], families: list[str], resamples: int, seed: int) -> dict:
     """``acc_<family>``: share of correct answers (0–100) per question family, with Wilson 95% intervals."""
     out: dict = {}
@@ -268,7 +277,7 @@ def evaluate_model(
     tokenizer = processor.tokenizer
     n_image_tokens = image_token_count(processor)
     critic = load_critic(params)
-    families = sorted({e.family for split, _ in EVAL_SPLITS for e in load_split(data_dir, split)})
+    families = scored_families(e for split, _ in EVAL_SPLITS for e in load_split(data_dir, split))
     metrics: dict = {}
     all_rows: list[dict] = []
     for split, prefix in EVAL_SPLITS:
