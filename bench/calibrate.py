@@ -36,15 +36,18 @@ from posttrain.grid import experiment_names, parse_settings, set_key  # noqa: E4
 STUDY_FAMILIES = ("bar_shortest", "bar_value", "line_trend", "pie_count", "pie_smallest")
 
 
+def stage_env() -> dict[str, str]:
+    """The environment of a stage script: this checkout's src first, then a PYTHONPATH already set (the
+    wheels set aside on a GPU host)."""
+    path = [str(ROOT / "src"), os.environ.get("PYTHONPATH")]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in path if p)}
+
+
 def stage(script: str, *args: str) -> float:
     """Run a stage script with this interpreter; its seconds. Output is echoed; a failure stops the run."""
     t0 = time.perf_counter()
-    path = [
-        str(ROOT / "src"),
-        os.environ.get("PYTHONPATH"),
-    ]  # a PYTHONPATH of wheels set aside (GPU host) stays
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in path if p)}
-    if subprocess.run([sys.executable, str(ROOT / "stages" / script), *args], cwd=ROOT, env=env).returncode:
+    command = [sys.executable, str(ROOT / "stages" / script), *args]
+    if subprocess.run(command, cwd=ROOT, env=stage_env()).returncode:
         raise SystemExit(f"stages/{script} {' '.join(args)} failed")
     return round(time.perf_counter() - t0, 1)
 

@@ -33,3 +33,47 @@ def test_a_family_is_beaten_only_when_its_interval_clears_the_chance_line():
     metrics["acc_pie_count_ci_low"] = 90.0
     r = cal.row("x", {}, metrics, {"sft": 1.0})
     assert r["beats_chance"] == 2 and "pie_count 38 [90] /—" in cal.line(r)
+
+
+def _ablation():
+    import sys
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    spec = importlib.util.spec_from_file_location(
+        "pretrain_ablation", ROOT / "bench" / "pretrain_ablation.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_pretrain_ablation_reads_a_finished_workspace_into_one_row(tmp_path):
+    """bench/pretrain_ablation.py --collect: the setting, the base's training log and every evaluated model,
+    each with its families beaten counted as calibrate counts them."""
+    import json
+
+    ab = _ablation()
+    (tmp_path / "eval" / "metrics").mkdir(parents=True), (tmp_path / "logs").mkdir()
+    (tmp_path / "setting.json").write_text(json.dumps({"name": "captions", "overrides": {"a.b": "true"}}))
+    (tmp_path / "logs" / "base.json").write_text(json.dumps({"train_seconds": 185.0, "final_loss": 0.19}))
+    fams = ("bar_shortest", "bar_value", "line_trend", "pie_count", "pie_smallest")
+    for model, low in (
+        ("base", 0.0),
+        ("sft1", 30.0),
+    ):  # sft1 clears every chance line of 20 but line_trend's 50
+        metrics = {
+            "relaxed_acc": 1.0,
+            "negative_acc": 2.0,
+            "retain_relaxed_acc": 3.0,
+            "retain_negative_acc": 4.0,
+        }
+        for f in fams:
+            chance = 50.0 if f == "line_trend" else 20.0
+            metrics.update({f"acc_{f}": low + 10, f"acc_{f}_ci_low": low, f"chance_{f}": chance})
+        (tmp_path / "eval" / "metrics" / f"{model}.json").write_text(json.dumps(metrics))
+    r = ab.collect(tmp_path)
+    assert r["name"] == "captions" and r["base_train_seconds"] == 185.0 and r["base_final_loss"] == 0.19
+    assert set(r["models"]) == {"base", "sft1"}
+    assert r["models"]["base"]["beats_chance"] == 0 and r["models"]["sft1"]["beats_chance"] == 4
+    assert r["models"]["sft1"]["retain_negative_acc"] == 4.0
+    assert "sft1" in ab.line(r) and "beats 4/5" in ab.line(r)

@@ -1,0 +1,160 @@
+"""What the base learns decides what SFT can show: a setting of `prepare`/`base`, its base, SFT on it.
+
+    python bench/pretrain_ablation.py --name captions -S prepare.synthetic.captions=true \
+        [--variants sft1 sft2] [--base-threads 4] [--work /tmp/pretrain] [--json bench/results/pretrain.json]
+    python bench/pretrain_ablation.py --collect /tmp/pretrain/captions --json ...   # rows of a finished run
+
+The stage scripts run outside DVC into ``--work/<name>``: `prepare` and `base` (on ``--base-threads`` CPU
+threads), then every variant's `sft` and `evaluate` at once (2 threads each: four variants fill 8 cores), then
+the base's evaluation. Several settings run side by side by starting this script once per setting, as on the
+16 cores of the lent GPU host (`bench/results/pretrain_ablation.json`). One row per setting: the base's
+training seconds and retention, and per model (base and each variant) each study family's accuracy with its
+Wilson interval's lower end against the chance line, and how many families it beats (as `bench/calibrate.py`).
+"""
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from calibrate import row, stage, stage_env  # noqa: E402
+from pipeline import cpu_model  # noqa: E402
+
+from posttrain.config import ParamsError, parse_params  # noqa: E402
+from posttrain.grid import parse_settings, set_key  # noqa: E402
+
+SFT_THREADS = 2
+
+
+def write_params(work: Path, overrides: dict[str, str], threads: int, source: str) -> Path:
+    """params.yaml with the overrides and `base.threads`; a bad key or value fails before any compute."""
+    data = yaml.safe_load(Path(source).read_text(encoding="utf-8"))
+    problems = [set_key(data, k, yaml.safe_load(v), source) for k, v in overrides.items()]
+    problems.append(set_key(data, "base.threads", threads, source))
+    if any(problems):
+        raise ParamsError([p for p in problems if p], source)
+    parse_params(data, source)
+    path = work / f"params_{threads}threads.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def model_row(metrics: dict) -> dict:
+    """Each study family's accuracy, interval low and chance line, families beaten (`calibrate.row`)."""
+    r = row("", {}, metrics, {})
+    keep = ("families", "beats_chance", "relaxed_acc", "negative_acc", "retain_relaxed_acc", "critic")
+    return {**{k: r[k] for k in keep}, "retain_negative_acc": metrics.get("retain_negative_acc")}
+
+
+def collect(work: Path) -> dict:
+    """The row of a finished run's workspace (`run`'s layout), read from its files alone."""
+    setting = json.loads((work / "setting.json").read_text())
+    base_log = json.loads((work / "logs" / "base.json").read_text())
+    models = {}
+    for path in sorted((work / "eval" / "metrics").glob("*.json")):
+        models[path.stem] = model_row(json.loads(path.read_text()))
+    return {
+        **setting,
+        "base_train_seconds": base_log.get("train_seconds"),
+        "base_final_loss": base_log.get("final_loss"),
+        "models": models,
+    }
+
+
+def run(
+    name: str, overrides: dict[str, str], variants: list[str], base_threads: int, work: Path, params: str
+):
+    work.mkdir(parents=True, exist_ok=False)
+    base_params = write_params(work, overrides, base_threads, params)
+    sft_params = write_params(work, overrides, SFT_THREADS, params)
+    setting = {
+        "name": name,
+        "overrides": overrides,
+        "machine": f"{cpu_model()}, {os.cpu_count()} cores, Python {platform.python_version()}",
+        "threads": {"prepare_base": base_threads, "sft_evaluate": SFT_THREADS},
+    }
+    (work / "setting.json").write_text(json.dumps(setting, indent=1) + "\n")
+    data, models = work / "prepared", work / "models"
+    stage("prepare.py", "--params", str(base_params), "--out", str(data))
+    t0 = time.perf_counter()
+    stage(
+        "base.py", "--params", str(base_params), "--data", str(data), "--out", str(models / "base"),
+        "--checkpoints", str(work / "ckpt/base"), "--live", "", "--logs", str(work / "logs"),
+    )  # fmt: skip
+    print(f"{name}: base trained in {time.perf_counter() - t0:.0f} s", flush=True)
+    common = ["--params", str(sft_params), "--data", str(data), "--models", str(models)]
+    evaluate = [*common, "--items", str(work / "eval"), "--metrics", str(work / "metrics")]
+    logs = ["--logs", str(work / "logs")]
+    jobs = []
+    for v in variants:  # SFT, then its evaluation, every variant at once
+        sft = [sys.executable, "stages/sft.py", "--variant", v, *common, "--checkpoints", str(work / "ckpt")]
+        then = [sys.executable, "stages/evaluate.py", "--model", v, *evaluate, *logs]
+        script = f"{shlex.join([*sft, '--live', '', *logs])} && {shlex.join(then)}"
+        with open(work / f"{v}.log", "w") as log:  # the child keeps its own descriptor
+            job = subprocess.Popen(["bash", "-c", script], cwd=ROOT, env=stage_env(), stdout=log, stderr=log)
+        jobs.append((v, job))
+    stage("evaluate.py", "--model", "base", *evaluate, *logs)
+    failed = [v for v, job in jobs if job.wait()]
+    if failed:
+        raise SystemExit(f"{', '.join(failed)} failed: see {work}/<variant>.log")
+
+
+def line(row: dict) -> str:
+    out = [f"{row['name']}: base {row['base_train_seconds']:.0f} s, loss {row['base_final_loss']:.3f}"]
+    for m, r in row["models"].items():
+        cells = "  ".join(
+            f"{f} {v['acc']:.0f} [{v['ci_low']:.0f}] /{v['chance']:.0f}" for f, v in r["families"].items()
+        )
+        out.append(
+            f"  {m:<5} {cells}  beats {r['beats_chance']}/5  rel {r['relaxed_acc']:.1f}  "
+            f"neg {r['negative_acc']:.1f}  retain {r['retain_relaxed_acc']:.1f}"
+        )
+    return "\n".join(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--name", help="the setting's name (its folder under --work)")
+    ap.add_argument("-S", "--set", dest="settings", action="append", default=[], help="KEY=VALUE (one value)")
+    ap.add_argument("--variants", nargs="+", default=["sft1", "sft2"])
+    ap.add_argument("--base-threads", type=int, default=4)
+    ap.add_argument("--params", default=str(ROOT / "params.yaml"))
+    ap.add_argument("--work", default="/tmp/pretrain")
+    ap.add_argument("--collect", nargs="+", type=Path, help="only read finished workspaces into rows")
+    ap.add_argument("--json", help="append the rows to this JSON file")
+    args = ap.parse_args()
+
+    if args.collect:
+        workspaces = args.collect
+    else:
+        if not args.name:
+            ap.error("--name is required unless --collect is given")
+        grid = parse_settings(args.settings) if args.settings else [{}]
+        if len(grid) != 1:
+            ap.error("one value per key: start the script once per setting to run several side by side")
+        work = Path(args.work) / args.name
+        run(args.name, grid[0], args.variants, args.base_threads, work, args.params)
+        workspaces = [work]
+    rows = [collect(w) for w in workspaces]
+    for r in rows:
+        print(line(r), flush=True)
+    if args.json:
+        path = Path(args.json)
+        old = json.loads(path.read_text()) if path.exists() else {"rows": []}
+        old["rows"] += rows
+        path.write_text(json.dumps(old, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
