@@ -5,9 +5,10 @@
     python bench/pretrain_ablation.py --collect /tmp/pretrain/captions --json ...   # rows of a finished run
 
 The stage scripts run outside DVC into ``--work/<name>``: `prepare` and `base` (on ``--base-threads`` CPU
-threads), then every variant's `sft` and `evaluate` at once (2 threads each: four variants fill 8 cores), then
-the base's evaluation. Several settings run side by side by starting this script once per setting, as on the
-16 cores of the lent GPU host (`bench/results/pretrain_ablation.json`). One row per setting: the base's
+threads), then every variant's `sft` and `evaluate`, ``--jobs`` at a time (2 threads each: four fill 8 cores;
+on 2 cores, ``--jobs 1 --base-threads 2``), then the base's evaluation. Several settings run side by side by
+starting this script once per setting, as on the 16 cores of the lent GPU host
+(`bench/results/pretrain_ablation.json`). One row per setting: the base's
 training seconds and retention, and per model (base and each variant) each study family's accuracy with its
 Wilson interval's lower end against the chance line, and how many families it beats (as `bench/calibrate.py`).
 """
@@ -73,7 +74,13 @@ def collect(work: Path) -> dict:
 
 
 def run(
-    name: str, overrides: dict[str, str], variants: list[str], base_threads: int, work: Path, params: str
+    name: str,
+    overrides: dict[str, str],
+    variants: list[str],
+    jobs: int,
+    base_threads: int,
+    work: Path,
+    params: str,
 ):
     work.mkdir(parents=True, exist_ok=False)
     base_params = write_params(work, overrides, base_threads, params)
@@ -96,16 +103,20 @@ def run(
     common = ["--params", str(sft_params), "--data", str(data), "--models", str(models)]
     evaluate = [*common, "--items", str(work / "eval"), "--metrics", str(work / "metrics")]
     logs = ["--logs", str(work / "logs")]
-    jobs = []
-    for v in variants:  # SFT, then its evaluation, every variant at once
+    running: list[tuple[str, subprocess.Popen]] = []
+    failed = []
+    for v in variants:  # SFT, then its evaluation; `jobs` variants at a time
         sft = [sys.executable, "stages/sft.py", "--variant", v, *common, "--checkpoints", str(work / "ckpt")]
         then = [sys.executable, "stages/evaluate.py", "--model", v, *evaluate, *logs]
         script = f"{shlex.join([*sft, '--live', '', *logs])} && {shlex.join(then)}"
+        if len(running) == jobs:
+            done, job = running.pop(0)
+            failed += [done] if job.wait() else []
         with open(work / f"{v}.log", "w") as log:  # the child keeps its own descriptor
             job = subprocess.Popen(["bash", "-c", script], cwd=ROOT, env=stage_env(), stdout=log, stderr=log)
-        jobs.append((v, job))
+        running.append((v, job))
+    failed += [v for v, job in running if job.wait()]
     stage("evaluate.py", "--model", "base", *evaluate, *logs)
-    failed = [v for v, job in jobs if job.wait()]
     if failed:
         raise SystemExit(f"{', '.join(failed)} failed: see {work}/<variant>.log")
 
@@ -128,6 +139,9 @@ def main() -> None:
     ap.add_argument("--name", help="the setting's name (its folder under --work)")
     ap.add_argument("-S", "--set", dest="settings", action="append", default=[], help="KEY=VALUE (one value)")
     ap.add_argument("--variants", nargs="+", default=["sft1", "sft2"])
+    ap.add_argument(
+        "--jobs", type=int, default=4, help="SFT variants at a time (2 threads each); 1 on 2 cores"
+    )
     ap.add_argument("--base-threads", type=int, default=4)
     ap.add_argument("--params", default=str(ROOT / "params.yaml"))
     ap.add_argument("--work", default="/tmp/pretrain")
@@ -144,7 +158,7 @@ def main() -> None:
         if len(grid) != 1:
             ap.error("one value per key: start the script once per setting to run several side by side")
         work = Path(args.work) / args.name
-        run(args.name, grid[0], args.variants, args.base_threads, work, args.params)
+        run(args.name, grid[0], args.variants, args.jobs, args.base_threads, work, args.params)
         workspaces = [work]
     rows = [collect(w) for w in workspaces]
     for r in rows:
