@@ -3,6 +3,7 @@
     python bench/pretrain_ablation.py --name captions -S prepare.synthetic.captions=true \
         [--variants sft1 sft2] [--base-threads 4] [--work /tmp/pretrain] [--json bench/results/pretrain.json]
     python bench/pretrain_ablation.py --collect /tmp/pretrain/captions --json ...   # rows of a finished run
+    python bench/pretrain_ablation.py --rev seed1=<exp commit> --json ...     # rows of DVC experiments
 
 The stage scripts run outside DVC into ``--work/<name>``: `prepare` and `base` (on ``--base-threads`` CPU
 threads), then every variant's `sft` and `evaluate`, ``--jobs`` at a time (2 threads each: four fill 8 cores;
@@ -73,6 +74,21 @@ def collect(work: Path) -> dict:
     }
 
 
+def collect_rev(name: str, rev: str) -> dict:
+    """The row of a DVC experiment or commit (`dvc exp run`, `seeds run`): its models' evaluation metrics,
+    read from the DVC cache through `dvc.api` (the base's training log is not a DVC output: None).
+    """
+    import dvc.api
+
+    models = {}
+    for model in ("base", "sft1", "sft2", "sft3", "sft4", "sfte", "sfte_dpo"):
+        try:
+            models[model] = model_row(json.loads(dvc.api.read(f"data/eval/metrics/{model}.json", rev=rev)))
+        except FileNotFoundError:
+            continue
+    return {"name": name, "rev": rev, "base_train_seconds": None, "base_final_loss": None, "models": models}
+
+
 def run(
     name: str,
     overrides: dict[str, str],
@@ -122,14 +138,21 @@ def run(
 
 
 def line(row: dict) -> str:
-    out = [f"{row['name']}: base {row['base_train_seconds']:.0f} s, loss {row['base_final_loss']:.3f}"]
+    trained = row["base_train_seconds"] is not None
+    out = [
+        f"{row['name']}: " + (f"base {row['base_train_seconds']:.0f} s" if trained else row.get("rev", ""))
+    ]
+
+    def num(x, digits=0) -> str:
+        return "—" if x is None else f"{x:.{digits}f}"
+
     for m, r in row["models"].items():
         cells = "  ".join(
-            f"{f} {v['acc']:.0f} [{v['ci_low']:.0f}] /{v['chance']:.0f}" for f, v in r["families"].items()
+            f"{f} {num(v['acc'])} [{num(v['ci_low'])}] /{num(v['chance'])}" for f, v in r["families"].items()
         )
         out.append(
-            f"  {m:<5} {cells}  beats {r['beats_chance']}/5  rel {r['relaxed_acc']:.1f}  "
-            f"neg {r['negative_acc']:.1f}  retain {r['retain_relaxed_acc']:.1f}"
+            f"  {m:<5} {cells}  beats {r['beats_chance']}/5  rel {num(r['relaxed_acc'], 1)}  "
+            f"neg {num(r['negative_acc'], 1)}  retain {num(r['retain_relaxed_acc'], 1)}"
         )
     return "\n".join(out)
 
@@ -145,11 +168,20 @@ def main() -> None:
     ap.add_argument("--base-threads", type=int, default=4)
     ap.add_argument("--params", default=str(ROOT / "params.yaml"))
     ap.add_argument("--work", default="/tmp/pretrain")
-    ap.add_argument("--collect", nargs="+", type=Path, help="only read finished workspaces into rows")
+    ap.add_argument(
+        "--collect", nargs="+", type=Path, default=[], help="only read finished workspaces into rows"
+    )
+    ap.add_argument(
+        "--rev",
+        nargs="+",
+        default=[],
+        metavar="NAME=REV",
+        help="only read DVC experiments or commits into rows",
+    )
     ap.add_argument("--json", help="append the rows to this JSON file")
     args = ap.parse_args()
 
-    if args.collect:
+    if args.collect or args.rev:
         workspaces = args.collect
     else:
         if not args.name:
@@ -160,7 +192,7 @@ def main() -> None:
         work = Path(args.work) / args.name
         run(args.name, grid[0], args.variants, args.jobs, args.base_threads, work, args.params)
         workspaces = [work]
-    rows = [collect(w) for w in workspaces]
+    rows = [collect(w) for w in workspaces] + [collect_rev(*nr.split("=", 1)) for nr in args.rev]
     for r in rows:
         print(line(r), flush=True)
     if args.json:

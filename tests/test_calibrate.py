@@ -77,3 +77,26 @@ def test_pretrain_ablation_reads_a_finished_workspace_into_one_row(tmp_path):
     assert r["models"]["base"]["beats_chance"] == 0 and r["models"]["sft1"]["beats_chance"] == 4
     assert r["models"]["sft1"]["retain_negative_acc"] == 4.0
     assert "sft1" in ab.line(r) and "beats 4/5" in ab.line(r)
+
+
+def test_pretrain_ablation_reads_an_experiment_through_dvc_api(monkeypatch):
+    """--rev NAME=REV: every model evaluated in that experiment, read at that revision; others left out."""
+    import json
+
+    import dvc.api
+
+    ab = _ablation()
+    metrics = {"acc_bar_shortest": 40.0, "acc_bar_shortest_ci_low": 30.0, "chance_bar_shortest": 19.6}
+    asked = []
+
+    def read(path, rev):
+        asked.append((path, rev))
+        if path.endswith(("/base.json", "/sft1.json")):
+            return json.dumps(metrics)
+        raise FileNotFoundError(path)
+
+    monkeypatch.setattr(dvc.api, "read", read)
+    r = ab.collect_rev("seed1", "abc123")
+    assert set(r["models"]) == {"base", "sft1"} and r["rev"] == "abc123"
+    assert r["models"]["sft1"]["beats_chance"] == 1 and r["base_train_seconds"] is None
+    assert ("data/eval/metrics/sft1.json", "abc123") in asked and "seed1: abc123" in ab.line(r)
