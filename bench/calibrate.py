@@ -79,14 +79,27 @@ def row(name: str, overrides: dict, metrics: dict, seconds: dict) -> dict:
     }
 
 
+def num(x, digits: int = 0) -> str:
+    return "—" if x is None else f"{x:.{digits}f}"
+
+
+def family_cells(families: dict) -> list[str]:
+    """``<family> <accuracy> [<interval low>] /<chance line>`` per family of a `row`."""
+    return [f"{f} {num(v['acc'])} [{num(v['ci_low'])}] /{num(v['chance'])}" for f, v in families.items()]
+
+
+def setting_params(text: str, overrides: dict[str, str], source: str, name: str) -> dict:
+    """params.yaml's `text` with a setting's overrides; a bad key or value fails here, before any compute."""
+    data = yaml.safe_load(text)
+    problems = [set_key(data, k, yaml.safe_load(v), source) for k, v in overrides.items()]
+    if any(problems):
+        raise ParamsError([p for p in problems if p], source)
+    parse_params(data, name)
+    return data
+
+
 def line(r: dict) -> str:
-    cells = [f"{r['name']:<40}", f"sft {r['seconds'].get('sft', 0):>5.0f}s"]
-
-    def num(x) -> str:
-        return "—" if x is None else f"{x:.0f}"
-
-    for f, v in r["families"].items():
-        cells.append(f"{f} {num(v['acc'])} [{num(v['ci_low'])}] /{num(v['chance'])}")
+    cells = [f"{r['name']:<40}", f"sft {r['seconds'].get('sft', 0):>5.0f}s", *family_cells(r["families"])]
     cells += [
         f"beats {r['beats_chance']}/5",
         f"rel {r['relaxed_acc']:.1f}",
@@ -110,11 +123,7 @@ def main() -> None:
     base_text = Path(args.params).read_text(encoding="utf-8")
     rows = []
     for name, overrides in zip(names, grid):
-        data = yaml.safe_load(base_text)
-        problems = [set_key(data, k, yaml.safe_load(v), args.params) for k, v in overrides.items()]
-        if any(problems):
-            raise ParamsError([p for p in problems if p], args.params)
-        parse_params(data, name)  # a bad value fails here, before any compute
+        data = setting_params(base_text, overrides, args.params, name)
         work = Path(args.work) / name
         shutil.rmtree(work, ignore_errors=True)
         (work / "models").mkdir(parents=True)

@@ -30,23 +30,18 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from calibrate import row, stage, stage_env  # noqa: E402
+from calibrate import family_cells, num, row, setting_params, stage, stage_env  # noqa: E402
 from pipeline import cpu_model  # noqa: E402
 
-from posttrain.config import ParamsError, parse_params  # noqa: E402
-from posttrain.grid import parse_settings, set_key  # noqa: E402
+from posttrain.grid import parse_settings  # noqa: E402
 
 SFT_THREADS = 2
 
 
 def write_params(work: Path, overrides: dict[str, str], threads: int, source: str) -> Path:
     """params.yaml with the overrides and `base.threads`; a bad key or value fails before any compute."""
-    data = yaml.safe_load(Path(source).read_text(encoding="utf-8"))
-    problems = [set_key(data, k, yaml.safe_load(v), source) for k, v in overrides.items()]
-    problems.append(set_key(data, "base.threads", threads, source))
-    if any(problems):
-        raise ParamsError([p for p in problems if p], source)
-    parse_params(data, source)
+    text = Path(source).read_text(encoding="utf-8")
+    data = setting_params(text, {**overrides, "base.threads": str(threads)}, source, source)
     path = work / f"params_{threads}threads.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
     return path
@@ -80,8 +75,9 @@ def collect_rev(name: str, rev: str) -> dict:
     """
     import dvc.api
 
+    variants = yaml.safe_load(dvc.api.read("params.yaml", rev=rev))["sft"]["variants"]
     models = {}
-    for model in ("base", "sft1", "sft2", "sft3", "sft4", "sfte", "sfte_dpo"):
+    for model in ("base", *variants, "sfte", "sfte_dpo"):
         try:
             models[model] = model_row(json.loads(dvc.api.read(f"data/eval/metrics/{model}.json", rev=rev)))
         except FileNotFoundError:
@@ -143,13 +139,8 @@ def line(row: dict) -> str:
         f"{row['name']}: " + (f"base {row['base_train_seconds']:.0f} s" if trained else row.get("rev", ""))
     ]
 
-    def num(x, digits=0) -> str:
-        return "—" if x is None else f"{x:.{digits}f}"
-
     for m, r in row["models"].items():
-        cells = "  ".join(
-            f"{f} {num(v['acc'])} [{num(v['ci_low'])}] /{num(v['chance'])}" for f, v in r["families"].items()
-        )
+        cells = "  ".join(family_cells(r["families"]))
         out.append(
             f"  {m:<5} {cells}  beats {r['beats_chance']}/5  rel {num(r['relaxed_acc'], 1)}  "
             f"neg {num(r['negative_acc'], 1)}  retain {num(r['retain_relaxed_acc'], 1)}"
@@ -185,7 +176,7 @@ def main() -> None:
         workspaces = args.collect
     else:
         if not args.name:
-            ap.error("--name is required unless --collect is given")
+            ap.error("--name is required unless --collect or --rev is given")
         grid = parse_settings(args.settings) if args.settings else [{}]
         if len(grid) != 1:
             ap.error("one value per key: start the script once per setting to run several side by side")

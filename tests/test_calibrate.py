@@ -91,6 +91,8 @@ def test_pretrain_ablation_reads_an_experiment_through_dvc_api(monkeypatch):
 
     def read(path, rev):
         asked.append((path, rev))
+        if path == "params.yaml":  # the experiment's variants name the models to read
+            return "sft:\n  variants: {sft1: {alpha: 16}, sft2: {alpha: 8}}\n"
         if path.endswith(("/base.json", "/sft1.json")):
             return json.dumps(metrics)
         raise FileNotFoundError(path)
