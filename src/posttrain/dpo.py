@@ -73,6 +73,10 @@ def policy_from_adapter(
     model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=True)
     if quantization is Quantization.NONE:
         model = model.to(device)  # an nf4 base is already placed by its device_map
+    if device == "cpu":
+        from posttrain.training import sparse_lora_dropout
+
+        sparse_lora_dropout(model)  # same dropout, a tenth of the random draws (bernoulli_ is slow on CPU)
     return model, processor
 
 

@@ -26,7 +26,8 @@ CPU_NUMERICS = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MK
 
 
 def setup(threads: int) -> str:
-    """Pin the CPU float paths, set torch's CPU threads (0 keeps torch's default), silence library noise.
+    """Pin the CPU float paths, set torch's CPU threads (0 keeps torch's default), silence library noise,
+    and without a CUDA GPU keep PEFT from importing bitsandbytes.
 
     Returns:
         The device name, ``cuda`` or ``cpu``.
@@ -40,6 +41,11 @@ def setup(threads: int) -> str:
 
     if threads:
         torch.set_num_threads(threads)
+    if not torch.cuda.is_available():
+        # nf4 (the only use of bitsandbytes here) needs CUDA and is refused without it; PEFT imports it
+        # anyway when it is installed, 2–3 s of every stage's start on a CPU. A None entry makes
+        # `importlib.util.find_spec` (PEFT's and transformers' check) report it absent.
+        sys.modules.setdefault("bitsandbytes", None)
     transformers.utils.logging.disable_progress_bar()  # "Loading weights", "Writing model shards"
     transformers.utils.logging.set_verbosity_error()
     warnings.filterwarnings("ignore", message=DEPRECATED_CHECKPOINTING, category=FutureWarning)

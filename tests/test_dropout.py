@@ -1,0 +1,85 @@
+"""SparseDropout: CPU training's LoRA dropout, drawn as geometric gaps instead of one coin per element."""
+
+import copy
+import math
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+
+from posttrain.training import SparseDropout, dropped_positions, language_model_regex, sparse_lora_dropout
+
+
+@pytest.mark.parametrize("p", [0.05, 0.1, 0.5])
+def test_dropped_positions_are_bernoulli_p(p):
+    """Each of n positions is dropped with probability p, independently.
+
+    The count is Binomial(n, p): within 5 standard deviations of n·p. Independence shows in the gaps:
+    P(gap = 1) = p and P(gap = 2) = (1 − p)·p for Geometric(p) gaps; an evenly spread mask (gap 1/p
+    every time) or a clumped one fails them.
+    """
+    n = 400_000
+    g = torch.Generator().manual_seed(0)
+    pos = dropped_positions(n, p, g)
+    assert pos.dtype == torch.long and pos.ndim == 1
+    assert int(pos.min()) >= 0 and int(pos.max()) < n
+    assert bool((pos.diff() > 0).all()), "strictly increasing: no position twice"
+    sd = math.sqrt(n * p * (1 - p))
+    assert abs(len(pos) - n * p) < 5 * sd
+    gaps = pos.diff()
+    k = len(gaps)
+    for gap, prob in ((1, p), (2, (1 - p) * p)):
+        share = float((gaps == gap).sum()) / k
+        assert abs(share - prob) < 5 * math.sqrt(prob * (1 - prob) / k), (gap, share, prob)
+
+
+def test_dropped_positions_edges_and_seed():
+    assert dropped_positions(0, 0.1).numel() == 0
+    assert dropped_positions(100, 0.0).numel() == 0
+    a = dropped_positions(10_000, 0.1, torch.Generator().manual_seed(3))
+    b = dropped_positions(10_000, 0.1, torch.Generator().manual_seed(3))
+    c = dropped_positions(10_000, 0.1, torch.Generator().manual_seed(4))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    # p near 1 needs more than one batch of gaps for some n; every position still comes out once
+    assert dropped_positions(50, 0.99, torch.Generator().manual_seed(0)).unique().numel() <= 50
+
+
+def test_sparse_dropout_zeroes_or_scales_and_its_gradient_is_the_mask():
+    """y = x·m/(1 − p) with m ∈ {0, 1}: the gradient of sum(y) is m/(1 − p), and eval mode is the identity."""
+    p = 0.25
+    layer = SparseDropout(p)
+    x = torch.rand(64, 33, 17) + 1.0  # no zeros: a zero output means dropped
+    x.requires_grad_(True)
+    torch.manual_seed(0)
+    y = layer(x)
+    kept = y != 0
+    assert torch.allclose(y[kept], x[kept] / (1 - p))
+    assert 0.2 < 1 - kept.float().mean().item() < 0.3
+    y.sum().backward()
+    assert torch.allclose(x.grad, kept.float() / (1 - p))
+    torch.manual_seed(0)
+    assert torch.equal(layer(x.detach()), y.detach()), "the same seed gives the same mask"
+    layer.eval()
+    assert layer(x) is x
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        SparseDropout(1.0)
+
+
+def test_sparse_lora_dropout_swaps_every_lora_dropout_and_keeps_the_adapter(tiny):
+    model, _ = tiny
+    lora = LoraConfig(
+        r=4, lora_alpha=8, lora_dropout=0.1, target_modules=language_model_regex(("q_proj", "up_proj"))
+    )
+    peft = get_peft_model(copy.deepcopy(model), lora)
+    before = {n: t.clone() for n, t in peft.state_dict().items()}
+    n_lora = sum(1 for m in peft.modules() if hasattr(m, "lora_A"))
+    assert sparse_lora_dropout(peft) == n_lora > 0
+    assert not any(type(m) is torch.nn.Dropout for m in peft.modules())
+    assert all(m.p == 0.1 for m in peft.modules() if isinstance(m, SparseDropout))
+    after = peft.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[n], t) for n, t in before.items())
+    # no dropout configured: PEFT's Identity stays
+    plain = get_peft_model(
+        copy.deepcopy(model), LoraConfig(r=4, lora_alpha=8, target_modules=language_model_regex(("q_proj",)))
+    )
+    assert sparse_lora_dropout(plain) == 0
