@@ -87,7 +87,6 @@ class TrainParams:
     warmup_steps: int = 30
     weight_decay: float = 0.0
     save_steps: int = 400  # checkpoint every N steps so a killed run resumes; 0 disables
-    length_buckets: int = 0  # 0: random batches; k: batches of similar length, sorted within k batches
 
 
 @dataclass(frozen=True)
@@ -527,7 +526,7 @@ def _check(p: Params, problems: list[str]) -> None:
     tr = b.train
     for name in ("max_steps", "batch_size", "learning_rate"):
         positive(f"base.train.{name}", getattr(tr, name))
-    for name in ("warmup_steps", "weight_decay", "save_steps", "length_buckets"):
+    for name in ("warmup_steps", "weight_decay", "save_steps"):
         positive(f"base.train.{name}", getattr(tr, name), zero_ok=True)
     t = b.tiny
     for name in (

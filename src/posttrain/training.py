@@ -60,10 +60,6 @@ class TeacherForcedDataset(torch.utils.data.Dataset):
     def tokens(self) -> int:
         return sum(len(ids) for ids, _ in self.encoded)
 
-    @property
-    def lengths(self) -> list[int]:
-        return [len(ids) for ids, _ in self.encoded]
-
     def __getitem__(self, i: int) -> dict:
         ids, labels = self.encoded[i]
         return {"input_ids": ids, "labels": labels, "pixel_values": self.pixels[self.images[i]]}
@@ -87,42 +83,6 @@ class TeacherForcedCollator:
             "pixel_values": pixel_values,
             "answer_start": answer_start(labels),  # an int, found here on the CPU: no device sync per step
         }
-
-
-class LengthBucketSampler(torch.utils.data.Sampler[int]):
-    """A random order whose batches hold conversations of similar length: less padding to compute.
-
-    Each epoch draws a permutation, cuts it into spans of `bucket` batches, sorts each span by length and cuts
-    it into batches, then shuffles the batches (a partial one goes last, so the DataLoader's cuts fall on
-    them). Every conversation is seen once an epoch, as with a random sampler; a batch mixes `bucket`× fewer
-    lengths. The order is a function of (seed, epoch) alone (``set_epoch``, called by the Trainer), so a
-    resumed run replays it.
-    """
-
-    def __init__(self, lengths: list[int], batch_size: int, bucket: int, seed: int):
-        self.lengths, self.batch_size, self.bucket, self.seed = lengths, batch_size, bucket, seed
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.lengths)
-
-    def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        order = torch.randperm(len(self.lengths), generator=g).tolist()
-        span = self.batch_size * self.bucket
-        batches = []
-        for i in range(0, len(order), span):
-            chunk = sorted(order[i : i + span], key=lambda j: self.lengths[j])  # stable: ties keep the draw
-            batches += [chunk[k : k + self.batch_size] for k in range(0, len(chunk), self.batch_size)]
-        full = [b for b in batches if len(b) == self.batch_size]
-        partial = [b for b in batches if len(b) < self.batch_size]  # at most one: the last span's tail
-        for k in torch.randperm(len(full), generator=g).tolist():
-            yield from full[k]
-        for b in partial:
-            yield from b
 
 
 class ProgressCallback(TrainerCallback):
@@ -232,23 +192,9 @@ def answer_loss(model, inputs: dict, labels: torch.Tensor, num_items=None, start
 
 
 class AnswerLossTrainer(Trainer):
-    """HF Trainer whose loss is `answer_loss`: logits only where a label is supervised; with `length_buckets`
-    its batches come from a `LengthBucketSampler`.
-    """
+    """HF Trainer whose loss is `answer_loss`: logits only where a label is supervised."""
 
     loss_is_scaled_for_ga = True  # divided by the supervised tokens of the whole accumulated batch
-
-    def __init__(self, *args, length_buckets: int = 0, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.length_buckets = length_buckets
-
-    def _get_train_sampler(self, train_dataset=None):
-        dataset = train_dataset if train_dataset is not None else self.train_dataset
-        if not self.length_buckets:
-            return super()._get_train_sampler(train_dataset)
-        return LengthBucketSampler(
-            dataset.lengths, self.args.train_batch_size, self.length_buckets, self.args.data_seed
-        )
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = dict(inputs)
@@ -262,20 +208,12 @@ class AnswerLossTrainer(Trainer):
         return (loss, outputs) if return_outputs else loss
 
 
-def run_trainer(
-    model, args: TrainingArguments, dataset, collator, callbacks: list, live_dir=None, length_buckets: int = 0
-) -> dict:
+def run_trainer(model, args: TrainingArguments, dataset, collator, callbacks: list, live_dir=None) -> dict:
     """One `AnswerLossTrainer` call through `posttrain.checkpoints.fit` (resumes a killed run's checkpoint in
-    ``args.output_dir``; claim it with `claim_checkpoints` first). `length_buckets` > 0 batches conversations
-    of similar length (`LengthBucketSampler`); 0 draws them at random.
+    ``args.output_dir``; claim it with `claim_checkpoints` first).
     """
     trainer = AnswerLossTrainer(
-        model=model,
-        args=args,
-        train_dataset=dataset,
-        data_collator=collator,
-        callbacks=callbacks,
-        length_buckets=length_buckets,
+        model=model, args=args, train_dataset=dataset, data_collator=collator, callbacks=callbacks
     )
     return fit(trainer, live_dir)
 
@@ -353,7 +291,7 @@ def train_tiny_base(
     )
     callbacks = [ProgressCallback(every=100, batch_size=t.batch_size)]
     collator = TeacherForcedCollator(tokenizer.pad_token_id)
-    summary = run_trainer(model, args, dataset, collator, callbacks, live_dir, t.length_buckets)
+    summary = run_trainer(model, args, dataset, collator, callbacks, live_dir)
     timing = summary.pop("timing")
     summary["params"] = count_params(model)
     if not is_main():  # the processes hold the same weights after every step: one writes them
