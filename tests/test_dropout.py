@@ -83,3 +83,24 @@ def test_sparse_lora_dropout_swaps_every_lora_dropout_and_keeps_the_adapter(tiny
         copy.deepcopy(model), LoraConfig(r=4, lora_alpha=8, target_modules=language_model_regex(("q_proj",)))
     )
     assert sparse_lora_dropout(plain) == 0
+
+
+def test_the_dropout_benchmark_times_both_and_finds_each_ones_ops(
+    base_dir, prepared, micro_params_file, tmp_path
+):
+    """`bench/dropout.py` runs on a micro base and finds each dropout's own ops in its step's profile."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    out = tmp_path / "dropout.json"
+    cmd = [sys.executable, str(ROOT / "bench/dropout.py"), "--steps", "2", "--params", str(micro_params_file)]
+    cmd += ["--base", str(base_dir), "--data", str(prepared), "--json", str(out)]
+    subprocess.run(cmd, check=True, capture_output=True, text=True)
+    result = json.loads(out.read_text())
+    assert result["lora_layers"] > 0 and result["steps"] == 2
+    for kind in ("dropout", "sparse"):
+        assert result[kind]["median_step_ms"] > 0
+        assert 0 < result[kind]["dropout_share_of_step_cpu"] < 1
