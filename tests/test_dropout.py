@@ -66,6 +66,25 @@ def test_sparse_dropout_zeroes_or_scales_and_its_gradient_is_the_mask():
         SparseDropout(1.0)
 
 
+def test_sparse_dropout_equals_the_mask_product_bit_for_bit_without_building_the_mask():
+    """The output and gradient are x·s and g·s zeroed at the dropped positions: bit for bit what multiplying
+    by a full mask tensor (s or 0 at each element) gives, from the same draws, so the pipeline's metrics do
+    not move (`bench/dropout.py` times the two).
+    """
+    p = 0.1
+    x = torch.randn(32, 97, 128, requires_grad=True)
+    g = torch.randn(32, 97, 128)
+    torch.manual_seed(5)
+    y = SparseDropout(p)(x)
+    y.backward(g)
+    torch.manual_seed(5)
+    mask = torch.full((x.numel(),), 1 / (1 - p))
+    mask[dropped_positions(x.numel(), p)] = 0
+    mask = mask.view(x.shape)
+    assert torch.equal(y, x.detach() * mask)
+    assert torch.equal(x.grad, g * mask)
+
+
 def test_sparse_lora_dropout_swaps_every_lora_dropout_and_keeps_the_adapter(tiny):
     model, _ = tiny
     lora = LoraConfig(

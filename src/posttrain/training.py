@@ -537,6 +537,32 @@ def dropped_positions(n: int, p: float, generator: torch.Generator | None = None
     return positions[positions < n]
 
 
+class _ScaleAndZero(torch.autograd.Function):
+    """x·s with the elements at flat `positions` zeroed; the gradient likewise.
+
+    Bit for bit x times a mask tensor holding s or 0 (an IEEE product is the same either way), without
+    writing that mask: one pass over x and a scatter of the ~n·p zeros, forward and backward.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, positions: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.save_for_backward(positions)
+        ctx.scale = scale
+        return _scale_and_zero(x, positions, scale)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (positions,) = ctx.saved_tensors
+        return _scale_and_zero(grad, positions, ctx.scale), None, None
+
+
+def _scale_and_zero(x: torch.Tensor, positions: torch.Tensor, scale: float) -> torch.Tensor:
+    # the scale in x's dtype, as the mask held it; contiguous so flat positions are row-major, as the mask's
+    out = (x * torch.tensor(scale, dtype=x.dtype, device=x.device)).contiguous()
+    out.view(-1).index_fill_(0, positions, 0)
+    return out
+
+
 class SparseDropout(torch.nn.Module):
     """`torch.nn.Dropout` that draws only the dropped positions (`dropped_positions`).
 
@@ -554,9 +580,7 @@ class SparseDropout(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0:
             return x
-        scale = torch.full((x.numel(),), 1 / (1 - self.p), dtype=x.dtype, device=x.device)  # (N,)
-        scale[dropped_positions(x.numel(), self.p).to(x.device)] = 0
-        return x * scale.view(x.shape)
+        return _ScaleAndZero.apply(x, dropped_positions(x.numel(), self.p).to(x.device), 1 / (1 - self.p))
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
