@@ -26,15 +26,20 @@ def _imports(path: Path) -> set[str]:
     return found
 
 
+def _path(module: str) -> Path:
+    """The file of a posttrain module; the package itself is its __init__.py (it runs on any import)."""
+    return SRC / ("__init__.py" if module == "posttrain" else f"{module.split('.', 1)[1]}.py")
+
+
 def _closure(script: Path) -> set[str]:
-    todo, seen = list(_imports(script)), set()
+    todo, seen = ["posttrain", *_imports(script)], set()
     while todo:
         mod = todo.pop()
-        if mod in seen or mod == "posttrain":
+        if mod in seen:
             continue
         seen.add(mod)
-        todo += _imports(SRC / f"{mod.split('.', 1)[1]}.py")
-    return {f"src/posttrain/{m.split('.', 1)[1]}.py" for m in seen}
+        todo += _imports(_path(mod))
+    return {str(_path(m).relative_to(ROOT)) for m in seen}
 
 
 def _stages():

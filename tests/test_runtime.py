@@ -1,6 +1,7 @@
 """The stages pin the CPU float paths before torch loads: the same kernels on CPUs of other makes."""
 
 import os
+import platform
 import subprocess
 import sys
 
@@ -21,6 +22,42 @@ def test_setup_pins_the_cpu_float_paths_before_torch_loads():
     capability, *values = out.stdout.split()
     assert capability == "AVX2"  # also on an AVX-512 machine, where torch would pick AVX512 by itself
     assert values == [CPU_NUMERICS[k] for k in sorted(CPU_NUMERICS)]
+
+
+# numpy's bundled OpenBLAS (built DYNAMIC_ARCH) reports the kernel set it picked for this CPU
+OPENBLAS_CORE = (
+    "import ctypes, glob, os, numpy\n"
+    "libs = glob.glob(os.path.join(os.path.dirname(numpy.__file__) + '.libs', '*openblas*'))\n"
+    "lib = ctypes.CDLL(libs[0]) if libs else None\n"
+    "names = [n for n in ('scipy_openblas_get_corename64_', 'scipy_openblas_get_corename', "
+    "'openblas_get_corename64_', 'openblas_get_corename') if lib is not None and hasattr(lib, n)]\n"
+    "if names:\n"
+    "    f = getattr(lib, names[0]); f.restype = ctypes.c_char_p; print(f().decode())\n"
+    "else:\n"
+    "    print('unknown')\n"
+)
+
+
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="x86 kernel names")
+def test_importing_posttrain_pins_numpy_blas_kernels_before_numpy_loads():
+    """The report's bootstrap CIs are numpy matrix products: OpenBLAS picks AVX-512 kernels on a CPU that has
+    them, which gave other last digits in metrics/report_compare.json than the committed AVX2 result. Every
+    entry point (stages, `python -m posttrain`) imports the package before numpy, so the package pins them.
+    """
+    probe = "import os, posttrain\n" + OPENBLAS_CORE + "print(os.environ.get('OPENBLAS_CORETYPE'))\n"
+    env = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_CORETYPE", "POSTTRAIN_CPU_NUMERICS")}
+    env["PYTHONPATH"] = str(ROOT / "src")
+    core, pinned = subprocess.run(
+        [sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True
+    ).stdout.split()[-2:]
+    assert pinned == "Haswell"
+    if core != "unknown":  # this numpy's OpenBLAS reports its kernels
+        assert core == "Haswell"
+    native = {**env, "POSTTRAIN_CPU_NUMERICS": "native"}
+    out = subprocess.run(
+        [sys.executable, "-c", probe], env=native, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.split()[-1] == "None", "native leaves the pick to OpenBLAS"
 
 
 def _probe(code: str) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import platform
 import sys
 import warnings
 from collections.abc import Callable
@@ -23,6 +24,20 @@ DEPRECATED_CHECKPOINTING = (
 # reproducibility). They act only if set before torch is imported; a value the user set is kept, and
 # POSTTRAIN_CPU_NUMERICS=native leaves every path to the libraries (bench/cpu_repro.py compares the two).
 CPU_NUMERICS = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_CBWR": "AVX2"}
+# numpy's OpenBLAS (built for every x86 CPU, picking at load) likewise: on an AVX-512 CPU it takes its
+# SkylakeX kernels, whose matrix products round otherwise in the last digit (the report's bootstrap CIs).
+# Haswell's are the AVX2 set that AMD's Zen picks too. Read when numpy loads: `posttrain/__init__.py` sets
+# it, since every entry point imports the package before numpy.
+BLAS_NUMERICS = {"OPENBLAS_CORETYPE": "Haswell"}
+
+
+def pin_blas_numerics() -> None:
+    """Pin numpy's OpenBLAS kernels (`BLAS_NUMERICS`) on an x86 CPU, if numpy is not loaded yet."""
+    if "numpy" in sys.modules or os.environ.get("POSTTRAIN_CPU_NUMERICS") == "native":
+        return
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        for key, value in BLAS_NUMERICS.items():
+            os.environ.setdefault(key, value)
 
 
 def setup(threads: int) -> str:
