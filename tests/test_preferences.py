@@ -63,7 +63,39 @@ def test_build_pairs_by_hand():
         "pairs_kept": 1,
         "reference_agreement": 100.0,
         "reference_decisive_rate": 100.0,
+        "dropped_by_keep": 0,
     }
+
+
+def test_keep_correctness_keeps_only_correct_over_wrong_pairs():
+    """keep: correctness drops the decisive pairs that ROUGE-L alone decided (both wrong, or both right), and
+    counts them; keep: decisive keeps every decisive pair, as the seed study does."""
+    from posttrain.config import PairKeep
+
+    e = _ex()  # the red bar is 7
+    right, wrong = "The red bar has a value of 7.", "The red bar has a value of 3."
+    cands = [
+        Candidate(e, wrong, right),  # b is correct, a is not: a real margin
+        Candidate(e, "The red bar has a value of 5.", "5"),  # both wrong, a closer by ROUGE-L
+        Candidate(e, right, "The red bar is 7."),  # both right, a closer by ROUGE-L
+        Candidate(e, right, wrong),  # a correct over wrong
+    ]
+    verdicts = [(reference_verdict(e, c.a, c.b), reference_verdict(e, c.b, c.a)) for c in cands]
+    verdicts = [(ab, {"first": "second", "second": "first", "tie": "tie"}[ab]) for ab, _ in verdicts]
+    decisive, stats = build_pairs(cands, verdicts)
+    assert len(decisive) == 4 and stats["dropped_by_keep"] == 0
+    kept, stats = build_pairs(cands, verdicts, keep=PairKeep.CORRECTNESS)
+    assert [(p["chosen"], p["rejected"]) for p in kept] == [(right, wrong), (right, wrong)]
+    assert stats["pairs_kept"] == 2 and stats["dropped_by_keep"] == 2
+    assert stats["reference_agreement"] == 100.0
+
+
+def test_keep_correctness_needs_the_reference_judge():
+    from posttrain.config import ParamsError, parse_params
+
+    with pytest.raises(ParamsError, match=r"preferences\.keep: 'correctness'.*judge: self"):
+        parse_params({"preferences": {"judge": "self", "keep": "correctness"}})
+    assert parse_params({"preferences": {"keep": "correctness"}}).preferences.keep.value == "correctness"
 
 
 def test_self_judge_returns_a_verdict_per_order(tiny, prepared):

@@ -244,6 +244,17 @@ class Judge(str, Enum):
         return self is Judge.CRITIC
 
 
+class PairKeep(str, Enum):
+    """Which judged pairs DPO trains on."""
+
+    DECISIVE = "decisive"  # every pair both orders agree on (the seed study's)
+    CORRECTNESS = "correctness"  # only a correct answer over a wrong one: a margin the ground truth vouches
+
+    @property
+    def needs_reference_judge(self) -> bool:
+        return self is PairKeep.CORRECTNESS
+
+
 class DpoLoss(str, Enum):
     """TRL DPO loss types offered here."""
 
@@ -268,6 +279,7 @@ class PreferencesParams:
     batch_size: int = 64
     seed: int = 0
     min_pairs: int = 8  # fewer surviving pairs is an error
+    keep: PairKeep = PairKeep.DECISIVE  # correctness: only correct-over-wrong pairs (reference judge)
 
 
 @dataclass(frozen=True)
@@ -644,6 +656,12 @@ def _check(p: Params, problems: list[str]) -> None:
         problems.append(
             "preferences.judge: 'critic' needs evaluate.critic.model (a transformers-format "
             "LLaVA-Critic); set it or use judge: self / reference"
+        )
+    if pf.keep is not None and pf.keep.needs_reference_judge and pf.judge is not Judge.REFERENCE:
+        problems.append(
+            "preferences.keep: 'correctness' keeps the pairs the ground truth orders by correctness, "
+            "which is the reference judge's verdict; with preferences.judge: "
+            f"{pf.judge.value if pf.judge else None} use keep: decisive, or judge: reference"
         )
     for name in ("beta", "learning_rate", "epochs", "rounds"):
         positive(f"dpo.{name}", getattr(dp, name))

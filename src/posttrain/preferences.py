@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from posttrain.config import PairKeep
 from posttrain.critic import PAIRWISE, combine_orders
 from posttrain.data import Example
 from posttrain.declines import is_decline
@@ -79,14 +80,15 @@ def sample_candidates(
     return [Candidate(e, x, y) for e, (x, y) in zip(examples, pairs)]
 
 
+def reference_key(example: Example, response: str) -> tuple[int, float]:
+    """What the ground truth ranks a response by: (correct, ROUGE-L against the reference answer)."""
+    extracted = None if is_decline(response) else extract_short_answer(response, example.answer_type)
+    return int(is_correct(example, response, extracted)), round(rouge_l(response, example.answer), 6)
+
+
 def reference_verdict(example: Example, first: str, second: str) -> str:
     """Ground-truth verdict: the correct answer wins; between equally correct ones, higher ROUGE-L wins."""
-
-    def key(response: str) -> tuple[int, float]:
-        extracted = None if is_decline(response) else extract_short_answer(response, example.answer_type)
-        return int(is_correct(example, response, extracted)), round(rouge_l(response, example.answer), 6)
-
-    k1, k2 = key(first), key(second)
+    k1, k2 = reference_key(example, first), reference_key(example, second)
     return "first" if k1 > k2 else "second" if k2 > k1 else "tie"
 
 
@@ -146,17 +148,21 @@ def verdict_continuations(tokenizer, n_image_tokens: int) -> list[list[int]]:
 
 
 def build_pairs(
-    candidates: list[Candidate], verdicts: list[tuple[str | None, str | None]]
+    candidates: list[Candidate],
+    verdicts: list[tuple[str | None, str | None]],
+    keep: PairKeep = PairKeep.DECISIVE,
 ) -> tuple[list[dict], dict]:
     """Turn judged candidates into (prompt, chosen, rejected) rows and the judging statistics.
 
-    Identical candidates are never a pair. A pair is kept only when both orders agree on a winner.
+    Identical candidates are never a pair. A pair is kept only when both orders agree on a winner, and with
+    ``keep: correctness`` only when the chosen answer is correct and the rejected one is not (the pairs the
+    reference decides by ROUGE-L alone, both answers wrong or both right, are dropped and counted).
 
     Returns:
         (pairs, stats): stats count prompts, identical candidates, order-consistent verdicts, ties, kept
         pairs, and the agreement of the kept verdicts with the `reference` judge on the same pairs.
     """
-    pairs, n_identical, n_consistent, n_ties, n_agree, n_ref_decisive = [], 0, 0, 0, 0, 0
+    pairs, n_identical, n_consistent, n_ties, n_agree, n_ref_decisive, n_dropped = [], 0, 0, 0, 0, 0, 0
     judged = 0
     for c, (v_ab, v_ba) in zip(candidates, verdicts):
         if c.a.strip() == c.b.strip():
@@ -171,6 +177,11 @@ def build_pairs(
             n_ties += 1
             continue
         chosen, rejected = (c.a, c.b) if winner == "a" else (c.b, c.a)
+        if keep is PairKeep.CORRECTNESS and not (
+            reference_key(c.example, chosen)[0] > reference_key(c.example, rejected)[0]
+        ):
+            n_dropped += 1
+            continue
         ref = reference_verdict(c.example, chosen, rejected)
         n_agree += ref == "first"
         n_ref_decisive += ref != "tie"
@@ -199,6 +210,7 @@ def build_pairs(
         # of the kept pairs where ground truth prefers one answer, the share where it prefers the chosen one
         "reference_agreement": round(100.0 * n_agree / n_ref_decisive, 4) if n_ref_decisive else None,
         "reference_decisive_rate": round(100.0 * n_ref_decisive / len(pairs), 4) if pairs else None,
+        "dropped_by_keep": n_dropped,  # decisive pairs that `keep` left out
     }
     return pairs, stats
 
@@ -286,14 +298,15 @@ def make_preferences(
     verdicts = judge_candidates(
         params.judge, model, processor, candidates, pixels, data_dir, critic_params, params.batch_size
     )
-    pairs, stats = build_pairs(candidates, verdicts)
+    pairs, stats = build_pairs(candidates, verdicts, params.keep)
     if len(pairs) < params.min_pairs:
         raise NoPairsError(
             f"only {len(pairs)} preference pairs survived judging "
             f"(preferences.min_pairs is {params.min_pairs}): "
             f"{stats['prompts']} prompts, {stats['identical_rate']}% identical candidates, "
-            f"{stats['order_consistency_rate']}% order-consistent verdicts, {stats['tie_rate']}% ties. "
+            f"{stats['order_consistency_rate']}% order-consistent verdicts, {stats['tie_rate']}% ties, "
+            f"{stats['dropped_by_keep']} decisive pairs left out by preferences.keep. "
             "Raise preferences.temperature for more diverse candidates, use more prompts "
-            "(preferences.max_prompts: 0), or another preferences.judge."
+            "(preferences.max_prompts: 0), another preferences.judge, or preferences.keep: decisive."
         )
     return pairs, stats
