@@ -120,6 +120,25 @@ def test_aggregate_by_hand():
     assert fam["acc_bar_value"] == 100.0 and fam["acc_bar_value_negative"] == 100.0
 
 
+def test_declined_answerable_counts_answerable_questions_turned_down():
+    """The cost side of declining: of two answerable questions one is declined (50%), and the declined
+    negative question does not count (it is scored by negative_acc)."""
+    e1, e2 = _ex(), _ex()
+    neg = _ex(
+        family="bar_value_negative",
+        short=None,
+        atype=AnswerType.DECLINE,
+        negative=True,
+        answer="There is no green bar in the chart.",
+    )
+    declined = "There is no green bar in the chart."
+    rows = score_items([e1, e2, neg], [e1.answer, declined, declined], [1.0] * 3, [1] * 3, [50.0] * 3)
+    m = aggregate(rows, "", resamples=20, seed=0)
+    assert m["declined_answerable"] == 50.0
+    assert m["declined_answerable_ci_low"] < 50.0 < m["declined_answerable_ci_high"]
+    assert aggregate([], "retain_", resamples=20, seed=0)["retain_declined_answerable"] is None
+
+
 def test_free_text_families_get_no_accuracy():
     """A caption (or an LRV row without a short answer) can be neither matched nor declined: its family gets
     no acc_ row, where it used to read 0% whatever the model said; negatives and short answers keep theirs."""

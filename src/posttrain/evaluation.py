@@ -37,7 +37,16 @@ from posttrain.template import IGNORE_INDEX, encode_conversation
 
 # (evaluation split, metric prefix): the study test split, and the retention test of the pretrain families.
 EVAL_SPLITS = (("study_test", ""), ("pretrain_test", "retain_"))
-CORE_METRICS = ("loss", "perplexity", "bleu", "rouge_l", "critic", "relaxed_acc", "negative_acc")
+CORE_METRICS = (
+    "loss",
+    "perplexity",
+    "bleu",
+    "rouge_l",
+    "critic",
+    "relaxed_acc",
+    "negative_acc",
+    "declined_answerable",
+)
 # what `dvc metrics show` puts in its table: one row per model that fits a terminal. The rest (CIs, n,
 # per-family accuracy, chance lines, retention detail) is in the details file the report reads.
 HEADLINE = ("loss", "bleu", "rouge_l", "critic", "relaxed_acc", "negative_acc", "retain_relaxed_acc")
@@ -196,6 +205,10 @@ def aggregate(rows: list[dict], prefix: str, resamples: int, seed: int) -> dict:
             for r in rows
         ],
         "negative_acc": [100.0 * r["declined"] if r["negative"] else None for r in rows],
+        # the other side of declining: answerable questions turned down ("There is no ..."); lower is better
+        "declined_answerable": [
+            100.0 * is_decline(r["response"]) if not r["negative"] else None for r in rows
+        ],
     }
     for name, values in proportions.items():
         _with_wilson(out, f"{prefix}{name}", values)
