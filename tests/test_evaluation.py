@@ -275,15 +275,21 @@ def test_preference_statistics_read_as_percentages_with_the_judge_named():
         "judged_pairs": 1290,
         "order_consistency_rate": 100.0,
         "tie_rate": 11.3953,
-        "pairs_kept": 1143,
+        "pairs_kept": 240,
         "reference_agreement": 100.0,
         "reference_decisive_rate": 100.0,
+        "dropped_by_keep": 903,
     }
     text = "\n".join(preferences_section(stats, "reference"))
     assert (
         "Judge: `reference`" in text
         and "| ties | 11.4% |" in text
-        and "| pairs kept for DPO | 1143 |" in text
+        and "| decisive pairs left out by preferences.keep | 903 |" in text
+        and "| pairs kept for DPO | 240 |" in text
+    )
+    older = {k: v for k, v in stats.items() if k != "dropped_by_keep"}  # a stage run before keep existed
+    assert "| decisive pairs left out by preferences.keep | n/a |" in "\n".join(
+        preferences_section(older, "reference")
     )
     assert "100% by construction" in text
     assert "by construction" not in "\n".join(preferences_section(stats, "self"))

@@ -309,6 +309,7 @@ PREFERENCE_ROWS = (
     ("judged_pairs", "pairs judged in both orders", "{:.0f}"),
     ("order_consistency_rate", "same verdict in both orders", "{:.1f}%"),
     ("tie_rate", "ties", "{:.1f}%"),
+    ("dropped_by_keep", "decisive pairs left out by preferences.keep", "{:.0f}"),
     ("pairs_kept", "pairs kept for DPO", "{:.0f}"),
     ("reference_agreement", "kept pairs whose chosen answer ground truth also prefers", "{:.1f}%"),
     ("reference_decisive_rate", "kept pairs where ground truth prefers one answer", "{:.1f}%"),
