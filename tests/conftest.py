@@ -26,7 +26,10 @@ def micro_params() -> dict:
     )
     p["evaluate"].update(resamples=50, batch_size=16, max_new_tokens=12)
     p["report"].update(resamples=50, examples=4)
-    p["preferences"].update(judge="reference", min_pairs=1, max_new_tokens=8, temperature=1.5)
+    # decisive: a 12-step base answers almost nothing right, so correct-over-wrong pairs would be too few
+    p["preferences"].update(
+        judge="reference", keep="decisive", min_pairs=1, max_new_tokens=8, temperature=1.5
+    )
     p["dpo"].update(batch_size=4, epochs=1.0)
     return p
 
