@@ -37,7 +37,9 @@ def pairs(prepared):
     return rows
 
 
-PARAMS = DpoParams(beta=0.1, learning_rate=5e-3, epochs=1.0, batch_size=4, warmup_steps=0)
+PARAMS = DpoParams(
+    beta=0.1, learning_rate=5e-3, epochs=1.0, batch_size=4, warmup_steps=0, heldout_fraction=0.1
+)
 
 
 def batch(processor, prepared, pairs):

@@ -1,6 +1,6 @@
 import pytest
 
-from posttrain.config import CriticParams, Judge, PreferencesParams
+from posttrain.config import CriticParams, Judge, PairKeep, PreferencesParams
 from posttrain.data import AnswerType, Example, load_split
 from posttrain.preferences import (
     VERDICTS,
@@ -70,8 +70,6 @@ def test_build_pairs_by_hand():
 def test_keep_correctness_keeps_only_correct_over_wrong_pairs():
     """keep: correctness drops the decisive pairs that ROUGE-L alone decided (both wrong, or both right), and
     counts them; keep: decisive keeps every decisive pair, as the seed study does."""
-    from posttrain.config import PairKeep
-
     e = _ex()  # the red bar is 7
     right, wrong = "The red bar has a value of 7.", "The red bar has a value of 3."
     cands = [
@@ -157,7 +155,9 @@ def test_continuation_nll_equals_scoring_each_whole_sequence(tiny, prepared):
 def test_make_preferences_end_to_end(tiny, prepared, judge):
     model, processor = tiny
     examples = load_split(prepared, "study_train")[:12]
-    params = PreferencesParams(judge=judge, temperature=1.5, max_new_tokens=8, batch_size=8, min_pairs=1)
+    params = PreferencesParams(
+        judge=judge, keep=PairKeep.DECISIVE, temperature=1.5, max_new_tokens=8, batch_size=8, min_pairs=1
+    )
     try:
         pairs, stats = make_preferences(model, processor, examples, prepared, params, CriticParams())
     except NoPairsError as e:  # a random model may produce no decisive pair; the error must carry the counts
@@ -204,7 +204,9 @@ def test_self_judge_builds_pairs_when_its_verdicts_are_consistent(tiny, prepared
 
     monkeypatch.setattr(prefs, "continuation_nll", judge_by_length)
     examples = [e for e in load_split(prepared, "study_train") if e.history][:8]
-    params = PreferencesParams(judge=Judge.SELF, temperature=1.5, max_new_tokens=8, batch_size=8, min_pairs=1)
+    params = PreferencesParams(
+        judge=Judge.SELF, keep=PairKeep.DECISIVE, temperature=1.5, max_new_tokens=8, batch_size=8, min_pairs=1
+    )
     pairs, stats = make_preferences(model, processor, examples, prepared, params, CriticParams())
     assert stats["order_consistency_rate"] == 100.0 and stats["pairs_kept"] == len(pairs) >= 1
     by_id = {e.id: e for e in examples}

@@ -67,6 +67,19 @@ def _probe(code: str) -> str:
     ).stdout
 
 
+@pytest.mark.parametrize("module", ["posttrain.training", "posttrain.checkpoints"])
+def test_without_cuda_the_training_modules_leave_bitsandbytes_unimported_before_setup(module):
+    """The e2e runner and the benchmarks import these before `setup`: transformers' Trainer would import
+    bitsandbytes, whose CPU backend prints a kernels-community warning on a CPU with AVX512-BF16 (seen on an
+    AMD EPYC and on the GPU machine's Xeon host)."""
+    pytest.importorskip("bitsandbytes")
+    out = _probe(
+        f"import sys, torch; torch.cuda.is_available = lambda: False\nimport {module}\n"
+        "print(sys.modules.get('bitsandbytes', 'absent'))\n"
+    )
+    assert out.split()[-1] in ("None", "absent")
+
+
 def test_without_cuda_peft_loads_and_adapts_without_importing_bitsandbytes():
     """bitsandbytes serves only nf4, which needs CUDA: a CPU stage skips its import; LoRA still works."""
     pytest.importorskip("bitsandbytes")

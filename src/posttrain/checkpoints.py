@@ -25,6 +25,11 @@ import time
 from pathlib import Path
 
 import torch
+
+from posttrain.runtime import hide_bitsandbytes_without_cuda
+
+hide_bitsandbytes_without_cuda()  # before transformers' Trainer callbacks import it (see there)
+
 from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback
 

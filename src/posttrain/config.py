@@ -279,7 +279,9 @@ class PreferencesParams:
     batch_size: int = 64
     seed: int = 0
     min_pairs: int = 8  # fewer surviving pairs is an error
-    keep: PairKeep = PairKeep.DECISIVE  # correctness: only correct-over-wrong pairs (reference judge)
+    keep: PairKeep = (
+        PairKeep.CORRECTNESS
+    )  # decisive: every pair both orders agree on (needed by other judges)
 
 
 @dataclass(frozen=True)
@@ -296,7 +298,7 @@ class DpoParams:
     rounds: int = 1  # each extra round samples from the last round's model, judges and trains again
     label_smoothing: float = 0.0  # assumed share of wrong verdicts (robust); must be in (0, 0.5) for robust
     save_steps: int = 20  # checkpoint interval for resuming a killed run; 0 disables
-    heldout_fraction: float = 0.1  # share of the pairs (by image) kept out of training to measure the rewards
+    heldout_fraction: float = 0.2  # share of the pairs (by image) kept out of training to measure the rewards
     sft_weight: float = 0.0  # weight of the chosen answers' NLL added to the DPO loss (RPO); 0 is plain DPO
 
 

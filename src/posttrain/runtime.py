@@ -40,6 +40,21 @@ def pin_blas_numerics() -> None:
             os.environ.setdefault(key, value)
 
 
+def hide_bitsandbytes_without_cuda() -> None:
+    """Without a CUDA GPU, make bitsandbytes look absent to PEFT and transformers.
+
+    nf4 (the only use of bitsandbytes here) needs CUDA and is refused without it; PEFT and transformers'
+    Trainer import it anyway when it is installed: 2–3 s of every stage's start on a CPU, and on a CPU with
+    AVX512-BF16 a "Failed to load CPU gemm_4bit_forward from kernels-community" warning. A None entry makes
+    `importlib.util.find_spec` (their check) report it absent. `setup` calls this, and so do the modules that
+    import the Trainer at their top, since the e2e runner and the benchmarks import them before `setup`.
+    """
+    import torch
+
+    if not torch.cuda.is_available():
+        sys.modules.setdefault("bitsandbytes", None)
+
+
 def setup(threads: int) -> str:
     """Pin the CPU float paths, set torch's CPU threads (0 keeps torch's default), silence library noise,
     and without a CUDA GPU keep PEFT from importing bitsandbytes.
@@ -56,11 +71,7 @@ def setup(threads: int) -> str:
 
     if threads:
         torch.set_num_threads(threads)
-    if not torch.cuda.is_available():
-        # nf4 (the only use of bitsandbytes here) needs CUDA and is refused without it; PEFT imports it
-        # anyway when it is installed, 2–3 s of every stage's start on a CPU. A None entry makes
-        # `importlib.util.find_spec` (PEFT's and transformers' check) report it absent.
-        sys.modules.setdefault("bitsandbytes", None)
+    hide_bitsandbytes_without_cuda()
     transformers.utils.logging.disable_progress_bar()  # "Loading weights", "Writing model shards"
     transformers.utils.logging.set_verbosity_error()
     warnings.filterwarnings("ignore", message=DEPRECATED_CHECKPOINTING, category=FutureWarning)

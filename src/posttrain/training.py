@@ -11,6 +11,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from posttrain.runtime import hide_bitsandbytes_without_cuda
+
+hide_bitsandbytes_without_cuda()  # before transformers' Trainer imports it (see there)
+
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from posttrain.checkpoints import claim_checkpoints, file_digest, fit
