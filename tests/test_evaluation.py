@@ -57,17 +57,22 @@ def _ex(
     )
 
 
-def test_correctness_rules():
-    pos = _ex()
-    assert is_correct(pos, "The red bar has a value of 7.", "7")
-    assert not is_correct(pos, "The red bar has a value of 8.", "8")
-    neg = _ex(
+def _negative():
+    """A negative question: the green bar is absent, the answer declines."""
+    return _ex(
         family="bar_value_negative",
         short=None,
         atype=AnswerType.DECLINE,
         negative=True,
         answer="There is no green bar in the chart.",
     )
+
+
+def test_correctness_rules():
+    pos = _ex()
+    assert is_correct(pos, "The red bar has a value of 7.", "7")
+    assert not is_correct(pos, "The red bar has a value of 8.", "8")
+    neg = _negative()
     assert is_correct(neg, "There is no green bar in the chart.", None)
     assert not is_correct(neg, "The green bar has a value of 3.", None)
 
@@ -99,13 +104,7 @@ def test_aggregate_by_hand():
     use 2/1 and 3/3 -> 5/4 = 1.25, item mean would be 1.5). Perplexity = e^1.25.
     Item 1 exact (ROUGE-L 100), item 2 negative declined -> relaxed_acc 100 over 1 item, negative_acc 100."""
     e1 = _ex()
-    e2 = _ex(
-        family="bar_value_negative",
-        short=None,
-        atype=AnswerType.DECLINE,
-        negative=True,
-        answer="There is no green bar in the chart.",
-    )
+    e2 = _negative()
     rows = score_items(
         [e1, e2], [e1.answer, "There is no green bar in the chart."], [2.0, 3.0], [1, 3], [100.0, 50.0]
     )
@@ -124,13 +123,7 @@ def test_declined_answerable_counts_answerable_questions_turned_down():
     """The cost side of declining: of two answerable questions one is declined (50%), and the declined
     negative question does not count (it is scored by negative_acc)."""
     e1, e2 = _ex(), _ex()
-    neg = _ex(
-        family="bar_value_negative",
-        short=None,
-        atype=AnswerType.DECLINE,
-        negative=True,
-        answer="There is no green bar in the chart.",
-    )
+    neg = _negative()
     declined = "There is no green bar in the chart."
     rows = score_items([e1, e2, neg], [e1.answer, declined, declined], [1.0] * 3, [1] * 3, [50.0] * 3)
     m = aggregate(rows, "", resamples=20, seed=0)

@@ -88,7 +88,10 @@ def reference_key(example: Example, response: str) -> tuple[int, float]:
 
 def reference_verdict(example: Example, first: str, second: str) -> str:
     """Ground-truth verdict: the correct answer wins; between equally correct ones, higher ROUGE-L wins."""
-    k1, k2 = reference_key(example, first), reference_key(example, second)
+    return _verdict(reference_key(example, first), reference_key(example, second))
+
+
+def _verdict(k1: tuple[int, float], k2: tuple[int, float]) -> str:
     return "first" if k1 > k2 else "second" if k2 > k1 else "tie"
 
 
@@ -177,12 +180,11 @@ def build_pairs(
             n_ties += 1
             continue
         chosen, rejected = (c.a, c.b) if winner == "a" else (c.b, c.a)
-        if keep is PairKeep.CORRECTNESS and not (
-            reference_key(c.example, chosen)[0] > reference_key(c.example, rejected)[0]
-        ):
+        k_chosen, k_rejected = reference_key(c.example, chosen), reference_key(c.example, rejected)
+        if keep is PairKeep.CORRECTNESS and not k_chosen[0] > k_rejected[0]:
             n_dropped += 1
             continue
-        ref = reference_verdict(c.example, chosen, rejected)
+        ref = _verdict(k_chosen, k_rejected)
         n_agree += ref == "first"
         n_ref_decisive += ref != "tie"
         e = c.example
