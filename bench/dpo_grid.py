@@ -65,6 +65,10 @@ CONFIGS = {
     "correct_lr2e-4_ep2": ("correctness", {"learning_rate": 2e-4, "epochs": 2.0, "heldout_fraction": 0.2}),
     "correct_lr3e-4_ep1": ("correctness", {"learning_rate": 3e-4, "heldout_fraction": 0.2}),
     "correct_lr3e-4_ep2": ("correctness", {"learning_rate": 3e-4, "epochs": 2.0, "heldout_fraction": 0.2}),
+    # iterative DPO: later rounds sample from the last round's model, so its over-declines become pairs
+    "correct_r2": ("correctness", {"rounds": 2, "heldout_fraction": 0.2}),
+    "correct_r3": ("correctness", {"rounds": 3, "heldout_fraction": 0.2}),
+    "correct_r2_sw1": ("correctness", {"rounds": 2, "sft_weight": 1.0, "heldout_fraction": 0.2}),
 }
 
 
@@ -152,10 +156,14 @@ def run(out: Path, name: str, seed: int, pairs: Path) -> dict:
     )
     (d / "dpo.log").write_text(dpo.stdout + dpo.stderr)
     result = {"config": name, "pairs": CONFIGS[name][0], "seed": seed, **overrides, "dpo_rc": dpo.returncode}
-    m = re.search(
+    # one line per round: the last is the final adapter's
+    lines = re.findall(
         r"held-out pairs: (\d+), loss ([\d.]+), reward accuracy ([\d.]+), margin ([-\d.]+)", dpo.stdout
     )
-    if m:
+    result["pairs_per_round"] = [int(n) for n in re.findall(r"DPO round \d+/\d+: (\d+) pairs", dpo.stdout)]
+    result["heldout_reward_accuracy_per_round"] = [float(line[2]) for line in lines]
+    if lines:
+        m = (None, *lines[-1])
         result.update(
             heldout_pairs=int(m[1]),
             heldout_loss=float(m[2]),

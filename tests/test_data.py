@@ -8,6 +8,7 @@ from posttrain.charts import (
     CAPTION_FAMILY,
     COLORS,
     POOL_FAMILIES,
+    PRESENCE_FAMILY,
     Chart,
     _describe,
     draw_chart,
@@ -46,6 +47,32 @@ def test_pools_ask_disjoint_families(tmp_path):
     assert {e.chart_type for e in pre} == {e.chart_type for e in study} == {"bar", "line", "pie"}
     for pool in POOL_FAMILIES.values():
         assert set(pool) == {"bar", "line", "pie"}
+
+
+def test_presence_asks_about_present_and_absent_colours_of_pretrain_charts_only(tmp_path):
+    """prepare.synthetic.presence: "Is there a <colour> bar/line/slice in the chart?" on every pretrain chart
+    type, yes when the colour is drawn and no when it is not, in about equal shares; the "no" answer is an
+    answer, not a decline. The study pool is untouched, and off (the default) the pretrain pool is too."""
+    from posttrain.declines import is_decline
+
+    for d in "abcd":
+        (tmp_path / d).mkdir()
+    plain = generate_pool("pretrain", 90, 84, 3, 0.3, 0, tmp_path / "a", 0.5)
+    assert PRESENCE_FAMILY not in {e.family for e in plain}
+    pre = generate_pool("pretrain", 90, 84, 3, 0.3, 0, tmp_path / "b", 0.5, presence=True)
+    asked = [e for e in pre if e.family == PRESENCE_FAMILY]
+    assert {e.chart_type for e in asked} == {"bar", "line", "pie"}
+    element = {"bar": "bar", "line": "line", "pie": "slice"}
+    for e in asked:
+        colour = e.question.split()[3]
+        assert e.question == f"Is there a {colour} {element[e.chart_type]} in the chart?"
+        assert e.short_answer == ("yes" if colour in e.elements else "no"), e
+        assert e.answer.startswith(("Yes, the chart has a", "No, the chart has no")) and colour in e.answer
+        assert e.answer_type is AnswerType.YES_NO and not e.negative and not is_decline(e.answer)
+    yes = sum(e.short_answer == "yes" for e in asked)
+    assert 0.3 < yes / len(asked) < 0.7
+    study = generate_pool("study", 30, 84, 3, 0.3, 0, tmp_path / "c", 0.5, presence=True)
+    assert study == generate_pool("study", 30, 84, 3, 0.3, 0, tmp_path / "d", 0.5)
 
 
 def test_captions_describe_every_element_of_pretrain_charts_only(tmp_path):

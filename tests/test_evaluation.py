@@ -132,6 +132,34 @@ def test_declined_answerable_counts_answerable_questions_turned_down():
     assert aggregate([], "retain_", resamples=20, seed=0)["retain_declined_answerable"] is None
 
 
+def test_decline_discrimination_is_zero_for_a_constant_policy():
+    """decline_discrimination: declines on negatives minus declines on the answerable questions of the same
+    families (Youden's J, points). Declining everything scores 100 on negative_acc and 0 here; declining only
+    the negatives scores 100; an answerable question of a family without negatives does not count."""
+    declined = "There is no green bar in the chart."
+    answers = [_ex(), _ex(short="3")]  # bar_value, the family the negatives belong to
+    other = _ex(family="bar_tallest", short="red", atype=AnswerType.COLOR)
+    negatives = [_negative(), _negative()]
+    items = [*answers, other, *negatives]
+
+    def metrics(responses):
+        rows = score_items(items, responses, [1.0] * 5, [1] * 5, [50.0] * 5)
+        return aggregate(rows, "", resamples=20, seed=0)
+
+    always = metrics([declined] * 5)
+    assert always["negative_acc"] == 100.0 and always["decline_discrimination"] == 0.0
+    assert always["decline_discrimination_ci_low"] < 0.0 < always["decline_discrimination_ci_high"]
+    exact = metrics([answers[0].answer, answers[1].answer, declined, declined, declined])
+    assert exact["decline_discrimination"] == 100.0  # bar_tallest's decline is not in the comparison
+    assert exact["decline_discrimination_ci_low"] < 100.0 == exact["decline_discrimination_ci_high"]
+    half = metrics([declined, answers[1].answer, other.answer, declined, "The green bar has a value of 2."])
+    assert half["decline_discrimination"] == 0.0  # 1 of 2 negatives, 1 of 2 answerable bar_value questions
+    rows = score_items(answers, [declined] * 2, [1.0] * 2, [1] * 2, [50.0] * 2)
+    no_negatives = aggregate(rows, "", resamples=20, seed=0)
+    assert no_negatives["decline_discrimination"] is None
+    assert no_negatives["decline_discrimination_ci_low"] is None
+
+
 def test_free_text_families_get_no_accuracy():
     """A caption (or an LRV row without a short answer) can be neither matched nor declined: its family gets
     no acc_ row, where it used to read 0% whatever the model said; negatives and short answers keep theirs."""
@@ -323,3 +351,19 @@ def test_an_answer_counts_only_if_it_is_about_what_was_asked(
     assert (score >= 60.0) is correct  # the rubric gives the 60 (or the decline's 100) only on topic
     lrv = replace(e, source="lrv_chart")  # the asked element of an LRV row is unknown: no such check
     assert lrv.asked_colour(COLORS) is None
+
+
+def test_report_table_shows_what_declining_costs_and_whether_it_reads_the_chart():
+    """The report's table puts negative_acc beside declined_answerable and decline_discrimination, each with
+    its interval: a model that declines everything reads 100 / 100 / 0 there, not a lone 100."""
+    from posttrain.report import metrics_table
+
+    declined = "There is no green bar in the chart."
+    items = [_ex(), _ex(short="3"), _negative(), _negative()]
+    rows = score_items(items, [declined] * 4, [1.0] * 4, [1] * 4, [50.0] * 4)
+    table = metrics_table({"always_declines": aggregate(rows, "", resamples=20, seed=0)})
+    header, _, row = table.splitlines()
+    cells = dict(zip(*([c.strip() for c in line.strip("|").split("|")] for line in (header, row))))
+    assert cells["negative_acc"].startswith("100.00 [")
+    assert cells["declined_answerable"].startswith("100.00 [")
+    assert cells["decline_discrimination"].startswith("0.00 [-")

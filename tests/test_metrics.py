@@ -319,3 +319,19 @@ def test_wilson_interval_by_hand():
     assert wilson_interval(15, 15) == pytest.approx((0.79610, 1.0), abs=1e-4)
     assert wilson_interval(8, 10) == pytest.approx((0.49016, 0.94332), abs=1e-4)
     assert wilson_interval(0, 0) == (None, None)
+
+
+def test_newcombe_interval_matches_newcombe_1998():
+    """Newcombe (1998), "Interval estimation for the difference between independent proportions", Stat. Med.
+    17:873-890, Table II, method 10 (the hybrid score interval, from the two Wilson intervals):
+    (a) 56/70 - 48/80 = 0.2: [0.0524, 0.3339]; (e) 5/56 - 0/29: [-0.0381, 0.1926]; (f) 0/10 - 0/20:
+    [-0.1611, 0.2775]. Swapping the groups negates and swaps the bounds."""
+    from posttrain.metrics import newcombe_interval
+
+    assert newcombe_interval(56, 70, 48, 80) == pytest.approx((0.0524, 0.3339), abs=1e-4)
+    assert newcombe_interval(5, 56, 0, 29) == pytest.approx((-0.0381, 0.1926), abs=1e-4)
+    assert newcombe_interval(0, 10, 0, 20) == pytest.approx((-0.1611, 0.2775), abs=1e-4)
+    lo, hi = newcombe_interval(48, 80, 56, 70)
+    assert (lo, hi) == pytest.approx((-0.3339, -0.0524), abs=1e-4)
+    assert newcombe_interval(10, 10, 0, 20)[1] == 1.0 and newcombe_interval(0, 10, 5, 5)[0] == -1.0
+    assert newcombe_interval(3, 10, 0, 0) == (None, None)

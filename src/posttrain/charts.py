@@ -46,6 +46,8 @@ POOL_FAMILIES: dict[str, dict[str, tuple[str, ...]]] = {
 NEGATIVE_FAMILIES = ("bar_compare", "bar_value", "line_trend")  # families with a colour referent
 FOLLOWUP_FAMILIES = ("bar_compare", "bar_value")  # may be followed by "And the <colour> bar?"
 CAPTION_FAMILY = "describe"  # "Describe the chart.": a pretrain family with prepare.synthetic.captions
+PRESENCE_FAMILY = "presence"  # "Is there a <colour> bar in the chart?": a pretrain family with .presence
+ELEMENTS = {"bar": "bar", "line": "line", "pie": "slice"}  # what one colour draws, by chart type
 CHART_TYPES = ("bar", "line", "pie")
 
 
@@ -153,6 +155,23 @@ def _qa(family: str, chart: Chart, rng: random.Random) -> tuple[str, str, str | 
     c, v = chart.colors, chart.values
     if family == CAPTION_FAMILY:
         return "Describe the chart.", _describe(chart), None, AnswerType.TEXT
+    if family == PRESENCE_FAMILY:  # half the time about a colour the chart has, half about one it lacks
+        element = ELEMENTS[chart.kind]
+        if rng.random() < 0.5:
+            colour = rng.choice(c)
+            return (
+                f"Is there a {colour} {element} in the chart?",
+                f"Yes, the chart has a {colour} {element}.",
+                "yes",
+                AnswerType.YES_NO,
+            )
+        colour = rng.choice([name for name in COLORS if name not in c])
+        return (
+            f"Is there a {colour} {element} in the chart?",
+            f"No, the chart has no {colour} {element}.",
+            "no",
+            AnswerType.YES_NO,
+        )
     if family == "bar_count":
         return (
             "How many bars are in the chart?",
@@ -275,6 +294,7 @@ def generate_pool(
     image_dir: Path,
     followup_fraction: float = 0.0,
     captions: bool = False,
+    presence: bool = False,
 ) -> list[Example]:
     """Draw `n_images` charts of one pool into `image_dir` and hold one conversation about each.
 
@@ -283,7 +303,9 @@ def generate_pool(
     family allows one. With probability `followup_fraction` a `FOLLOWUP_FAMILIES` question is followed by
     "And the <colour> bar?" (itself negative with probability `negative_fraction`). With `captions`, the
     pretrain pool also asks `CAPTION_FAMILY` of every chart type ("Describe the chart.": `_describe`), as
-    LLaVA's base learns from dense captions before it answers questions. The conversation id is
+    LLaVA's base learns from dense captions before it answers questions. With `presence`, the pretrain pool
+    also asks `PRESENCE_FAMILY` of every chart type ("Is there a <colour> bar in the chart?", yes or no in
+    equal shares): the one colour-referent question whose answer is the check itself. The conversation id is
     ``<pool>-<k>``; the image id is the chart's `posttrain.data.image_hash`, so two identical charts are one
     image.
     """
@@ -291,6 +313,8 @@ def generate_pool(
     families = POOL_FAMILIES[pool]
     if captions and pool == "pretrain":
         families = {kind: (*f, CAPTION_FAMILY) for kind, f in families.items()}
+    if presence and pool == "pretrain":
+        families = {kind: (*f, PRESENCE_FAMILY) for kind, f in families.items()}
     examples = []
     for k in range(n_images):
         kind = CHART_TYPES[k % len(CHART_TYPES)]

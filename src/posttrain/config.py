@@ -111,6 +111,7 @@ class SyntheticParams:
     negative_fraction: float = 0.35
     followup_fraction: float = 0.5
     captions: bool = False  # the pretrain pool also asks "Describe the chart." (dense captions)
+    presence: bool = False  # the pretrain pool also asks "Is there a <colour> bar in the chart?"
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ from posttrain.metrics import (
     bleu_item_stats,
     bootstrap_ci,
     mean_stats,
+    newcombe_interval,
     relaxed_match,
     rouge_l,
     wilson_interval,
@@ -46,6 +47,7 @@ CORE_METRICS = (
     "relaxed_acc",
     "negative_acc",
     "declined_answerable",
+    "decline_discrimination",
 )
 # what `dvc metrics show` puts in its table: one row per model that fits a terminal. The rest (CIs, n,
 # per-family accuracy, chance lines, retention detail) is in the details file the report reads.
@@ -168,6 +170,29 @@ def _with_wilson(out: dict, name: str, values: list[float | None]) -> None:
     out[f"{name}_ci_high"] = None if hi is None else round(100.0 * hi, 4)
 
 
+def _with_newcombe(out: dict, name: str, hits: list[bool], false_alarms: list[bool]) -> None:
+    """Points (−100..100) of the difference of two proportions, with Newcombe's 95% interval."""
+    k1, n1, k2, n2 = sum(hits), len(hits), sum(false_alarms), len(false_alarms)
+    lo, hi = newcombe_interval(k1, n1, k2, n2)
+    out[name] = round(100.0 * (k1 / n1 - k2 / n2), 4) if lo is not None else None
+    out[f"{name}_ci_low"] = None if lo is None else round(100.0 * lo, 4)
+    out[f"{name}_ci_high"] = None if hi is None else round(100.0 * hi, 4)
+
+
+def decline_groups(rows: list[dict]) -> tuple[list[bool], list[bool]]:
+    """(declined, per negative row; declined, per answerable row of a family that has negatives).
+
+    A negative's family is its answerable family's name with ``_negative`` (``bar_value_negative``,
+    ``lrv_negative``). Only those answerable families are compared: the question forms a model could learn
+    to decline as a form, whatever the chart shows.
+    """
+    suffix = "_negative"
+    families = {r["family"][: -len(suffix)] for r in rows if r["negative"] and r["family"].endswith(suffix)}
+    hits = [r["declined"] for r in rows if r["negative"]]
+    false_alarms = [is_decline(r["response"]) for r in rows if not r["negative"] and r["family"] in families]
+    return hits, false_alarms
+
+
 def aggregate(rows: list[dict], prefix: str, resamples: int, seed: int) -> dict:
     """Flat metrics of one split: every core metric with a 95% CI, keys prefixed with `prefix`.
 
@@ -175,6 +200,11 @@ def aggregate(rows: list[dict], prefix: str, resamples: int, seed: int) -> dict:
     `perplexity` its exponential (CI bounds transform with it); scores are 0–100. Means (loss, BLEU,
     ROUGE-L, critic) get percentile-bootstrap intervals; proportions (relaxed_acc, negative_acc) get Wilson
     intervals, which do not collapse to [0, 0] on small groups.
+
+    ``decline_discrimination`` is whether declining follows the chart: the share of negatives declined minus
+    the share of answerable questions of the same families declined (`decline_groups`; Youden's J, in
+    points), with Newcombe's interval. 0 is a policy that ignores the chart: declining every such question
+    scores 100 on negative_acc and 0 here, as does declining none.
     """
     out: dict = {f"{prefix}n_items": len(rows)}
     if not rows:
@@ -212,6 +242,7 @@ def aggregate(rows: list[dict], prefix: str, resamples: int, seed: int) -> dict:
     }
     for name, values in proportions.items():
         _with_wilson(out, f"{prefix}{name}", values)
+    _with_newcombe(out, f"{prefix}decline_discrimination", *decline_groups(rows))
     out[f"{prefix}critic_unparsable"] = sum(r["critic_score"] is None for r in rows)
     return out
 

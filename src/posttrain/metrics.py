@@ -427,3 +427,26 @@ def wilson_interval(successes: int, n: int, z: float = Z_95) -> tuple[float | No
     centre = (p + z * z / (2 * n)) / d
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
     return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def newcombe_interval(
+    k1: int, n1: int, k2: int, n2: int, z: float = Z_95
+) -> tuple[float | None, float | None]:
+    """Interval for the difference of two independent proportions k1/n1 − k2/n2, from their Wilson intervals.
+
+    Newcombe's hybrid score interval (Newcombe 1998, "Interval estimation for the difference between
+    independent proportions", Stat. Med. 17:873-890, method 10): with d = p1 − p2 and (l_i, u_i) the Wilson
+    interval of p_i, lo = d − sqrt((p1 − l1)² + (u2 − p2)²), hi = d + sqrt((u1 − p1)² + (p2 − l2)²). Like
+    Wilson's, it stays inside [−1, 1] and does not collapse when a group is all or none.
+
+    Returns:
+        (lo, hi) in [−1, 1]; (None, None) when either group is empty.
+    """
+    if n1 == 0 or n2 == 0:
+        return (None, None)
+    p1, p2 = k1 / n1, k2 / n2
+    (l1, u1), (l2, u2) = wilson_interval(k1, n1, z), wilson_interval(k2, n2, z)
+    d = p1 - p2
+    lo = d - math.sqrt((p1 - l1) ** 2 + (u2 - p2) ** 2)
+    hi = d + math.sqrt((u1 - p1) ** 2 + (p2 - l2) ** 2)
+    return (max(-1.0, lo), min(1.0, hi))

@@ -35,6 +35,7 @@ def _synthetic(params: PrepareParams, image_dir: Path) -> tuple[dict[str, list[E
             image_dir,
             s.followup_fraction,
             s.captions,
+            s.presence,
         )
         train, test = split_by_image(examples, getattr(s, f"{pool}_test_images"), params.seed)
         splits[f"{pool}_train"], splits[f"{pool}_test"] = train, test

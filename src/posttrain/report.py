@@ -17,7 +17,16 @@ from posttrain.compare import answer_spread, compare, format_markdown, format_p 
 from posttrain.io import read_json, read_jsonl, write_text_atomic  # noqa: E402
 
 PLOTTED = ("relaxed_acc", "negative_acc", "critic", "rouge_l", "bleu")
-TABLE = ("loss", "bleu", "rouge_l", "critic", "relaxed_acc", "negative_acc")
+TABLE = (
+    "loss",
+    "bleu",
+    "rouge_l",
+    "critic",
+    "relaxed_acc",
+    "negative_acc",
+    "declined_answerable",
+    "decline_discrimination",
+)
 SIGNIFICANCE = 0.05
 
 
