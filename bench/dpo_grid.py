@@ -26,7 +26,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-# pair sets: preferences overrides, and an optional ROUGE-L margin (points) between equally correct answers
+# pair sets: preferences overrides, and an optional filter: a ROUGE-L margin (points) between equally correct
+# answers, or "answerable" (drop the pairs on negative questions)
 PAIR_SETS = {
     "decisive": ({"keep": "decisive"}, None),
     "decisive_t0.4": ({"keep": "decisive", "temperature": 0.4}, None),
@@ -35,6 +36,7 @@ PAIR_SETS = {
     "rouge20": ({"keep": "decisive"}, 20),
     "rouge30": ({"keep": "decisive"}, 30),
     "correctness": ({"keep": "correctness"}, None),
+    "correct_answerable": ({"keep": "correctness"}, "answerable"),  # no pair on a negative question
 }
 # run name -> (pair set, dpo overrides); each names its held-out fraction, as run for the README's table
 CONFIGS = {
@@ -65,6 +67,7 @@ CONFIGS = {
     "correct_lr2e-4_ep2": ("correctness", {"learning_rate": 2e-4, "epochs": 2.0, "heldout_fraction": 0.2}),
     "correct_lr3e-4_ep1": ("correctness", {"learning_rate": 3e-4, "heldout_fraction": 0.2}),
     "correct_lr3e-4_ep2": ("correctness", {"learning_rate": 3e-4, "epochs": 2.0, "heldout_fraction": 0.2}),
+    "correct_answerable": ("correct_answerable", {"heldout_fraction": 0.2}),
     # iterative DPO: later rounds sample from the last round's model, so its over-declines become pairs
     "correct_r2": ("correctness", {"rounds": 2, "heldout_fraction": 0.2}),
     "correct_r3": ("correctness", {"rounds": 3, "heldout_fraction": 0.2}),
@@ -97,6 +100,21 @@ def rouge_filtered(src: Path, dst: Path, margin: float) -> None:
     (dst / "metrics.json").write_text((src / "metrics.json").read_text())
 
 
+def answerable_filtered(src: Path, dst: Path) -> None:
+    """Keep the pairs of `src` whose question is answerable (not a negative)."""
+    from posttrain.data import load_split
+
+    negative = {e.id for e in load_split(ROOT / "data/prepared", "study_train") if e.negative}
+    kept = [
+        line
+        for line in (src / "pairs.jsonl").read_text().splitlines()
+        if json.loads(line)["id"] not in negative
+    ]
+    dst.mkdir(parents=True, exist_ok=True)
+    (dst / "pairs.jsonl").write_text("".join(f"{line}\n" for line in kept))
+    (dst / "metrics.json").write_text((src / "metrics.json").read_text())
+
+
 def make_pairs(out: Path, name: str) -> Path:
     overrides, margin = PAIR_SETS[name]
     source = out / "pairs" / json.dumps(overrides, sort_keys=True).replace('"', "").replace(" ", "")
@@ -120,7 +138,10 @@ def make_pairs(out: Path, name: str) -> Path:
         return source
     dst = out / "pairs" / name
     if not (dst / "pairs.jsonl").exists():
-        rouge_filtered(source, dst, margin)
+        if margin == "answerable":
+            answerable_filtered(source, dst)
+        else:
+            rouge_filtered(source, dst, margin)
     return dst
 
 
