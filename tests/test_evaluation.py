@@ -367,3 +367,14 @@ def test_report_table_shows_what_declining_costs_and_whether_it_reads_the_chart(
     assert cells["negative_acc"].startswith("100.00 [")
     assert cells["declined_answerable"].startswith("100.00 [")
     assert cells["decline_discrimination"].startswith("0.00 [-")
+
+
+def test_headline_pairs_negative_acc_with_decline_discrimination():
+    """`dvc metrics show/diff` rows carry decline_discrimination beside negative_acc, so a diff between two
+    runs shows whether a gain in declining follows the chart."""
+    from posttrain.evaluation import headline
+
+    declined = "There is no green bar in the chart."
+    rows = score_items([_ex(), _negative()], [declined] * 2, [1.0] * 2, [1] * 2, [50.0] * 2)
+    row = headline(aggregate(rows, "", resamples=20, seed=0))
+    assert row["negative_acc"] == 100.0 and row["decline_discrimination"] == 0.0

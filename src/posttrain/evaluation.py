@@ -51,7 +51,16 @@ CORE_METRICS = (
 )
 # what `dvc metrics show` puts in its table: one row per model that fits a terminal. The rest (CIs, n,
 # per-family accuracy, chance lines, retention detail) is in the details file the report reads.
-HEADLINE = ("loss", "bleu", "rouge_l", "critic", "relaxed_acc", "negative_acc", "retain_relaxed_acc")
+HEADLINE = (
+    "loss",
+    "bleu",
+    "rouge_l",
+    "critic",
+    "relaxed_acc",
+    "negative_acc",
+    "decline_discrimination",
+    "retain_relaxed_acc",
+)
 
 
 def headline(metrics: dict) -> dict:
