@@ -26,17 +26,35 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-# pair sets: preferences overrides, and an optional filter: a ROUGE-L margin (points) between equally correct
-# answers, or "answerable" (drop the pairs on negative questions)
+
+def rouge_margin(margin: float):
+    """Keeps a pair whose correctness differs, or whose ROUGE-L gap is at least `margin` points."""
+
+    def keeps(example, pair: dict) -> bool:
+        from posttrain.preferences import reference_key
+
+        (c1, r1), (c2, r2) = (reference_key(example, pair[k]) for k in ("chosen", "rejected"))
+        return c1 > c2 or r1 - r2 >= margin
+
+    return keeps
+
+
+def answerable(example, pair: dict) -> bool:
+    """Keeps a pair whose question is answerable (not a negative)."""
+    return not example.negative
+
+
+# pair sets: preferences overrides, and an optional filter of the pairs (`filtered`): a ROUGE-L margin
+# (points) between equally correct answers, or answerable questions only
 PAIR_SETS = {
     "decisive": ({"keep": "decisive"}, None),
     "decisive_t0.4": ({"keep": "decisive", "temperature": 0.4}, None),
     "decisive_t1.0": ({"keep": "decisive", "temperature": 1.0}, None),
-    "rouge10": ({"keep": "decisive"}, 10),
-    "rouge20": ({"keep": "decisive"}, 20),
-    "rouge30": ({"keep": "decisive"}, 30),
+    "rouge10": ({"keep": "decisive"}, rouge_margin(10)),
+    "rouge20": ({"keep": "decisive"}, rouge_margin(20)),
+    "rouge30": ({"keep": "decisive"}, rouge_margin(30)),
     "correctness": ({"keep": "correctness"}, None),
-    "correct_answerable": ({"keep": "correctness"}, "answerable"),  # no pair on a negative question
+    "correct_answerable": ({"keep": "correctness"}, answerable),  # no pair on a negative question
 }
 # run name -> (pair set, dpo overrides); each names its held-out fraction, as run for the README's table
 CONFIGS = {
@@ -83,40 +101,20 @@ def params_with(section: str, overrides: dict, seed: int | None = None) -> dict:
     return p
 
 
-def rouge_filtered(src: Path, dst: Path, margin: float) -> None:
-    """Keep the pairs of `src` whose correctness differs, or whose ROUGE-L gap is at least `margin`."""
+def filtered(src: Path, dst: Path, keeps) -> None:
+    """Write the pairs of `src` that `keeps(example, pair)` to `dst`, with `src`'s statistics."""
     from posttrain.data import load_split
-    from posttrain.preferences import reference_key
 
     examples = {e.id: e for e in load_split(ROOT / "data/prepared", "study_train")}
-    kept = []
-    for line in (src / "pairs.jsonl").read_text().splitlines():
-        p = json.loads(line)
-        (c1, r1), (c2, r2) = (reference_key(examples[p["id"]], p[k]) for k in ("chosen", "rejected"))
-        if c1 > c2 or r1 - r2 >= margin:
-            kept.append(line)
-    dst.mkdir(parents=True, exist_ok=True)
-    (dst / "pairs.jsonl").write_text("".join(f"{line}\n" for line in kept))
-    (dst / "metrics.json").write_text((src / "metrics.json").read_text())
-
-
-def answerable_filtered(src: Path, dst: Path) -> None:
-    """Keep the pairs of `src` whose question is answerable (not a negative)."""
-    from posttrain.data import load_split
-
-    negative = {e.id for e in load_split(ROOT / "data/prepared", "study_train") if e.negative}
-    kept = [
-        line
-        for line in (src / "pairs.jsonl").read_text().splitlines()
-        if json.loads(line)["id"] not in negative
-    ]
+    lines = (src / "pairs.jsonl").read_text().splitlines()
+    kept = [line for line in lines if keeps(examples[(p := json.loads(line))["id"]], p)]
     dst.mkdir(parents=True, exist_ok=True)
     (dst / "pairs.jsonl").write_text("".join(f"{line}\n" for line in kept))
     (dst / "metrics.json").write_text((src / "metrics.json").read_text())
 
 
 def make_pairs(out: Path, name: str) -> Path:
-    overrides, margin = PAIR_SETS[name]
+    overrides, keeps = PAIR_SETS[name]
     source = out / "pairs" / json.dumps(overrides, sort_keys=True).replace('"', "").replace(" ", "")
     if not (source / "pairs.jsonl").exists():
         source.mkdir(parents=True, exist_ok=True)
@@ -134,14 +132,11 @@ def make_pairs(out: Path, name: str) -> Path:
             str(source / "logs"),
         ]
         subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True)
-    if margin is None:
+    if keeps is None:
         return source
     dst = out / "pairs" / name
     if not (dst / "pairs.jsonl").exists():
-        if margin == "answerable":
-            answerable_filtered(source, dst)
-        else:
-            rouge_filtered(source, dst, margin)
+        filtered(source, dst, keeps)
     return dst
 
 

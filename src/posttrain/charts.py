@@ -156,22 +156,11 @@ def _qa(family: str, chart: Chart, rng: random.Random) -> tuple[str, str, str | 
     if family == CAPTION_FAMILY:
         return "Describe the chart.", _describe(chart), None, AnswerType.TEXT
     if family == PRESENCE_FAMILY:  # half the time about a colour the chart has, half about one it lacks
-        element = ELEMENTS[chart.kind]
-        if rng.random() < 0.5:
-            colour = rng.choice(c)
-            return (
-                f"Is there a {colour} {element} in the chart?",
-                f"Yes, the chart has a {colour} {element}.",
-                "yes",
-                AnswerType.YES_NO,
-            )
-        colour = rng.choice([name for name in COLORS if name not in c])
-        return (
-            f"Is there a {colour} {element} in the chart?",
-            f"No, the chart has no {colour} {element}.",
-            "no",
-            AnswerType.YES_NO,
-        )
+        element, present = ELEMENTS[chart.kind], rng.random() < 0.5
+        colour = rng.choice(c) if present else rng.choice([name for name in COLORS if name not in c])
+        answer = f"Yes, the chart has a {colour}" if present else f"No, the chart has no {colour}"
+        q = f"Is there a {colour} {element} in the chart?"
+        return q, f"{answer} {element}.", "yes" if present else "no", AnswerType.YES_NO
     if family == "bar_count":
         return (
             "How many bars are in the chart?",
