@@ -93,6 +93,29 @@ def test_policy_and_reference_equal_sfte_before_any_step(base_dir, sfte, prepare
     assert torch.allclose(ref, expected, atol=1e-5)
 
 
+def test_qlora_dpo_keeps_the_trainable_adapter_in_fp32_also_after_a_resume(
+    base_dir, sfte, prepared, pairs, tmp_path
+):
+    """TRL casts every trainable parameter of a 4-bit model to bf16 (its QLoRA recipe), where AdamW's updates
+    at lr 2e-5 round to nothing (2e-3 + 7e-6 is 2e-3 in bf16). The flag an nf4 base carries is set here on
+    the CPU model: the policy must stay fp32 as SFT's adapters are, and loading a checkpoint (a resume, which
+    PEFT upcasts) must change no dtype."""
+    model, processor = policy_from_adapter(base_dir, sfte, "cpu")
+    model.base_model.model.is_loaded_in_4bit = True  # what transformers sets on a bitsandbytes 4-bit model
+    trainer = dpo_trainer(
+        model, processor, pairs, prepared, PARAMS, tmp_path / "ck", 0, [], micro_batch=4, gradient_accumulation=1
+    )
+
+    def trainable():
+        return {n: p.dtype for n, p in trainer.model.named_parameters() if p.requires_grad}
+
+    built = trainable()
+    assert built and set(built.values()) == {torch.float32}, {d for d in built.values()}
+    trainer.model.save_pretrained(tmp_path / "resume", selected_adapters=["default"])
+    trainer._load_from_checkpoint(str(tmp_path / "resume"))
+    assert trainable() == built
+
+
 def test_dpo_moves_the_adapter_not_the_base_and_differs_from_dpo_from_scratch(
     base_dir, sfte, prepared, pairs, tmp_path
 ):

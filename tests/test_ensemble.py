@@ -9,7 +9,7 @@ from conftest import make_adapter
 from peft import PeftModel
 
 from posttrain.config import EnsembleMethod, EnsembleParams
-from posttrain.ensembling import build_ensemble, combine, members_together
+from posttrain.ensembling import average_delta_error, build_ensemble, combine, members_together
 from posttrain.models import load_base
 
 
@@ -127,3 +127,62 @@ def test_linear_with_unequal_ranks_is_refused(base_dir, members, tmp_path):
         base_dir, {"sft1": members["sft1"], "small": small}, EnsembleParams(), tmp_path / "o2"
     )
     assert summary["rank"] == 24 and copy.deepcopy(summary)["exact_average"]
+
+
+def test_average_delta_error_is_the_largest_layers_relative_frobenius_error(tmp_path):
+    """Two one-layer adapters, rank 1, by hand: member 1 ΔW = 2·[1,0]ᵀ[1,0] (alpha 2, r 1), member 2 ΔW = 0
+    (B = 0); their average has a single entry 1 at (0, 0), norm 1. A combined adapter with scaling 1 and
+    ΔW = [[1, 0], [0, 0.5]] is off by 0.5 at (1, 1): relative error 0.5; an exact one gives 0."""
+    from safetensors.torch import save_file
+
+    def adapter(name, b, a, alpha):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "adapter_config.json").write_text(json.dumps({"r": a.shape[0], "lora_alpha": alpha}))
+        key = "base_model.model.layer"
+        save_file({f"{key}.lora_A.weight": a, f"{key}.lora_B.weight": b}, str(folder / "adapter_model.safetensors"))
+        return folder
+
+    e = torch.tensor([[1.0, 0.0]])
+    m1 = adapter("m1", e.T.clone(), e.clone(), 2.0)
+    m2 = adapter("m2", torch.zeros(2, 1), e.clone(), 2.0)
+    exact = adapter("exact", e.T.clone(), e.clone(), 1.0)
+    off = adapter("off", torch.eye(2), torch.tensor([[1.0, 0.0], [0.0, 0.5]]), 2.0)
+    assert average_delta_error(exact, [m1, m2]) < 1e-12
+    assert abs(average_delta_error(off, [m1, m2]) - 0.5) < 1e-12
+
+
+def test_the_ensemble_is_built_in_fp32_on_a_gpu_and_its_error_is_measured(base_dir, members, tmp_path, monkeypatch):
+    """On a GPU the stage loaded the base in bf16 and PEFT built the combined adapter in bf16 (relative error
+    ~2e-3), while the provenance said exact_average. Here the GPU's choice is made on the CPU: whatever dtype
+    the stage asks for, the saved adapter must be fp32 and the measured error at fp32 rounding."""
+    from types import SimpleNamespace
+
+    from safetensors.torch import load_file
+
+    import posttrain.ensembling as ensembling
+
+    asked = []
+
+    def load_on_cpu(folder, device="cpu", dtype=torch.float32, **kw):
+        asked.append(dtype)
+        return load_base(folder, device="cpu", dtype=dtype, **kw)
+
+    class GpuTorch:  # torch as the ensembling module sees it on a GPU machine (only there)
+        cuda = SimpleNamespace(is_available=lambda: True)
+
+        def __getattr__(self, name):
+            return getattr(torch, name)
+
+    monkeypatch.setattr(ensembling, "torch", GpuTorch())
+    monkeypatch.setattr(ensembling, "load_base", load_on_cpu)
+    summary = build_ensemble(base_dir, members, EnsembleParams(), tmp_path / "sfte")
+    assert asked == [torch.float32]
+    assert {t.dtype for t in load_file(str(tmp_path / "sfte" / "adapter_model.safetensors")).values()} == {
+        torch.float32
+    }
+    assert summary["exact_average"] and summary["max_relative_delta_error"] < 1e-6
+    # the measurement is real: the same members combined by `linear` are far from their average
+    monkeypatch.undo()
+    linear = build_ensemble(base_dir, members, EnsembleParams(method=EnsembleMethod.LINEAR), tmp_path / "lin")
+    assert not linear["exact_average"] and linear["max_relative_delta_error"] > 0.1

@@ -106,6 +106,53 @@ def test_two_processes_give_the_outputs_of_one(project):
     assert outputs(project) == one
 
 
+ECHO = """import json, os, sys
+from pathlib import Path
+Path(sys.argv[0]).with_name(f"argv{os.environ.get('RANK', '-')}.json").write_text(json.dumps(sys.argv[1:]))
+"""
+
+
+def test_torchrun_never_parses_the_stage_arguments(tmp_path, micro_params_file):
+    """Under N processes every worker gets the stage's arguments as given, even those that look like
+    abbreviations of torchrun's own options (``--logs`` of ``--logs-specs``) or are its options by name."""
+    shutil.copy(micro_params_file, tmp_path / "params.yaml")
+    set_processes(tmp_path, 2)
+    script = tmp_path / "evaluate.py"  # a sharded stage's name
+    script.write_text(ECHO)
+    args = ["--logs", "logs/x", "--nproc_per_node", "3", "--standalone", "--", "-m", "--max", "1"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "posttrain.launch", str(script), *args],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    import json
+
+    assert sorted(p.name for p in tmp_path.glob("argv*.json")) == ["argv0.json", "argv1.json"]
+    for rank in (0, 1):
+        assert json.loads((tmp_path / f"argv{rank}.json").read_text()) == args
+
+
+def test_a_failing_worker_fails_the_launch(tmp_path, micro_params_file):
+    shutil.copy(micro_params_file, tmp_path / "params.yaml")
+    set_processes(tmp_path, 2)
+    script = tmp_path / "sft.py"
+    script.write_text("import sys; sys.exit(3)\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "posttrain.launch", str(script)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=300,
+    )
+    assert proc.returncode == 1
+    assert "error: sft.py failed in 2 processes (rank 0 exit 3" in proc.stderr
+
+
 def sft_params(root: Path, processes: int) -> None:
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["launch"] = {"processes": processes}

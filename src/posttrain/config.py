@@ -166,10 +166,6 @@ class EnsembleMethod(str, Enum):
     TIES = "ties"  # TIES merging (trim, elect sign, merge)
 
     @property
-    def exact(self) -> bool:
-        return self is EnsembleMethod.CAT
-
-    @property
     def needs_equal_ranks(self) -> bool:
         return self is EnsembleMethod.LINEAR
 

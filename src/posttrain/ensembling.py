@@ -6,6 +6,11 @@ A = [w·s_1·A_1; …; w·s_N·A_N], B = [B_1 … B_N], so B·A = Σ w·s_i·B_i
 `linear` averages A and B separately, (Σ w·√s_i·B_i)(Σ w·√s_i·A_i), which has cross terms B_i·A_j: not the
 average model (kept for the study's ablation). `svd` factorises the averaged delta, exact when its rank is at
 least Σ r_i. `ties` trims and sign-elects the deltas (Yadav et al. 2023, TIES-Merging) before an SVD.
+
+PEFT builds the combined adapter in the dtype of the base layers it sits on: on a bf16 base the exact `cat`
+is rounded to bf16 (relative error ~2e-3 in ΔW). The base is therefore loaded in fp32 here on every device,
+and the error of the saved adapter against the members' average is measured (`average_delta_error`) and
+recorded, so ``exact_average`` in the provenance is a measurement, not a claim about the method.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import torch
 from posttrain.config import EnsembleMethod, EnsembleParams, to_dict
 from posttrain.io import atomic_dir
 from posttrain.models import (
+    ADAPTER_WEIGHTS,
     base_fingerprint,
     check_adapters,
     load_base,
@@ -28,6 +34,7 @@ from posttrain.models import (
 )
 
 ENSEMBLE = "ensemble"
+EXACT_TOLERANCE = 1e-5  # relative error of ΔW that fp32 rounding stays below (cat: ~1e-7 measured)
 _PEFT_COMBINATION = {
     EnsembleMethod.CAT: "cat",
     EnsembleMethod.SVD: "svd",
@@ -38,6 +45,52 @@ _PEFT_COMBINATION = {
 
 def adapter_rank(folder: Path) -> int:
     return int(json.loads((Path(folder) / "adapter_config.json").read_text())["r"])
+
+
+def adapter_deltas(folder: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+    """Each adapted layer's (B, A, scaling) of the adapter in `folder`: its ΔW is scaling · B · A."""
+    from safetensors.torch import load_file
+
+    config = json.loads((Path(folder) / "adapter_config.json").read_text())
+    if config.get("use_dora"):
+        raise ValueError(f"{folder}: DoRA adapters are not combined here")
+    rank, alpha = config["r"], config["lora_alpha"]
+    scaling = alpha / rank**0.5 if config.get("use_rslora") else alpha / rank
+    weights = load_file(str(Path(folder) / ADAPTER_WEIGHTS))
+    return {
+        key.removesuffix(".lora_A.weight"): (weights[key.replace("lora_A", "lora_B")], weights[key], scaling)
+        for key in weights
+        if key.endswith(".lora_A.weight")
+    }
+
+
+def _frobenius_squared(factors: list[tuple[torch.Tensor, torch.Tensor, float]]) -> float:
+    """||Σ_k c_k · B_k · A_k||²_F without forming the (out, in) matrix: trace((UᵀU)(VVᵀ)), U = [B_k], V = [c_k·A_k].
+
+    U is (out, R) and V (R, in) with R the summed ranks, so the cost is (out + in) · R², in float64.
+    """
+    u = torch.cat([b.double() for b, _, _ in factors], dim=1)  # (out, R)
+    v = torch.cat([c * a.double() for _, a, c in factors], dim=0)  # (R, in)
+    return float(torch.trace((u.T @ u) @ (v @ v.T)))
+
+
+def average_delta_error(combined: Path, members: list[Path]) -> float:
+    """The largest relative error, over the adapted layers, of the combined adapter's ΔW against the members'
+    average ΔW: max over layers of ||ΔW_c − (1/N)·Σ ΔW_i||_F / ||(1/N)·Σ ΔW_i||_F.
+
+    0 up to float rounding for `cat` and full-rank `svd` built in fp32; ~2e-3 for `cat` built on a bf16
+    base; ~0.8 for `linear` (DESIGN.md trap 3).
+    """
+    ours = adapter_deltas(combined)
+    theirs = [adapter_deltas(m) for m in members]
+    w = 1.0 / len(members)
+    errors = []
+    for layer, (b, a, c) in ours.items():
+        average = [(mb, ma, w * mc) for m in theirs for mb, ma, mc in [m[layer]]]
+        difference = [(b, a, c)] + [(mb, ma, -mc) for mb, ma, mc in average]
+        norm = _frobenius_squared(average)
+        errors.append((max(_frobenius_squared(difference), 0.0) / norm) ** 0.5 if norm > 0 else 0.0)
+    return max(errors)
 
 
 def check_members(base_dir: Path, members: dict[str, Path], method: EnsembleMethod) -> None:
@@ -128,24 +181,27 @@ def build_ensemble(base_dir: Path, members: dict[str, Path], params: EnsemblePar
         A summary: method, members, rank, exactness.
     """
     check_members(base_dir, members, params.method)
-    # The base only hosts the adapters' modules; combining touches LoRA weights alone (fp32 as loaded).
-    # On a GPU it loads in bf16 there: a 7B base in fp32 on the CPU takes 28 GB and minutes.
+    # The base only hosts the adapters' modules, but PEFT builds the combined adapter in its layers' dtype:
+    # fp32, or bf16 rounds the exact average. On a GPU a 7B base in fp32 takes 28 GB of its memory (the CPU
+    # would take minutes).
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, _, _ = load_base(
-        base_dir, device=device, dtype=torch.bfloat16 if device == "cuda" else torch.float32
-    )
+    model, _, _ = load_base(base_dir, device=device, dtype=torch.float32)
     model = combine(model, members, params)
     rank = model.peft_config[ENSEMBLE].r
-    exact = params.method.exact or (
-        params.method is EnsembleMethod.SVD and rank >= sum(adapter_rank(d) for d in members.values())
-    )
-    summary = {"method": params.method.value, "members": list(members), "rank": rank, "exact_average": exact}
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp / "peft", selected_adapters=[ENSEMBLE])
         saved = tmp / "peft" / ENSEMBLE  # PEFT nests adapters that are not named "default"
         for f in saved.iterdir():
             shutil.move(str(f), tmp / f.name)
         shutil.rmtree(tmp / "peft")
+        error = average_delta_error(tmp, list(members.values()))
+        summary = {
+            "method": params.method.value,
+            "members": list(members),
+            "rank": rank,
+            "exact_average": error <= EXACT_TOLERANCE,
+            "max_relative_delta_error": float(f"{error:.2e}"),  # measured on the saved adapter
+        }
         write_provenance(
             tmp,
             kind="adapter",

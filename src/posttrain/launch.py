@@ -7,7 +7,9 @@ command's text, so changing it reruns nothing (DVC reruns a stage whose command 
 `dvc exp run -S launch.processes=4` is then all it takes to spread the next stages over four GPUs.
 
 With one process the script replaces this one (``exec``): exactly ``python stages/<stage>.py ...``. With N the
-stages that shard their work (`SHARDED`) run under ``torchrun --standalone --nproc_per_node N``: the
+stages that shard their work (`SHARDED`) run under ``torchrun --standalone --nproc_per_node N`` (torchrun's
+own launcher, called in this process with the stage's arguments handed over as they are: torchrun's argparse
+never sees them, so a stage option such as ``--logs`` is not taken for an abbreviation of its ``--logs-specs``): the
 training stages (base, SFT, DPO) data-parallel (the Trainer's and TRL's DDP, each process a 1/N share of the
 recipe's micro-batch), evaluation, preference sampling and DPO's later rounds with their prompts split over
 the processes and gathered in order (`posttrain.distributed`). The others (prepare, ensemble, report: seconds
@@ -37,6 +39,21 @@ def command(script: str, args: Sequence[str], processes: int) -> list[str]:
         script,
         *args,
     ]
+
+
+def torchrun_args(script: str, args: Sequence[str], processes: int):
+    """torchrun's parsed command line for `command`'s `processes` > 1 case, with `args` set after parsing.
+
+    argparse matches unambiguous prefixes of its options anywhere in a command line, the training script's
+    arguments included (torch 2.13: ``--logs`` is "ambiguous: could match --logs-specs, --logs_specs"; a
+    prefix of one option alone would be silently taken). Only torchrun's own options are parsed here.
+    """
+    from torch.distributed.run import parse_args
+
+    launcher = command(script, [], processes)[3:]  # after `python -m torch.distributed.run`
+    parsed = parse_args(launcher)
+    parsed.training_script_args = list(args)
+    return parsed
 
 
 def params_path(args: Sequence[str]) -> str:
@@ -70,8 +87,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         cmd = command(script, args, processes)
         sys.stdout.flush()
-        os.execv(cmd[0], cmd)
-        return 0  # not reached
+        if cmd[1:3] != ["-m", "torch.distributed.run"]:
+            os.execv(cmd[0], cmd)
+        from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+        from torch.distributed.run import run
+
+        try:
+            run(torchrun_args(script, args, processes))
+        except ChildFailedError as e:  # the workers printed their own errors
+            failures = ", ".join(f"rank {f.local_rank} exit {f.exitcode}" for f in e.failures.values())
+            print(f"error: {Path(script).name} failed in {processes} processes ({failures})", file=sys.stderr)
+            return 1
+        return 0
 
     return exit_status(resolve)
 
