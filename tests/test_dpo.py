@@ -103,7 +103,16 @@ def test_qlora_dpo_keeps_the_trainable_adapter_in_fp32_also_after_a_resume(
     model, processor = policy_from_adapter(base_dir, sfte, "cpu")
     model.base_model.model.is_loaded_in_4bit = True  # what transformers sets on a bitsandbytes 4-bit model
     trainer = dpo_trainer(
-        model, processor, pairs, prepared, PARAMS, tmp_path / "ck", 0, [], micro_batch=4, gradient_accumulation=1
+        model,
+        processor,
+        pairs,
+        prepared,
+        PARAMS,
+        tmp_path / "ck",
+        0,
+        [],
+        micro_batch=4,
+        gradient_accumulation=1,
     )
 
     def trainable():

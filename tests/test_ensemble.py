@@ -140,7 +140,9 @@ def test_average_delta_error_is_the_largest_layers_relative_frobenius_error(tmp_
         folder.mkdir()
         (folder / "adapter_config.json").write_text(json.dumps({"r": a.shape[0], "lora_alpha": alpha}))
         key = "base_model.model.layer"
-        save_file({f"{key}.lora_A.weight": a, f"{key}.lora_B.weight": b}, str(folder / "adapter_model.safetensors"))
+        save_file(
+            {f"{key}.lora_A.weight": a, f"{key}.lora_B.weight": b}, str(folder / "adapter_model.safetensors")
+        )
         return folder
 
     e = torch.tensor([[1.0, 0.0]])
@@ -152,7 +154,9 @@ def test_average_delta_error_is_the_largest_layers_relative_frobenius_error(tmp_
     assert abs(average_delta_error(off, [m1, m2]) - 0.5) < 1e-12
 
 
-def test_the_ensemble_is_built_in_fp32_on_a_gpu_and_its_error_is_measured(base_dir, members, tmp_path, monkeypatch):
+def test_the_ensemble_is_built_in_fp32_on_a_gpu_and_its_error_is_measured(
+    base_dir, members, tmp_path, monkeypatch
+):
     """On a GPU the stage loaded the base in bf16 and PEFT built the combined adapter in bf16 (relative error
     ~2e-3), while the provenance said exact_average. Here the GPU's choice is made on the CPU: whatever dtype
     the stage asks for, the saved adapter must be fp32 and the measured error at fp32 rounding."""

@@ -111,3 +111,40 @@ def test_throughput_counts_answer_tokens_and_every_decoded_row_position(tiny, pr
     counts = generation.throughput()["generate"]
     assert counts["new_tokens"] == 2 + 4 + 3 and counts["computed_tokens"] == 8 + 3
     assert counts["computed_tokens_per_s"] > counts["new_tokens_per_s"] > 0
+
+
+def test_with_ends_marks_the_answers_cut_at_max_new_tokens(model, tiny, prompts):
+    """An answer ended iff transformers' own `generate` emits an EOS for it within max_new_tokens. The random
+    model's EOS row is pushed up so that some answers end and others run to the limit; texts are those
+    without `with_ends`."""
+    tok = tiny[1].tokenizer
+    ids, pixels = prompts
+    m = copy.deepcopy(model)
+    with torch.no_grad():
+        m.lm_head.weight[tok.eos_token_id] *= EOS_BOOST
+    limit = 12
+    plain = generate(m, tok, pixels, ids, batch_size=5, max_new_tokens=limit)
+    marked = generate(m, tok, pixels, ids, batch_size=5, max_new_tokens=limit, with_ends=True)
+    assert [t for t, _ in marked] == plain
+    expected = []
+    for s in range(0, len(ids), 5):
+        batch = ids[s : s + 5]
+        new = m.generate(
+            input_ids=pad_batch(batch, tok.pad_token_id, "left"),
+            attention_mask=pad_batch([[1] * len(p) for p in batch], 0, "left"),
+            pixel_values=torch.stack(pixels[s : s + 5]),
+            max_new_tokens=limit,
+            do_sample=False,
+            temperature=None,
+            top_p=None,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id,
+        )[:, max(map(len, batch)) :]  # after the left-padded prompts
+        expected += [bool((row == tok.eos_token_id).any()) for row in new]
+    assert [e for _, e in marked] == expected
+    assert True in expected and False in expected, "the check needs answers of both kinds"
+    pairs = generate(m, tok, pixels, ids, batch_size=5, max_new_tokens=limit, samples=2, with_ends=True)
+    assert [p[0][1] for p in pairs] == expected and [p[1][1] for p in pairs] == expected
+
+
+EOS_BOOST = 2.0  # some of the twelve answers end within 12 tokens, some do not

@@ -64,7 +64,20 @@ def test_build_pairs_by_hand():
         "reference_agreement": 100.0,
         "reference_decisive_rate": 100.0,
         "dropped_by_keep": 0,
+        "dropped_truncated": 0,
     }
+
+
+def test_a_pair_with_a_side_cut_at_max_new_tokens_is_never_kept():
+    """DPO appends an EOS to each completion: a sample cut at max_new_tokens would teach the model to end on
+    cut-off text. Such candidates are counted and never judged into a pair, whichever side won."""
+    e = _ex()  # the red bar is 7
+    right, wrong = "The red bar has a value of 7.", "The red bar has a value of 3."
+    cands = [Candidate(e, right, wrong), Candidate(e, right, "The red bar has a", truncated=True)]
+    verdicts = [("first", "second"), ("first", "second")]
+    pairs, stats = build_pairs(cands, verdicts)
+    assert [(p["chosen"], p["rejected"]) for p in pairs] == [(right, wrong)]
+    assert stats["dropped_truncated"] == 1 and stats["judged_pairs"] == 1 and stats["prompts"] == 2
 
 
 def test_keep_correctness_keeps_only_correct_over_wrong_pairs():
@@ -156,7 +169,7 @@ def test_make_preferences_end_to_end(tiny, prepared, judge):
     model, processor = tiny
     examples = load_split(prepared, "study_train")[:12]
     params = PreferencesParams(
-        judge=judge, keep=PairKeep.DECISIVE, temperature=1.5, max_new_tokens=8, batch_size=8, min_pairs=1
+        judge=judge, keep=PairKeep.DECISIVE, temperature=1.5, max_new_tokens=24, batch_size=8, min_pairs=1
     )
     try:
         pairs, stats = make_preferences(model, processor, examples, prepared, params, CriticParams())
@@ -179,14 +192,30 @@ def test_no_surviving_pair_is_a_clear_error(tiny, prepared):
         make_preferences(model, processor, examples, prepared, params, CriticParams())
 
 
+EOS_BIAS = 3.0  # at temperature 1.5 the samples end after a few to over 24 tokens
+
+
 def test_self_judge_builds_pairs_when_its_verdicts_are_consistent(tiny, prepared, monkeypatch):
     """The self-judge path end to end, with a judge that reads the pairwise prompt: it prefers the first
     response exactly when that one is the longer. Both orders then agree, so every pair of distinct samples
     of different length is kept, longer answer chosen, with its turn's history."""
+    import copy
+
+    import torch
+
     import posttrain.preferences as prefs
 
     model, processor = tiny
     tok = processor.tokenizer
+    # a copy whose samples end (EOS) after different lengths, as a trained model's do: cut-off ones are never
+    # pairs. A bias on the EOS logit of the randomly initialised head
+    model = copy.deepcopy(model)
+    head = torch.nn.Linear(model.lm_head.in_features, model.lm_head.out_features, bias=True)
+    with torch.no_grad():
+        head.weight.copy_(model.lm_head.weight)
+        head.bias.zero_()
+        head.bias[tok.eos_token_id] = EOS_BIAS
+    model.lm_head = head
 
     def judge_by_length(model_, tokenizer, pixels, prompts, continuations, *, batch_size):
         assert len(pixels) == len(prompts) and len(continuations) == len(prefs.VERDICTS)
@@ -205,7 +234,12 @@ def test_self_judge_builds_pairs_when_its_verdicts_are_consistent(tiny, prepared
     monkeypatch.setattr(prefs, "continuation_nll", judge_by_length)
     examples = [e for e in load_split(prepared, "study_train") if e.history][:8]
     params = PreferencesParams(
-        judge=Judge.SELF, keep=PairKeep.DECISIVE, temperature=1.5, max_new_tokens=8, batch_size=8, min_pairs=1
+        judge=Judge.SELF,
+        keep=PairKeep.DECISIVE,
+        temperature=1.5,
+        max_new_tokens=24,
+        batch_size=8,
+        min_pairs=1,
     )
     pairs, stats = make_preferences(model, processor, examples, prepared, params, CriticParams())
     assert stats["order_consistency_rate"] == 100.0 and stats["pairs_kept"] == len(pairs) >= 1

@@ -65,7 +65,8 @@ def adapter_deltas(folder: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor, 
 
 
 def _frobenius_squared(factors: list[tuple[torch.Tensor, torch.Tensor, float]]) -> float:
-    """||Σ_k c_k · B_k · A_k||²_F without forming the (out, in) matrix: trace((UᵀU)(VVᵀ)), U = [B_k], V = [c_k·A_k].
+    """||Σ_k c_k·B_k·A_k||²_F without forming the (out, in) matrix: trace((UᵀU)(VVᵀ)) with U = [B_k],
+    V = [c_k·A_k].
 
     U is (out, R) and V (R, in) with R the summed ranks, so the cost is (out + in) · R², in float64.
     """

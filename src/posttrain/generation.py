@@ -50,6 +50,11 @@ def _new_token_count(new_tokens: torch.Tensor, eos_token_id: int) -> int:
     return int(first.sum())
 
 
+def _ended(new_tokens: torch.Tensor, eos_token_id: int) -> list[bool]:
+    """Per row, whether it generated an EOS: False for an answer cut at max_new_tokens."""
+    return (new_tokens == eos_token_id).any(1).tolist()  # (R,)
+
+
 def _left_padded(prompts: list[list[int]], pad_token_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """(input_ids, attention_mask), both (B, T), of prompts left-padded so that they all end together."""
     input_ids = pad_batch(prompts, pad_token_id, "left").to(device)
@@ -129,7 +134,8 @@ def generate(
     samples: int = 1,
     cache: str = "static",
     progress: str | None = None,
-) -> list[str] | list[tuple[str, ...]]:
+    with_ends: bool = False,
+) -> list:
     """Answer each (image, prompt ids) with the model, batched with left padding.
 
     Greedy by default; with `do_sample` the sampling is seeded per batch, so the same inputs and seed give the
@@ -150,10 +156,12 @@ def generate(
         samples: answers per prompt.
         cache: ``static`` (preallocated, written in place) or ``dynamic`` (transformers' default).
         progress: a label for progress lines, or None for none.
+        with_ends: each answer as (text, ended), ended False where it was cut at `max_new_tokens` without an
+            EOS.
 
     Returns:
         The decoded continuations, special tokens removed: one string per prompt, or with `samples` > 1 one
-        tuple of `samples` strings per prompt.
+        tuple of `samples` strings per prompt (with `with_ends`, (text, ended) in place of each string).
     """
     device = next(model.parameters()).device
     dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
@@ -187,6 +195,8 @@ def generate(
             generate_kwargs=generate_kwargs,
         )
         texts = [t.strip() for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+        if with_ends:
+            texts = list(zip(texts, _ended(new_tokens, tokenizer.eos_token_id)))
         totals = _TOTALS["generate"]
         totals["seconds"] += time.perf_counter() - t0
         totals["prompts"] += len(batch)

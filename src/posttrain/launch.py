@@ -7,9 +7,9 @@ command's text, so changing it reruns nothing (DVC reruns a stage whose command 
 `dvc exp run -S launch.processes=4` is then all it takes to spread the next stages over four GPUs.
 
 With one process the script replaces this one (``exec``): exactly ``python stages/<stage>.py ...``. With N the
-stages that shard their work (`SHARDED`) run under ``torchrun --standalone --nproc_per_node N`` (torchrun's
-own launcher, called in this process with the stage's arguments handed over as they are: torchrun's argparse
-never sees them, so a stage option such as ``--logs`` is not taken for an abbreviation of its ``--logs-specs``): the
+stages that shard their work (`SHARDED`) run under ``torchrun --standalone --nproc_per_node N``, torchrun's
+launcher called in this process with the stage's arguments handed over as they are (its argparse never sees
+them, so a stage option such as ``--logs`` is not taken for an abbreviation of its ``--logs-specs``): the
 training stages (base, SFT, DPO) data-parallel (the Trainer's and TRL's DDP, each process a 1/N share of the
 recipe's micro-batch), evaluation, preference sampling and DPO's later rounds with their prompts split over
 the processes and gathered in order (`posttrain.distributed`). The others (prepare, ensemble, report: seconds
@@ -42,7 +42,7 @@ def command(script: str, args: Sequence[str], processes: int) -> list[str]:
 
 
 def torchrun_args(script: str, args: Sequence[str], processes: int):
-    """torchrun's parsed command line for `command`'s `processes` > 1 case, with `args` set after parsing.
+    """Torchrun's parsed command line for `command`'s `processes` > 1 case, with `args` set after parsing.
 
     argparse matches unambiguous prefixes of its options anywhere in a command line, the training script's
     arguments included (torch 2.13: ``--logs`` is "ambiguous: could match --logs-specs, --logs_specs"; a

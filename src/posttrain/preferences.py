@@ -38,11 +38,12 @@ VERDICTS = {
 
 @dataclass(frozen=True)
 class Candidate:
-    """Two sampled answers to one training prompt."""
+    """Two sampled answers to one training prompt; `truncated` if either was cut at max_new_tokens."""
 
     example: Example
     a: str
     b: str
+    truncated: bool = False
 
 
 def sample_candidates(
@@ -76,8 +77,12 @@ def sample_candidates(
         seed=seed,
         samples=2,
         progress="samples",
+        with_ends=True,
     )
-    return [Candidate(e, x, y) for e, (x, y) in zip(examples, pairs)]
+    return [
+        Candidate(e, a, b, not (a_ended and b_ended))
+        for e, ((a, a_ended), (b, b_ended)) in zip(examples, pairs)
+    ]
 
 
 def reference_key(example: Example, response: str) -> tuple[int, float]:
@@ -157,19 +162,24 @@ def build_pairs(
 ) -> tuple[list[dict], dict]:
     """Turn judged candidates into (prompt, chosen, rejected) rows and the judging statistics.
 
-    Identical candidates are never a pair. A pair is kept only when both orders agree on a winner, and with
-    ``keep: correctness`` only when the chosen answer is correct and the rejected one is not (the pairs the
-    reference decides by ROUGE-L alone, both answers wrong or both right, are dropped and counted).
+    Identical candidates are never a pair, nor are candidates one of which was cut at max_new_tokens: DPO
+    would train its cut-off text as a completion ending in EOS. A pair is kept only when both orders agree on
+    a winner, and with ``keep: correctness`` only when the chosen answer is correct and the rejected one is
+    not (the pairs the reference decides by ROUGE-L alone, both answers wrong or both right, are dropped and
+    counted).
 
     Returns:
         (pairs, stats): stats count prompts, identical candidates, order-consistent verdicts, ties, kept
         pairs, and the agreement of the kept verdicts with the `reference` judge on the same pairs.
     """
     pairs, n_identical, n_consistent, n_ties, n_agree, n_ref_decisive, n_dropped = [], 0, 0, 0, 0, 0, 0
-    judged = 0
+    judged = n_truncated = 0
     for c, (v_ab, v_ba) in zip(candidates, verdicts):
         if c.a.strip() == c.b.strip():
             n_identical += 1
+            continue
+        if c.truncated:
+            n_truncated += 1
             continue
         judged += 1
         winner = combine_orders(v_ab, v_ba)
@@ -205,6 +215,7 @@ def build_pairs(
     stats = {
         "prompts": n,
         "identical_rate": round(100.0 * n_identical / n, 4) if n else None,
+        "dropped_truncated": n_truncated,  # different candidates, one cut at max_new_tokens: never a pair
         "judged_pairs": judged,
         "order_consistency_rate": round(100.0 * n_consistent / judged, 4) if judged else None,
         "tie_rate": round(100.0 * n_ties / judged, 4) if judged else None,
@@ -297,18 +308,34 @@ def make_preferences(
         batch_size=params.batch_size,
         max_new_tokens=params.max_new_tokens,
     )
-    verdicts = judge_candidates(
-        params.judge, model, processor, candidates, pixels, data_dir, critic_params, params.batch_size
-    )
+    # identical or cut-off candidates are never a pair (`build_pairs`): the judge's time goes to the others
+    judged = [i for i, c in enumerate(candidates) if c.a.strip() != c.b.strip() and not c.truncated]
+    verdicts: list[tuple[str | None, str | None]] = [(None, None)] * len(candidates)
+    for i, v in zip(
+        judged,
+        judge_candidates(
+            params.judge,
+            model,
+            processor,
+            [candidates[i] for i in judged],
+            [pixels[i] for i in judged],
+            data_dir,
+            critic_params,
+            params.batch_size,
+        ),
+    ):
+        verdicts[i] = v
     pairs, stats = build_pairs(candidates, verdicts, params.keep)
     if len(pairs) < params.min_pairs:
         raise NoPairsError(
             f"only {len(pairs)} preference pairs survived judging "
             f"(preferences.min_pairs is {params.min_pairs}): "
             f"{stats['prompts']} prompts, {stats['identical_rate']}% identical candidates, "
+            f"{stats['dropped_truncated']} with a candidate cut at preferences.max_new_tokens, "
             f"{stats['order_consistency_rate']}% order-consistent verdicts, {stats['tie_rate']}% ties, "
             f"{stats['dropped_by_keep']} decisive pairs left out by preferences.keep. "
-            "Raise preferences.temperature for more diverse candidates, use more prompts "
+            "Raise preferences.temperature for more diverse candidates (preferences.max_new_tokens for "
+            "fewer cut ones), use more prompts "
             "(preferences.max_prompts: 0), another preferences.judge, or preferences.keep: decisive."
         )
     return pairs, stats

@@ -315,6 +315,7 @@ def dpo_signal_section(rounds: list[dict]) -> list[str]:
 PREFERENCE_ROWS = (
     ("prompts", "training turns sampled twice", "{:.0f}"),
     ("identical_rate", "identical candidates (never a pair)", "{:.1f}%"),
+    ("dropped_truncated", "candidates cut at max_new_tokens (never a pair)", "{:.0f}"),
     ("judged_pairs", "pairs judged in both orders", "{:.0f}"),
     ("order_consistency_rate", "same verdict in both orders", "{:.1f}%"),
     ("tie_rate", "ties", "{:.1f}%"),
