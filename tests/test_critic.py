@@ -89,6 +89,18 @@ def test_prompts_keep_braces_in_fields() -> None:
         # a reply cut off by max_new_tokens before its score
         ("The response correctly identifies the red bar as the tallest, but its value of 35 is", None),
         ("The response is wrong about 3/10/2020 dates", None),
+        # a score given to the response, the last statement counting as above
+        ("I would give it an 85", 85.0),
+        ("The response scores 85.", 85.0),
+        ("It is mostly right, so I'd rate it 80 points.", 80.0),
+        ("I would give it a 7 out of 10", 70.0),
+        ("It scores 60/100 at first sight, but I would give it a 40.", 40.0),
+        # look-alikes: a number given or scored that is not a score
+        ("I would give it 2 more tries before judging", None),
+        ("The model scores 3 bars correctly and misses the fourth", None),
+        ("It scored 45% of the points", None),
+        ("I would give it an example: the bar is 35", None),
+        ("The chart gives it 2019 as the year", None),
     ],
 )
 def test_parse_score(text: str, score: float | None) -> None:
@@ -473,3 +485,61 @@ def test_hub_onevision_fetches_configs_then_safetensors(
     first, second = (c[1]["allow_patterns"] for c in calls)
     assert not any("safetensors" in p for p in first)
     assert "*.safetensors" in second and not any(p.endswith((".bin", ".pt", ".pth")) for p in second)
+
+
+CRITIC_SHARDS = """import json, os, sys
+import torch.distributed as dist
+from PIL import Image
+from posttrain.critic import LlavaCriticJudge
+from posttrain.distributed import init
+
+init()
+judge = LlavaCriticJudge(sys.argv[1], dtype="float32", device="cpu")
+calls = []
+generate = judge.model.generate
+judge.model.generate = lambda **kw: calls.append(kw["input_ids"].shape[0]) or generate(**kw)
+colours = ["red", "blue", "green", "white", "black"]
+imgs = [Image.new("RGB", (40 + 5 * i, 30), c) for i, c in enumerate(colours)]
+scores, raw = judge.score(imgs, [f"Q{i}?" for i in range(5)], [f"A {i}." for i in range(5)], batch_size=2,
+                          max_new_tokens=4)
+rank = dist.get_rank() if dist.is_initialized() else 0
+with open(os.path.join(sys.argv[2], f"rank{rank}.json"), "w") as f:
+    json.dump({"calls": calls, "raw": raw}, f)
+"""
+
+
+def test_the_critic_splits_its_batches_over_processes_and_gathers_them_in_order(tiny_critic_dir, tmp_path):
+    """Under 2 processes each scores half of the batches (3 batches of 2, 2, 1 items: rank 0 gets batches 0
+    and 2, rank 1 batch 1) and every rank ends with the replies of one process, in order."""
+    import json
+    import subprocess
+    import sys
+
+    script = tmp_path / "shards.py"
+    script.write_text(CRITIC_SHARDS)
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    one = tmp_path / "one"
+    one.mkdir()
+    subprocess.run([sys.executable, str(script), str(tiny_critic_dir), str(one)], check=True, env=env)
+    two = tmp_path / "two"
+    two.mkdir()
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            str(script),
+            str(tiny_critic_dir),
+            str(two),
+        ],
+        check=True,
+        env=env,
+        capture_output=True,
+    )
+    single = json.loads((one / "rank0.json").read_text())
+    ranks = [json.loads((two / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert single["calls"] == [2, 2, 1]
+    assert ranks[0]["calls"] == [2, 1] and ranks[1]["calls"] == [2]
+    assert ranks[0]["raw"] == ranks[1]["raw"] == single["raw"]

@@ -286,6 +286,44 @@ def test_dpo_measures_its_rewards_on_heldout_pairs(base_dir, sfte, prepared, pai
     assert h["reward_accuracy"] > 0.5 and h["reward_margin"] > 0
 
 
+def test_heldout_rewards_are_trls_on_one_full_batch_and_count_each_pair_once(
+    base_dir, sfte, prepared, pairs, tmp_path
+):
+    """On one batch that is the whole held-out set, TRL's evaluation (its per-batch means) and the per-pair
+    rewards agree: loss, accuracy, margin. Then on 3 pairs scored in batches of 2 (a short last batch) the
+    accuracy is exactly the share of the 3 pairs whose margin is positive, as TRL's mean of batch means is not
+    under a short batch or accelerate's padding."""
+    from posttrain.dpo import _dataset, heldout_rewards, reward_summary
+
+    train, held = pairs[:4], pairs[4:8]
+    model, processor = policy_from_adapter(base_dir, sfte, "cpu")
+    trainer = dpo_trainer(
+        model,
+        processor,
+        pairs,
+        prepared,
+        PARAMS,
+        tmp_path / "ck",
+        0,
+        [],
+        micro_batch=4,
+        gradient_accumulation=1,
+    )
+    trainer.train_dataset = _dataset(train)
+    trainer.train()
+    ours = reward_summary(heldout_rewards(trainer.model, trainer.data_collator, held, PARAMS.beta, 4))
+    theirs = trainer.evaluate(eval_dataset=_dataset(held))
+    assert ours["pairs"] == 4 and ours["reward_margin"] != 0
+    assert ours["loss"] == pytest.approx(theirs["eval_loss"], abs=1e-4)
+    assert ours["reward_accuracy"] == pytest.approx(theirs["eval_rewards/accuracies"], abs=1e-6)
+    assert ours["reward_margin"] == pytest.approx(theirs["eval_rewards/margins"], abs=1e-4)
+    rewards = heldout_rewards(trainer.model, trainer.data_collator, held[:3], PARAMS.beta, 2)
+    assert len(rewards) == 3
+    whole = heldout_rewards(trainer.model, trainer.data_collator, held[:3], PARAMS.beta, 3)
+    assert [x for r in rewards for x in r] == pytest.approx([x for r in whole for x in r], abs=1e-5)
+    assert reward_summary(rewards)["reward_accuracy"] == sum(c > r for c, r in rewards) / 3
+
+
 def test_sft_weight_adds_the_chosen_nll_and_keeps_the_chosen_answers_likelier(
     base_dir, sfte, prepared, pairs, tmp_path
 ):

@@ -80,6 +80,70 @@ def policy_from_adapter(
     return model, processor
 
 
+@torch.no_grad()
+def completion_logps(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(2B,) each sequence's summed log-probability of its completion tokens (answer and EOS), as DPO sums it.
+
+    The logits at t − 1 predict the token at t; `batch` is a `PreferenceCollator` batch on the model's device.
+    """
+    logits = model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        pixel_values=batch["pixel_values"],
+    ).logits[:, :-1]  # (2B, T - 1, V)
+    targets = batch["input_ids"][:, 1:].unsqueeze(-1)  # (2B, T - 1, 1)
+    logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets).squeeze(-1)  # (2B, T - 1)
+    return (logp * batch["completion_mask"][:, 1:]).sum(1)
+
+
+def heldout_rewards(
+    model, collator, pairs: list[dict], beta: float, batch_size: int
+) -> list[tuple[float, float]]:
+    """Per held-out pair, (chosen reward, rejected reward): β · (log π − log π_ref) of each completion.
+
+    π is the trained ``default`` adapter and π_ref the frozen ``ref`` copy TRL keeps (Rafailov et al. 2023,
+    eq. 5, implicit reward). Every pair is counted once: under several processes batch k is scored by
+    process k mod N and the rewards gathered in order, where TRL's evaluation counted the pairs accelerate
+    repeats to even out the last batch (and averaged per-batch means, unequal under a short last batch).
+    """
+    from posttrain.distributed import gather_batches, my_batches
+
+    device = model.get_input_embeddings().weight.device
+    dtype = model.get_input_embeddings().weight.dtype  # the vision tower's (an nf4 base keeps it in bf16)
+    active = model.active_adapter
+    was_training = model.training
+    model.eval()
+    rewards: dict[int, list[tuple[float, float]]] = {}
+    for k in my_batches(-(-len(pairs) // batch_size)):
+        rows = pairs[k * batch_size : (k + 1) * batch_size]
+        batch = {key: t.to(device) for key, t in collator(rows).items()}
+        batch["pixel_values"] = batch["pixel_values"].to(dtype)
+        policy = completion_logps(model, batch)
+        model.set_adapter("ref")
+        reference = completion_logps(model, batch)
+        model.set_adapter(active)
+        delta = (beta * (policy - reference)).tolist()  # chosen rows first, then rejected
+        rewards[k] = list(zip(delta[: len(rows)], delta[len(rows) :]))
+    model.train(was_training)
+    return gather_batches(rewards)
+
+
+def reward_summary(rewards: list[tuple[float, float]]) -> dict:
+    """Pairs, reward accuracy (chosen reward above rejected), mean margin and mean sigmoid DPO loss
+    −log σ(margin) (Rafailov et al. 2023, eq. 7) of per-pair (chosen, rejected) rewards.
+    """
+    import math
+
+    margins = [c - r for c, r in rewards]
+    n = len(margins)
+    return {
+        "pairs": n,
+        "loss": sum(math.log1p(math.exp(-m)) if m > -30 else -m for m in margins) / n,
+        "reward_accuracy": sum(m > 0 for m in margins) / n,
+        "reward_margin": sum(margins) / n,
+    }
+
+
 def split_heldout(pairs: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
     """(train, held-out) pairs: the pairs of a seeded `fraction` of the images are held out.
 
@@ -122,8 +186,8 @@ def dpo_trainer(
     """A configured TRL `DPOTrainer` for `pairs` (rows: image, prompt, chosen, rejected).
 
     `micro_batch` and `gradient_accumulation` are the ones `posttrain.training.check_training_memory`
-    resolved from `params` (``batch_size: auto`` leaves them to the GPU). `heldout` pairs are its evaluation
-    set (`trainer.evaluate()`: their loss, reward accuracy and margin), never trained on.
+    resolved from `params` (``batch_size: auto`` leaves them to the GPU). `heldout` pairs are never trained
+    on; the collator holds their images too, for `heldout_rewards` after training.
     """
     from trl import DPOConfig, DPOTrainer
 
@@ -167,7 +231,6 @@ def dpo_trainer(
         args=args,
         data_collator=collator,
         train_dataset=_dataset(pairs),
-        eval_dataset=_dataset(heldout) if heldout else None,
         processing_class=processor,
         callbacks=callbacks,
     )
@@ -285,16 +348,13 @@ def train_dpo(
         **{k: last[k] for k in last if k.startswith(("rewards/", "logps/")) or k == "loss"},
     }
     if heldout:  # what the trained policy prefers on pairs of charts it never saw, against its reference
-        ev = trainer.evaluate()
-        summary["heldout"] = {
-            "pairs": len(heldout),
-            "loss": ev["eval_loss"],
-            "reward_accuracy": ev["eval_rewards/accuracies"],
-            "reward_margin": ev["eval_rewards/margins"],
-        }
+        summary["heldout"] = reward_summary(
+            heldout_rewards(trainer.model, trainer.data_collator, heldout, params.beta, per_process)
+        )
+        h = summary["heldout"]
         print(
-            f"held-out pairs: {len(heldout)}, loss {ev['eval_loss']:.4f}, reward accuracy "
-            f"{ev['eval_rewards/accuracies']:.3f}, margin {ev['eval_rewards/margins']:.3f}",
+            f"held-out pairs: {h['pairs']}, loss {h['loss']:.4f}, "
+            f"reward accuracy {h['reward_accuracy']:.3f}, margin {h['reward_margin']:.3f}",
             flush=True,
         )
     if is_main():  # the processes hold the same weights after every step: one writes them
