@@ -43,13 +43,14 @@ def answer_logits(model, processor, data_dir: Path, examples, batch_size: int = 
     tok = processor.tokenizer
     n_image = image_token_count(processor)
     pixels = load_pixels(processor, data_dir, [e.image for e in examples])
+    embed = model.get_input_embeddings().weight  # its device and dtype (an nf4 base keeps them bf16)
     out = []
     for i in range(0, len(examples), batch_size):
         chunk = examples[i : i + batch_size]
         seqs = [encode_conversation(tok, e.history, e.question, e.answer, n_image) for e in chunk]
-        ids = pad_batch([s for s, _ in seqs], tok.pad_token_id, "right").cuda()
-        mask = pad_batch([[1] * len(s) for s, _ in seqs], 0, "right").cuda()
-        px = torch.stack([pixels[e.image] for e in chunk]).cuda().to(torch.bfloat16)
+        ids = pad_batch([s for s, _ in seqs], tok.pad_token_id, "right").to(embed.device)
+        mask = pad_batch([[1] * len(s) for s, _ in seqs], 0, "right").to(embed.device)
+        px = torch.stack([pixels[e.image] for e in chunk]).to(embed.device, embed.dtype)
         with torch.no_grad():
             logits = model(input_ids=ids, attention_mask=mask, pixel_values=px).logits.float()
         for row, (_, labels) in enumerate(seqs):

@@ -38,7 +38,7 @@ def main() -> None:
     from posttrain.models import load_model
 
     model, processor = load_model(
-        args.model, Path(args.models), device, downstream_quantization(params), merged=True
+        args.model, Path(args.models), device, downstream_quantization(params), merge=params.adapters.merge
     )
     metrics = evaluate_model(
         args.model,

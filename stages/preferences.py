@@ -36,7 +36,7 @@ def main() -> None:
     from posttrain.preferences import make_preferences
 
     model, processor = load_model(
-        args.policy, Path(args.models), device, downstream_quantization(params), merged=True
+        args.policy, Path(args.models), device, downstream_quantization(params), merge=params.adapters.merge
     )
     examples = load_split(args.data, "study_train")
     if params.preferences.max_prompts:

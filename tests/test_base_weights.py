@@ -139,12 +139,12 @@ def test_dequantized_nf4_layers_compute_what_the_nf4_layers_compute(tiny, prepar
 
 
 def test_a_merged_adapter_answers_as_the_adapter_does(models):
-    """`load_model(..., merged=True)`: the adapter folded into the weights gives the unmerged model's logits
+    """`load_model(..., merge=True)`: the adapter folded into the weights gives the unmerged model's logits
     (fp32 on the CPU), with no adapter layer left."""
     make_adapter(models / "base", models / "sft1", alpha=16.0)
     unmerged, processor = load_model("sft1", models, "cpu", Quantization.NONE)
-    merged, _ = load_model("sft1", models, "cpu", Quantization.NONE, merged=True)
-    base, _ = load_model("base", models, "cpu", Quantization.NONE, merged=True)
+    merged, _ = load_model("sft1", models, "cpu", Quantization.NONE, merge=True)
+    base, _ = load_model("base", models, "cpu", Quantization.NONE, merge=True)
     assert not any("lora" in n for n, _ in merged.named_parameters())
     ids = torch.tensor([[1, 5, 6, 7, 8, 9, 10, 11]])
     with torch.no_grad():
@@ -153,3 +153,17 @@ def test_a_merged_adapter_answers_as_the_adapter_does(models):
         c = base(input_ids=ids).logits
     torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
     assert (c - a).abs().max() > 1e-3, "the check can fail: the adapter moves the logits"
+
+
+def test_by_default_the_adapter_stays_a_layer_as_it_trained(models):
+    """`adapters.merge: false` (the default): evaluation and preference sampling decode the adapter as its own
+    fp32 layer, as DPO trained it, not folded into (and rounded with) the base weights."""
+    from conftest import ROOT
+
+    from posttrain.config import load_params
+
+    assert load_params(ROOT / "params.yaml").adapters.merge is False
+    make_adapter(models / "base", models / "sft1", alpha=16.0)
+    model, _ = load_model("sft1", models, "cpu", Quantization.NONE)
+    lora = {p.dtype for n, p in model.named_parameters() if "lora_" in n}
+    assert lora == {torch.float32}

@@ -220,6 +220,9 @@ class SftParams:
 @dataclass(frozen=True)
 class AdaptersParams:
     base_weights: BaseWeights = BaseWeights.AS_TRAINED
+    # decode with the adapter merged into the base weights (rounded to the base dtype once: bf16 on a GPU)
+    # instead of as a separate layer, as DPO trained it; false keeps the trained change (docs/real-study.md)
+    merge: bool = False
 
 
 @dataclass(frozen=True)

@@ -99,9 +99,8 @@ def smoke_overrides(work: Path, cuda: bool) -> dict:
             "judge": "reference",  # random weights cannot judge; the reference judge ranks their samples
             # on CUDA every train prompt (~45): random weights tie on most (75% of 16 in bf16, 100% of 16 in
             # nf4, measured on an H200), the few that differ in ROUGE-L recall make the pairs. The shrunk CPU
-            # run ties less (16 of 38 prompts, two samples from one prompt computation) and each DPO step
-            # takes ~40 s there: 16 prompts
-            "max_prompts": 0 if cuda else 16,
+            # run ties less, but a third of its samples run to max_new_tokens (never a pair): 24 prompts
+            "max_prompts": 0 if cuda else 24,
             "max_new_tokens": 24,
             "batch_size": 32,
             "min_pairs": 2,
@@ -425,7 +424,15 @@ def check_outputs(work: Path) -> dict:
         "sft_batch": sft_prov["training"].get("batch"),  # what batch_size auto picked
         "ensemble": read_provenance(models / "sfte", "ensemble")["ensemble"],
         "preferences": {
-            k: prefs.get(k) for k in ("prompts", "identical_rate", "judged_pairs", "tie_rate", "pairs_kept")
+            k: prefs.get(k)
+            for k in (
+                "prompts",
+                "identical_rate",
+                "dropped_truncated",
+                "judged_pairs",
+                "tie_rate",
+                "pairs_kept",
+            )
         },
         "dpo_tensors_changed": f"{changed}/{len(adapters['sfte'])}",
         "dpo_training": read_provenance(models / "sfte_dpo", "dpo")["rounds"][-1]["training"],

@@ -339,7 +339,7 @@ def load_model(
     models_dir: Path,
     device: str = "cpu",
     quantization: Quantization = Quantization.NONE,
-    merged: bool = False,
+    merge: bool = False,
 ):
     """Load a pipeline model by name: ``base``, or an adapter stage's output applied to the base.
 
@@ -349,11 +349,12 @@ def load_model(
         device: ``cpu`` or ``cuda``.
         quantization: how the base weights are held (`posttrain.config.downstream_quantization`): nf4 is the
             base as QLoRA trained on it; none is full precision on the CPU and bf16 on CUDA.
-        merged: the adapter merged into the base's weights. With nf4, the base's weights are first
-            dequantized once (`dequantize_4bit_linears`): the same values as trained on, held in bf16, so a
-            decoding step runs no 4-bit kernel and no adapter layer (on an H200 the 4-bit base with its
-            adapter decoded ~4× slower, bound by kernel launches). The merge rounds weight plus update to
-            the base's dtype once.
+        merge: the adapter merged into the base's weights, which rounds weight plus update to the base's
+            dtype once (bf16 on CUDA: of the size of a DPO update, so it can erase what DPO trained); else
+            the adapter stays a layer of its own, in fp32, as it trained. With nf4 the base's weights are
+            dequantized once either way (`dequantize_4bit_linears`): the values trained on, held in bf16,
+            so decoding runs no 4-bit kernel (on an H200 the 4-bit base with its adapter decoded ~4×
+            slower, bound by kernel launches).
 
     Returns:
         (model, processor), the model in eval mode (dropout off).
@@ -366,7 +367,7 @@ def load_model(
     model, processor, _ = load_base(
         models_dir / "base", device=device, dtype=dtype, quantization_config=quantization_config(quantization)
     )
-    if merged and quantization is Quantization.NF4:
+    if quantization is Quantization.NF4:
         n = dequantize_4bit_linears(model)
         print(f"{name}: {n} nf4 layers dequantized to bf16 once (the weights trained on)", flush=True)
     if name == "base":
@@ -376,7 +377,7 @@ def load_model(
     model = PeftModel.from_pretrained(model, str(adapter))
     if quantization is Quantization.NONE:
         model = model.to(device)  # an nf4 base is already placed by its device_map
-    if merged:
+    if merge:
         model = model.merge_and_unload()
     model.eval()
     return model, processor
