@@ -37,8 +37,8 @@ def model(tiny):
     return m.eval()
 
 
-def hf_generate(model, tokenizer, pixels, prompts, batch_size, max_new_tokens):
-    """The plain path: transformers' `generate` on the whole prompt, dynamic cache."""
+def hf_new_tokens(model, tokenizer, pixels, prompts, batch_size, max_new_tokens) -> list[torch.Tensor]:
+    """The plain path: transformers' `generate` on the whole prompt, dynamic cache; each row's new tokens."""
     out = []
     for s in range(0, len(prompts), batch_size):
         batch = prompts[s : s + batch_size]
@@ -55,8 +55,13 @@ def hf_generate(model, tokenizer, pixels, prompts, batch_size, max_new_tokens):
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=tokenizer.eos_token_id,
         )[:, ids.shape[1] :]
-        out += [t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
+        out += list(new)
     return out
+
+
+def hf_generate(model, tokenizer, pixels, prompts, batch_size, max_new_tokens):
+    new = hf_new_tokens(model, tokenizer, pixels, prompts, batch_size, max_new_tokens)
+    return [t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
 
 
 def test_greedy_answers_equal_transformers_generate_with_either_cache(model, tiny, prompts):
@@ -126,21 +131,8 @@ def test_with_ends_marks_the_answers_cut_at_max_new_tokens(model, tiny, prompts)
     plain = generate(m, tok, pixels, ids, batch_size=5, max_new_tokens=limit)
     marked = generate(m, tok, pixels, ids, batch_size=5, max_new_tokens=limit, with_ends=True)
     assert [t for t, _ in marked] == plain
-    expected = []
-    for s in range(0, len(ids), 5):
-        batch = ids[s : s + 5]
-        new = m.generate(
-            input_ids=pad_batch(batch, tok.pad_token_id, "left"),
-            attention_mask=pad_batch([[1] * len(p) for p in batch], 0, "left"),
-            pixel_values=torch.stack(pixels[s : s + 5]),
-            max_new_tokens=limit,
-            do_sample=False,
-            temperature=None,
-            top_p=None,
-            pad_token_id=tok.pad_token_id,
-            eos_token_id=tok.eos_token_id,
-        )[:, max(map(len, batch)) :]  # after the left-padded prompts
-        expected += [bool((row == tok.eos_token_id).any()) for row in new]
+    new = hf_new_tokens(m, tok, pixels, ids, 5, limit)
+    expected = [bool((row == tok.eos_token_id).any()) for row in new]
     assert [e for _, e in marked] == expected
     assert True in expected and False in expected, "the check needs answers of both kinds"
     pairs = generate(m, tok, pixels, ids, batch_size=5, max_new_tokens=limit, samples=2, with_ends=True)
