@@ -487,59 +487,33 @@ def test_hub_onevision_fetches_configs_then_safetensors(
     assert "*.safetensors" in second and not any(p.endswith((".bin", ".pt", ".pth")) for p in second)
 
 
-CRITIC_SHARDS = """import json, os, sys
-import torch.distributed as dist
-from PIL import Image
-from posttrain.critic import LlavaCriticJudge
-from posttrain.distributed import init
+def test_the_critic_splits_its_batches_over_processes_and_gathers_them_in_order(tiny_critic_dir, monkeypatch):
+    """Under 2 processes each scores its share of the batches (3 batches of 2, 2, 1 items: rank 0 gets
+    batches 0 and 2, rank 1 batch 1), and gathered in batch order they are the replies of one process. The two ranks
+    are played in this process, the gather (`posttrain.distributed.gather_batches`, tested under torchrun in
+    test_launch) given both ranks' batches."""
+    import posttrain.distributed as distributed
 
-init()
-judge = LlavaCriticJudge(sys.argv[1], dtype="float32", device="cpu")
-calls = []
-generate = judge.model.generate
-judge.model.generate = lambda **kw: calls.append(kw["input_ids"].shape[0]) or generate(**kw)
-colours = ["red", "blue", "green", "white", "black"]
-imgs = [Image.new("RGB", (40 + 5 * i, 30), c) for i, c in enumerate(colours)]
-scores, raw = judge.score(imgs, [f"Q{i}?" for i in range(5)], [f"A {i}." for i in range(5)], batch_size=2,
-                          max_new_tokens=4)
-rank = dist.get_rank() if dist.is_initialized() else 0
-with open(os.path.join(sys.argv[2], f"rank{rank}.json"), "w") as f:
-    json.dump({"calls": calls, "raw": raw}, f)
-"""
-
-
-def test_the_critic_splits_its_batches_over_processes_and_gathers_them_in_order(tiny_critic_dir, tmp_path):
-    """Under 2 processes each scores half of the batches (3 batches of 2, 2, 1 items: rank 0 gets batches 0
-    and 2, rank 1 batch 1) and every rank ends with the replies of one process, in order."""
-    import json
-    import subprocess
-    import sys
-
-    script = tmp_path / "shards.py"
-    script.write_text(CRITIC_SHARDS)
-    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
-    one = tmp_path / "one"
-    one.mkdir()
-    subprocess.run([sys.executable, str(script), str(tiny_critic_dir), str(one)], check=True, env=env)
-    two = tmp_path / "two"
-    two.mkdir()
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node=2",
-            str(script),
-            str(tiny_critic_dir),
-            str(two),
-        ],
-        check=True,
-        env=env,
-        capture_output=True,
+    judge = LlavaCriticJudge(str(tiny_critic_dir), dtype="float32", device="cpu")
+    calls = []
+    generate = judge.model.generate
+    monkeypatch.setattr(
+        judge.model, "generate", lambda **kw: calls.append(kw["input_ids"].shape[0]) or generate(**kw)
     )
-    single = json.loads((one / "rank0.json").read_text())
-    ranks = [json.loads((two / f"rank{r}.json").read_text()) for r in (0, 1)]
-    assert single["calls"] == [2, 2, 1]
-    assert ranks[0]["calls"] == [2, 1] and ranks[1]["calls"] == [2]
-    assert ranks[0]["raw"] == ranks[1]["raw"] == single["raw"]
+    colours = ["red", "blue", "green", "white", "black"]
+    imgs = [Image.new("RGB", (40 + 5 * i, 30), c) for i, c in enumerate(colours)]
+    args = (imgs, [f"Q{i}?" for i in range(5)], [f"A {i}." for i in range(5)])
+    single = judge.score(*args, batch_size=2, max_new_tokens=4)[1]
+    assert calls == [2, 2, 1]
+    shares = {}
+    for rank in (0, 1):
+        calls.clear()
+        monkeypatch.setattr(distributed, "rank_and_size", lambda r=rank: (r, 2))
+        monkeypatch.setattr(
+            distributed, "gather_batches", lambda local, r=rank: shares.update({r: local}) or []
+        )
+        judge.score(*args, batch_size=2, max_new_tokens=4)
+        assert calls == ([2, 1] if rank == 0 else [2])
+    assert sorted(shares[0]) == [0, 2] and sorted(shares[1]) == [1]
+    merged = {**shares[0], **shares[1]}
+    assert [reply for k in sorted(merged) for reply in merged[k]] == single

@@ -2,6 +2,7 @@
 generation stages shard their prompts over the processes and give the same outputs as one process."""
 
 import csv
+import json
 import os
 import shutil
 import subprocess
@@ -216,8 +217,24 @@ def test_dpo_in_two_processes_takes_the_steps_of_one(project):
     (pairs not a multiple of 4) differs: accelerate pads it with pairs from the start so that every process
     has one (its `even_batches`), one process does not.
     """
-    if not (project / "data" / "preferences" / "pairs.jsonl").exists():
-        launch("preferences.py", cwd=project)
+    # pairs by hand: the micro base's samples mostly run to max_new_tokens, which are never pairs; 26 pairs
+    # leave a short last batch in training and in the held-out rewards
+    from posttrain.data import load_split
+
+    rows = [
+        {
+            "image": e.image,
+            "prompt": e.question,
+            "history": [list(t) for t in e.history],
+            "chosen": e.answer,
+            "rejected": "I do not know.",
+        }
+        for e in load_split(project / "data" / "prepared", "study_train")[:26]
+    ]
+    (project / "data" / "preferences").mkdir(parents=True, exist_ok=True)
+    (project / "data" / "preferences" / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (project / "metrics").mkdir(exist_ok=True)
+    (project / "metrics" / "preferences.json").write_text(json.dumps({"pairs_kept": len(rows)}))
     curves = {}
     for n in (1, 2):
         params = yaml.safe_load((project / "params.yaml").read_text())
@@ -239,6 +256,17 @@ def test_dpo_in_two_processes_takes_the_steps_of_one(project):
         one, two = one[:-1], two[:-1]
     off = [(step, a, b) for (step, a), (_, b) in zip(one, two) if abs(b - a) >= 1e-3 * a]
     assert not off, off
+    # the held-out rewards count every held-out pair once under two processes too (no accelerate padding):
+    # the same pairs, and a margin within the weights' rounding drift of one process's
+    held = {
+        n: json.loads((project / f"dpo{n}" / "provenance.json").read_text())["rounds"][-1]["training"][
+            "heldout"
+        ]
+        for n in (1, 2)
+    }
+    assert held[1]["pairs"] == held[2]["pairs"] > 0
+    assert held[2]["reward_margin"] == pytest.approx(held[1]["reward_margin"], rel=1e-2, abs=1e-4)
+    assert abs(held[2]["reward_accuracy"] - held[1]["reward_accuracy"]) <= 1 / held[1]["pairs"] + 1e-9
 
 
 def test_base_in_two_processes_trains_the_model_of_one(project):
