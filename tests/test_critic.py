@@ -489,9 +489,9 @@ def test_hub_onevision_fetches_configs_then_safetensors(
 
 def test_the_critic_splits_its_batches_over_processes_and_gathers_them_in_order(tiny_critic_dir, monkeypatch):
     """Under 2 processes each scores its share of the batches (3 batches of 2, 2, 1 items: rank 0 gets
-    batches 0 and 2, rank 1 batch 1), and gathered in batch order they are the replies of one process. The two ranks
-    are played in this process, the gather (`posttrain.distributed.gather_batches`, tested under torchrun in
-    test_launch) given both ranks' batches."""
+    batches 0 and 2, rank 1 batch 1), and gathered in batch order they are the replies of one process. The
+    two ranks are played in this process, the gather (`posttrain.distributed.gather_batches`, tested under
+    torchrun in test_launch) given both ranks' batches."""
     import posttrain.distributed as distributed
 
     judge = LlavaCriticJudge(str(tiny_critic_dir), dtype="float32", device="cpu")
