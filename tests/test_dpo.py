@@ -42,6 +42,22 @@ PARAMS = DpoParams(
 )
 
 
+def trainer_for(model, processor, pairs, prepared, tmp_path):
+    """`dpo_trainer` on `pairs` with PARAMS, one micro-batch of 4 pairs a step, checkpoints in tmp_path/ck."""
+    return dpo_trainer(
+        model,
+        processor,
+        pairs,
+        prepared,
+        PARAMS,
+        tmp_path / "ck",
+        0,
+        [],
+        micro_batch=4,
+        gradient_accumulation=1,
+    )
+
+
 def batch(processor, prepared, pairs):
     """The first two pairs collated as the DPO trainer sees them."""
     pixels = load_pixels(processor, prepared, [p["image"] for p in pairs])
@@ -66,18 +82,7 @@ def test_collator_marks_only_the_completions(base_dir, prepared, pairs):
 
 def test_policy_and_reference_equal_sfte_before_any_step(base_dir, sfte, prepared, pairs, tmp_path):
     model, processor = policy_from_adapter(base_dir, sfte, "cpu")
-    trainer = dpo_trainer(
-        model,
-        processor,
-        pairs,
-        prepared,
-        PARAMS,
-        tmp_path / "ck",
-        0,
-        [],
-        micro_batch=4,
-        gradient_accumulation=1,
-    )
+    trainer = trainer_for(model, processor, pairs, prepared, tmp_path)
     assert set(trainer.model.peft_config) == {"default", "ref"}
     b = batch(processor, prepared, pairs)
     inputs = {k: b[k] for k in ("input_ids", "attention_mask", "pixel_values")}
@@ -102,18 +107,7 @@ def test_qlora_dpo_keeps_the_trainable_adapter_in_fp32_also_after_a_resume(
     PEFT upcasts) must change no dtype."""
     model, processor = policy_from_adapter(base_dir, sfte, "cpu")
     model.base_model.model.is_loaded_in_4bit = True  # what transformers sets on a bitsandbytes 4-bit model
-    trainer = dpo_trainer(
-        model,
-        processor,
-        pairs,
-        prepared,
-        PARAMS,
-        tmp_path / "ck",
-        0,
-        [],
-        micro_batch=4,
-        gradient_accumulation=1,
-    )
+    trainer = trainer_for(model, processor, pairs, prepared, tmp_path)
 
     def trainable():
         return {n: p.dtype for n, p in trainer.model.named_parameters() if p.requires_grad}
@@ -297,18 +291,7 @@ def test_heldout_rewards_are_trls_on_one_full_batch_and_count_each_pair_once(
 
     train, held = pairs[:4], pairs[4:8]
     model, processor = policy_from_adapter(base_dir, sfte, "cpu")
-    trainer = dpo_trainer(
-        model,
-        processor,
-        pairs,
-        prepared,
-        PARAMS,
-        tmp_path / "ck",
-        0,
-        [],
-        micro_batch=4,
-        gradient_accumulation=1,
-    )
+    trainer = trainer_for(model, processor, pairs, prepared, tmp_path)
     trainer.train_dataset = _dataset(train)
     trainer.train()
     ours = reward_summary(heldout_rewards(trainer.model, trainer.data_collator, held, PARAMS.beta, 4))
