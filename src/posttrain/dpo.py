@@ -238,20 +238,17 @@ def dpo_trainer(
     return trainer
 
 
-def keep_trainable_fp32(model) -> int:
-    """Cast every trainable parameter back to fp32; the number cast.
+def keep_trainable_fp32(model) -> None:
+    """Cast every trainable parameter back to fp32.
 
     On a 4-bit base TRL's DPOTrainer casts the trainable parameters to bf16 (the QLoRA paper's recipe), so
     AdamW would keep bf16 weights and moments: at the study's lr 2e-5 many updates round away (2e-3 + 7e-6 is
     2e-3 in bf16), and a resumed run would be fp32 again (PEFT upcasts adapters as they load), so a kill would
     change the result. SFT's adapters train in fp32; so does DPO. The optimizer is built later, in `train()`.
     """
-    cast = 0
     for param in model.parameters():
         if param.requires_grad and param.dtype != torch.float32:
             param.data = param.data.float()
-            cast += 1
-    return cast
 
 
 def train_dpo(

@@ -45,6 +45,11 @@ class Candidate:
     b: str
     truncated: bool = False
 
+    @property
+    def pairable(self) -> bool:
+        """Whether judging can make a pair of it: the answers differ and neither was cut off."""
+        return self.a.strip() != self.b.strip() and not self.truncated
+
 
 def sample_candidates(
     model,
@@ -309,7 +314,7 @@ def make_preferences(
         max_new_tokens=params.max_new_tokens,
     )
     # identical or cut-off candidates are never a pair (`build_pairs`): the judge's time goes to the others
-    judged = [i for i, c in enumerate(candidates) if c.a.strip() != c.b.strip() and not c.truncated]
+    judged = [i for i, c in enumerate(candidates) if c.pairable]
     verdicts: list[tuple[str | None, str | None]] = [(None, None)] * len(candidates)
     for i, v in zip(
         judged,
