@@ -6,7 +6,7 @@ Random bf16 weights of configs/llava-1.5-7b (nothing is read from disk); prompts
 (BOS, 576 image tokens, `--text-tokens` of text, all of one length), sampled `--samples` times each to
 `--new-tokens` (random weights rarely emit the EOS, so every row runs to the end: the worst case). For each
 batch: the peak allocated above the weights, what `posttrain.memory.estimate_generation` predicts for it,
-or "oom" where CUDA ran out. The memory check of the stages is calibrated on these rows (tests/test_memory.py).
+or "oom" where CUDA ran out. The stages' memory check is calibrated on these rows (tests/test_memory.py).
 """
 
 import argparse
