@@ -9,6 +9,7 @@ model's row of `dvc metrics show`, to metrics/<model>.json.
 """
 
 import argparse
+from dataclasses import replace
 from pathlib import Path
 
 from posttrain.config import downstream_quantization, load_params
@@ -32,11 +33,15 @@ def main() -> None:
     device = setup(params.base.threads)
     # only now that the params are valid: torch and transformers take seconds to import
     from posttrain.distributed import is_main
-    from posttrain.evaluation import evaluate_model, headline
+    from posttrain.evaluation import evaluate_model, evaluation_batch, headline
     from posttrain.generation import throughput
     from posttrain.io import write_json_atomic
     from posttrain.models import load_model
 
+    # before any weight loads: batch_size auto sized to the GPU, an integer checked against it
+    batch = evaluation_batch(
+        params.evaluate, Path(args.models), args.model, params.adapters.merge, Path(args.data)
+    )
     model, processor = load_model(
         args.model, Path(args.models), device, downstream_quantization(params), merge=params.adapters.merge
     )
@@ -45,7 +50,7 @@ def main() -> None:
         model,
         processor,
         Path(args.data),
-        params.evaluate,
+        replace(params.evaluate, batch_size=batch),
         Path(args.items),
         Path(args.items) / "metrics" / f"{args.model}.json",
     )

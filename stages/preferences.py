@@ -8,6 +8,7 @@ candidates, agreement with the ground-truth judge).
 """
 
 import argparse
+from dataclasses import replace
 from pathlib import Path
 
 from posttrain.config import downstream_quantization, load_params
@@ -33,16 +34,23 @@ def main() -> None:
     from posttrain.distributed import is_main
     from posttrain.generation import throughput
     from posttrain.models import load_model
-    from posttrain.preferences import make_preferences
+    from posttrain.preferences import make_preferences, preference_batch
 
-    model, processor = load_model(
-        args.policy, Path(args.models), device, downstream_quantization(params), merge=params.adapters.merge
-    )
     examples = load_split(args.data, "study_train")
     if params.preferences.max_prompts:
         examples = examples[: params.preferences.max_prompts]
+    # before any weight loads: batch_size auto sized to the GPU, an integer checked against it
+    batch = preference_batch(params.preferences, args.models, args.policy, params.adapters.merge, examples)
+    model, processor = load_model(
+        args.policy, Path(args.models), device, downstream_quantization(params), merge=params.adapters.merge
+    )
     pairs, stats = make_preferences(
-        model, processor, examples, Path(args.data), params.preferences, params.evaluate.critic
+        model,
+        processor,
+        examples,
+        Path(args.data),
+        replace(params.preferences, batch_size=batch),
+        params.evaluate.critic,
     )
     if not is_main():  # several processes (launch.processes): one writes
         return

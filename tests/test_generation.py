@@ -140,3 +140,85 @@ def test_with_ends_marks_the_answers_cut_at_max_new_tokens(model, tiny, prompts)
 
 
 EOS_BOOST = 2.0  # some of the twelve answers end within 12 tokens, some do not
+
+
+def test_a_sampled_answer_is_the_same_at_any_batch_size(model, tiny, prompts):
+    """Sampling is seeded per (prompt, sample), not per batch: batches of 12, 5 and 1 prompts (other left
+    padding, other neighbours) give the same answers, and a prompt's first sample is the same whether one or
+    two are drawn. The old per-batch seed gave other answers at another batch size."""
+    tok = tiny[1].tokenizer
+    ids, pixels = prompts
+    kwargs = dict(max_new_tokens=10, do_sample=True, temperature=1.0, top_p=0.95, seed=7, samples=2)
+    by_size = {b: generate(model, tok, pixels, ids, batch_size=b, **kwargs) for b in (12, 5, 1)}
+    assert by_size[12] == by_size[5] == by_size[1]
+    single = generate(model, tok, pixels, ids, batch_size=4, **{**kwargs, "samples": 1})
+    assert single == [pair[0] for pair in by_size[12]]
+
+
+def test_seeded_sampling_draws_from_the_warped_distribution():
+    """The Gumbel-max pick of `SeededSampling` over 40,000 rows (one key each) matches softmax(scores / T)
+    within 0.01 per token, and never draws a token that top-p or top-k removed."""
+    from posttrain.generation import SeededSampling, row_keys
+
+    scores = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, -6.0]])
+    rows = 40_000
+    keys = row_keys(3, list(range(rows)), 1)
+    ids = torch.zeros(rows, 4, dtype=torch.long)  # a prompt of 4 tokens: step 0
+
+    def frequencies(**warp):
+        picked = SeededSampling(keys, 4, **warp)(ids, scores.expand(rows, -1).clone()).argmax(1)
+        return torch.bincount(picked, minlength=scores.shape[1]).float() / rows
+
+    p = torch.softmax(scores[0] / 0.7, 0)
+    assert torch.allclose(frequencies(temperature=0.7, top_p=1.0, top_k=0), p, atol=0.01)
+    # p = 0.56, 0.21, 0.13, 0.08, ...: the nucleus of 0.8 is the first three (transformers drops the tail
+    # whose mass is at most 1 - top_p: 0.08 + 0.03 + 0.0002)
+    nucleus = frequencies(temperature=1.0, top_p=0.8, top_k=0)
+    assert nucleus[3:].sum() == 0
+    assert torch.allclose(nucleus[:3], torch.softmax(scores[0, :3], 0), atol=0.01)
+    top2 = frequencies(temperature=1.0, top_p=1.0, top_k=2)
+    kept = torch.softmax(scores[0, :2], 0)
+    assert top2[2:].sum() == 0 and torch.allclose(top2[:2], kept, atol=0.01)
+
+
+def test_noise_is_a_function_of_the_key_step_and_token_only():
+    """The same key gives the same noise at a step wherever its row sits; other steps and keys differ."""
+    from posttrain.generation import gumbel_noise, row_keys
+
+    keys = row_keys(0, [0, 1, 2, 3], 2)
+    assert len(set(keys.tolist())) == 8, "every (prompt, sample) row has its own key"
+    noise = gumbel_noise(keys, 5, 50)
+    assert torch.equal(gumbel_noise(keys[[6, 1]], 5, 50), noise[[6, 1]])
+    assert not torch.equal(gumbel_noise(keys, 6, 50), noise)
+    assert torch.equal(row_keys(0, [2], 2), keys[4:6])  # prompt 2 alone keys its rows as in the batch
+    assert not torch.equal(row_keys(1, [2], 2), keys[4:6])  # another seed
+
+
+def test_out_of_memory_halves_the_batch_and_keeps_the_answers(model, tiny, prompts, monkeypatch, capsys):
+    """A fake CUDA out-of-memory above 3 prompts a batch: the batch of 12 is decoded again as 6, then 3 (the
+    size printed), with the answers of a direct run at batch 3; at one prompt it is an error that says so."""
+    from posttrain import generation
+
+    tok = tiny[1].tokenizer
+    ids, pixels = prompts
+    kwargs = dict(max_new_tokens=8, do_sample=True, temperature=1.0, top_p=1.0, seed=1, samples=2)
+    direct = generate(model, tok, pixels, ids, batch_size=3, **kwargs)
+    real = generation._generate_batch
+    tried = []
+
+    def limited(m, input_ids, *a, **k):
+        tried.append(len(input_ids))
+        if len(input_ids) > 3:
+            raise torch.OutOfMemoryError("CUDA out of memory (fake)")
+        return real(m, input_ids, *a, **k)
+
+    monkeypatch.setattr(generation, "_generate_batch", limited)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    assert generate(model, tok, pixels, ids, batch_size=12, progress="samples", **kwargs) == direct
+    assert tried == [12, 6, 3, 3, 3, 3]
+    assert "out of GPU memory at 12 prompts × 2 sample(s); going on at 6" in capsys.readouterr().out
+    monkeypatch.setattr(
+        generation, "_generate_batch", lambda *a, **k: (_ for _ in ()).throw(torch.OutOfMemoryError())
+    )
+    with pytest.raises(generation.GenerationMemoryError, match="not even one prompt"):
+        generate(model, tok, pixels, ids[:2], batch_size=2, **kwargs)

@@ -154,7 +154,9 @@ class BaseWeights(str, Enum):
 class BatchSize(str, Enum):
     """A batch_size that is not a number of rows."""
 
-    AUTO = "auto"  # the largest divisor of effective_batch whose step fits the GPU (`posttrain.memory`)
+    # training: the largest divisor of effective_batch whose step fits the GPU; generation (preferences,
+    # evaluate): the largest batch of prompts that fits (`posttrain.memory`)
+    AUTO = "auto"
 
 
 class EnsembleMethod(str, Enum):
@@ -276,7 +278,7 @@ class PreferencesParams:
     temperature: float = 0.7
     top_p: float = 0.9
     max_new_tokens: int = 24
-    batch_size: int = 64
+    batch_size: int | BatchSize = 64  # prompts a batch, or auto: the most that fit the GPU
     seed: int = 0
     min_pairs: int = 8  # fewer surviving pairs is an error
     keep: PairKeep = (
@@ -313,7 +315,7 @@ class CriticParams:
 
 @dataclass(frozen=True)
 class EvaluateParams:
-    batch_size: int = 64
+    batch_size: int | BatchSize = 64  # prompts (and scored sequences) a batch, or auto: the most that fit
     max_new_tokens: int = 24
     resamples: int = 1000  # bootstrap resamples for the 95% CIs
     seed: int = 0
@@ -484,6 +486,8 @@ def _check(p: Params, problems: list[str]) -> None:
     """
 
     def positive(key: str, value: float | None, zero_ok: bool = False) -> None:
+        if isinstance(value, BatchSize):  # auto: a batch_size that is not a number
+            return
         if value is not None and (value < 0 or (value == 0 and not zero_ok)):
             problems.append(f"{key}: must be {'>= 0' if zero_ok else '> 0'}, got {value}")
 

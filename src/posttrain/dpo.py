@@ -12,7 +12,7 @@ import contextlib
 import hashlib
 import json
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -413,6 +413,21 @@ def run_rounds(
     quantization = downstream_quantization(params)
     check_adapters(base_dir, {"sfte": sfte_dir})
     check_base_quantization(sfte_dir, "ensemble", quantization)
+    # later rounds sample and evaluate with the batches sized before any weight loads (the provenance keeps
+    # the params as given)
+    sampling, evaluating = params.preferences, params.evaluate
+    if params.dpo.rounds > 1:
+        from posttrain.evaluation import evaluation_batch
+        from posttrain.preferences import preference_batch
+
+        prompts = load_split(data_dir, "study_train")
+        if sampling.max_prompts:
+            prompts = prompts[: sampling.max_prompts]
+        models_dir, name = sfte_dir.parent, sfte_dir.name
+        sampling = replace(sampling, batch_size=preference_batch(sampling, models_dir, name, False, prompts))
+        evaluating = replace(
+            evaluating, batch_size=evaluation_batch(evaluating, models_dir, name, False, data_dir)
+        )
     rounds = []
     # under N processes one writes: the others train into (and load later rounds from) its temporary folder
     with atomic_dir(out_dir) if is_main() else contextlib.nullcontext() as tmp:
@@ -425,7 +440,7 @@ def run_rounds(
                 if params.preferences.max_prompts:
                     examples = examples[: params.preferences.max_prompts]
                 pairs, stats = make_preferences(
-                    model.eval(), processor, examples, data_dir, params.preferences, params.evaluate.critic
+                    model.eval(), processor, examples, data_dir, sampling, params.evaluate.critic
                 )
                 del model
             dest = tmp if r == params.dpo.rounds else tmp / "rounds" / f"round{r}"
@@ -455,7 +470,7 @@ def run_rounds(
             entry = {"round": r, "preferences": stats, "training": summary}
             if r < params.dpo.rounds:  # the last round is `sfte_dpo`, evaluated by evaluate@sfte_dpo
                 entry["evaluation"] = evaluate_round(
-                    base_dir, dest, data_dir, params.evaluate, f"round{r}", device, quantization
+                    base_dir, dest, data_dir, evaluating, f"round{r}", device, quantization
                 )
             rounds.append(entry)
             adapter = dest

@@ -102,7 +102,6 @@ def smoke_overrides(work: Path, cuda: bool) -> dict:
             # run ties less, but a third of its samples run to max_new_tokens (never a pair): 24 prompts
             "max_prompts": 0 if cuda else 24,
             "max_new_tokens": 24,
-            "batch_size": 32,
             "min_pairs": 2,
         },
         "dpo": {
@@ -113,7 +112,6 @@ def smoke_overrides(work: Path, cuda: bool) -> dict:
             "warmup_steps": 0,
         },
         "evaluate": {
-            "batch_size": 16,
             "max_new_tokens": 16,
             "resamples": 100,
             "critic": {"model": str(work / "hub" / "llava-critic-7b"), "batch_size": 4, "max_new_tokens": 16},

@@ -303,6 +303,45 @@ def load_critic(params: EvaluateParams):
     return LlavaCriticJudge(params.critic.model, revision=params.critic.revision or None)
 
 
+def evaluation_phases(tokenizer, data_dir: Path, n_image_tokens: int, params: EvaluateParams) -> list:
+    """The batches `evaluate_model` runs (`posttrain.memory.Phase`), over both test splits: greedy answers
+    after the longest prompt, and the teacher-forced scoring of the longest sequence, whose logits are kept
+    from the earliest answer start of a batch on.
+    """
+    from posttrain.memory import Phase
+
+    prompts, sequences = [], []
+    for split, _ in EVAL_SPLITS:
+        for e in load_split(data_dir, split):
+            ids, labels = encode_conversation(tokenizer, e.history, e.question, e.answer, n_image_tokens)
+            sequences.append(len(ids))
+            prompts.append(len(ids) - sum(lab != IGNORE_INDEX for lab in labels))
+    if not prompts:
+        return []
+    return [
+        Phase("answers", 1, max(prompts), params.max_new_tokens),
+        Phase("scoring", 1, max(sequences), 0, max(sequences) - min(prompts)),
+    ]
+
+
+def evaluation_batch(params: EvaluateParams, models_dir: Path, name: str, merge: bool, data_dir: Path) -> int:
+    """``evaluate.batch_size`` for model `name`, resolved before it loads
+    (`posttrain.generation.generation_batch`): only the base's config and processor are read.
+    """
+    from posttrain.generation import generation_batch
+    from posttrain.models import adapter_layer_bytes, base_config_and_processor
+
+    config, processor = base_config_and_processor(Path(models_dir) / "base")
+    phases = evaluation_phases(processor.tokenizer, Path(data_dir), image_token_count(processor), params)
+    if not phases:
+        return params.batch_size if isinstance(params.batch_size, int) else 1
+    adapter = 0.0 if merge or name == "base" else adapter_layer_bytes(Path(models_dir) / name)
+    items = max(len(load_split(data_dir, split)) for split, _ in EVAL_SPLITS)
+    return generation_batch(
+        "evaluate", params.batch_size, phases, config=config, adapter_bytes=adapter, prompts=items
+    )
+
+
 def evaluate_model(
     name: str,
     model,

@@ -12,9 +12,21 @@ from collections import defaultdict
 import torch
 import torch.nn.functional as F
 from transformers.cache_utils import DynamicCache, StaticCache
+from transformers.generation.logits_process import (
+    LogitsProcessor,
+    LogitsProcessorList,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
 from posttrain.distributed import gather_batches, is_main, my_batches
+from posttrain.errors import InputError
 from posttrain.template import IGNORE_INDEX, answer_start, pad_batch
+
+# transformers' default top-k, which its sampling applies unless the generation config sets another: the
+# stages' sampling keeps it, so that it draws from the distribution `model.generate(do_sample=True)` would
+DEFAULT_TOP_K = 50
 
 # Wall time and token counts of every `generate` and `answer_nll` call in this process, for the stages' logs
 # (`throughput`); never part of an output, which must not depend on timing.
@@ -53,6 +65,84 @@ def _new_token_count(new_tokens: torch.Tensor, eos_token_id: int) -> int:
 def _ended(new_tokens: torch.Tensor, eos_token_id: int) -> list[bool]:
     """Per row, whether it generated an EOS: False for an answer cut at max_new_tokens."""
     return (new_tokens == eos_token_id).any(1).tolist()  # (R,)
+
+
+_MASK32 = 0xFFFFFFFF
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """(x · c) mod 2³² for int64 `x` in [0, 2³²) and a constant `c` < 2³², with no int64 overflow."""
+    low = (x & 0xFFFF) * c
+    high = ((x >> 16) * c) & 0xFFFF
+    return (low + (high << 16)) & _MASK32
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """MurmurHash3's 32-bit finaliser, elementwise on int64 values in [0, 2³²): every input bit flips about
+    half of the output bits.
+    """
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x85EBCA6B)
+    x = x ^ (x >> 13)
+    x = _mul32(x, 0xC2B2AE35)
+    return x ^ (x >> 16)
+
+
+def row_keys(seed: int, prompt_indices: list[int], samples: int) -> torch.Tensor:
+    """One 32-bit key per decoded row: a hash of (seed, the prompt's index in the whole list, the sample).
+
+    Rows are ordered as `_generate_batch` decodes them: prompt by prompt, its `samples` rows together.
+    """
+    prompt = torch.tensor(prompt_indices, dtype=torch.int64).repeat_interleave(samples)  # (R,)
+    sample = torch.arange(samples, dtype=torch.int64).repeat(len(prompt_indices))  # (R,)
+    key = _mix32(torch.full_like(prompt, seed & _MASK32))
+    key = _mix32(key ^ prompt)
+    return _mix32(key ^ _mix32(sample + 0x9E3779B9))
+
+
+def gumbel_noise(keys: torch.Tensor, step: int, vocab: int) -> torch.Tensor:
+    """(R, vocab) float32 Gumbel(0, 1) noise, a pure function of (row key, step, token id).
+
+    Counter-based, like Philox: the noise of a row does not depend on which rows share its batch, on the
+    device, or on what was drawn before, so a sample is the same at any batch size and in any process.
+    """
+    device = keys.device
+    token = _mix32(torch.arange(vocab, dtype=torch.int64, device=device))  # (V,)
+    at_step = _mix32(keys.to(device) ^ _mix32(torch.full_like(keys, step & _MASK32, device=device)))  # (R,)
+    bits = _mix32(at_step[:, None] ^ token[None, :])  # (R, V) in [0, 2³²)
+    uniform = ((bits >> 8).to(torch.float32) + 0.5) * 2.0**-24  # (R, V) in (0, 1), 24 random bits each
+    return -torch.log(-torch.log(uniform))
+
+
+class SeededSampling(LogitsProcessor):
+    """Sampling as greedy decoding of Gumbel-perturbed scores (the Gumbel-max trick), seeded per row.
+
+    argmax(log p + G) with G ~ Gumbel(0, 1) i.i.d. is a draw from p; the warpers (temperature, top-k, top-p,
+    in transformers' order) shape p first, and a token they remove (−inf) is never drawn. The noise of row r
+    at step t is `gumbel_noise(keys[r], t)`: each answer depends on its own prompt, sample and seed only.
+    """
+
+    def __init__(
+        self, keys: torch.Tensor, prompt_length: int, *, temperature: float, top_p: float, top_k: int
+    ):
+        self.keys = keys
+        self.prompt_length = prompt_length
+        self.warpers = LogitsProcessorList()
+        if temperature != 1.0:
+            self.warpers.append(TemperatureLogitsWarper(temperature))
+        if top_k:
+            self.warpers.append(TopKLogitsWarper(top_k))
+        if top_p < 1.0:
+            self.warpers.append(TopPLogitsWarper(top_p))
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        scores = self.warpers(input_ids, scores)  # (R, V)
+        step = input_ids.shape[1] - self.prompt_length
+        return scores + gumbel_noise(self.keys, step, scores.shape[1]).to(scores.device)
+
+
+class GenerationMemoryError(InputError, RuntimeError):
+    """Raised when not even one prompt's generation fits the GPU."""
 
 
 def _left_padded(prompts: list[list[int]], pad_token_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,6 +193,7 @@ def _generate_batch(
         kv = StaticCache(config=model.config, max_cache_len=length + max_new_tokens)
         for i, layer in enumerate(prompt_kv.layers):  # (B, heads, T-1, head_dim) each, repeated per sample
             kv.update(layer.keys.repeat_interleave(samples, 0), layer.values.repeat_interleave(samples, 0), i)
+            layer.keys = layer.values = None  # freed as it is copied: the two caches never coexist whole
         del prompt_kv
     else:
         prompt_kv.batch_repeat_interleave(samples)
@@ -138,9 +229,14 @@ def generate(
 ) -> list:
     """Answer each (image, prompt ids) with the model, batched with left padding.
 
-    Greedy by default; with `do_sample` the sampling is seeded per batch, so the same inputs and seed give the
-    same outputs. With `samples` > 1, each prompt is answered that many times from one computation of the
-    prompt (`_generate_batch`).
+    Greedy by default. With `do_sample`, each answer is drawn with noise keyed by (seed, its prompt's index in
+    `prompts`, its sample) (`SeededSampling`): the same inputs and seed give the same answers at any batch
+    size and number of processes. With `samples` > 1, each prompt is answered that many times from one
+    computation of the prompt (`_generate_batch`).
+
+    When CUDA runs out of memory, the batch is decoded again in halves, and so are the batches after it; the
+    new size is printed. The answers stay the same (up to the float rounding of kernels at another batch
+    shape), since no answer depends on the rows beside it.
 
     Args:
         model: a LLaVA model (PEFT-wrapped or not).
@@ -152,7 +248,7 @@ def generate(
         do_sample: sample instead of greedy decoding.
         temperature: sampling temperature.
         top_p: nucleus sampling mass.
-        seed: with `do_sample`, batch k is seeded with seed + its first prompt's index.
+        seed: with `do_sample`, the seed of every answer's noise.
         samples: answers per prompt.
         cache: ``static`` (preallocated, written in place) or ``dynamic`` (transformers' default).
         progress: a label for progress lines, or None for none.
@@ -162,27 +258,37 @@ def generate(
     Returns:
         The decoded continuations, special tokens removed: one string per prompt, or with `samples` > 1 one
         tuple of `samples` strings per prompt (with `with_ends`, (text, ended) in place of each string).
+
+    Raises:
+        GenerationMemoryError: not even one prompt fits the GPU.
     """
+    if not isinstance(batch_size, int):
+        raise TypeError(f"batch_size {batch_size!r}: resolve 'auto' with `generation_batch` before loading")
     device = next(model.parameters()).device
     dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
-    unset = {"temperature": None, "top_p": None}  # greedy: the model's sampling defaults must not warn
-    sampling = {"temperature": temperature, "top_p": top_p} if do_sample else unset
-    generate_kwargs = {
-        "do_sample": do_sample,
-        **sampling,
+    base_kwargs = {
+        "do_sample": False,  # sampling is `SeededSampling`'s greedy pick of perturbed scores
+        "temperature": None,  # the model's sampling defaults must not warn
+        "top_p": None,
+        "top_k": None,
         "pad_token_id": tokenizer.pad_token_id,
         "eos_token_id": tokenizer.eos_token_id,
     }
-    outputs: dict[int, list] = {}  # batch index -> its answers
-    n_batches = -(-len(prompts) // batch_size)
-    mine = my_batches(n_batches)  # with several processes, batch k is computed by process k mod N
-    for batch_index in mine:
-        start = batch_index * batch_size
-        batch = prompts[start : start + batch_size]
+    config_top_k = getattr(getattr(model, "generation_config", None), "top_k", None)
+    top_k = DEFAULT_TOP_K if config_top_k is None else config_top_k
+
+    def answer(start: int, stop: int) -> list:
+        """The answers of prompts start … stop − 1, decoded as one batch (`samples` rows a prompt)."""
+        batch = prompts[start:stop]
         input_ids, attention_mask = _left_padded(batch, tokenizer.pad_token_id, device)  # (B, T) each
-        pixel_values = torch.stack(pixels[start : start + batch_size]).to(device, dtype)  # (B, 3, H, W)
+        pixel_values = torch.stack(pixels[start:stop]).to(device, dtype)  # (B, 3, H, W)
+        kwargs = dict(base_kwargs)
         if do_sample:
-            torch.manual_seed(seed + start)
+            keys = row_keys(seed, list(range(start, stop)), samples).to(device)  # (B·samples,)
+            sampler = SeededSampling(
+                keys, input_ids.shape[1], temperature=temperature, top_p=top_p, top_k=top_k
+            )
+            kwargs["logits_processor"] = LogitsProcessorList([sampler])
         t0 = time.perf_counter()
         new_tokens = _generate_batch(
             model,
@@ -192,7 +298,7 @@ def generate(
             samples=samples,
             max_new_tokens=max_new_tokens,
             cache=cache,
-            generate_kwargs=generate_kwargs,
+            generate_kwargs=kwargs,
         )
         texts = [t.strip() for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
         if with_ends:
@@ -205,9 +311,40 @@ def generate(
         totals["new_tokens"] += _new_token_count(new_tokens, tokenizer.eos_token_id)
         totals["computed_tokens"] += new_tokens.numel()  # (rows, positions the batch decoded)
         if samples == 1:
-            outputs[batch_index] = texts
-        else:
-            outputs[batch_index] = [tuple(texts[i : i + samples]) for i in range(0, len(texts), samples)]
+            return texts
+        return [tuple(texts[i : i + samples]) for i in range(0, len(texts), samples)]
+
+    outputs: dict[int, list] = {}  # batch index -> its answers
+    n_batches = -(-len(prompts) // batch_size)
+    mine = my_batches(n_batches)  # with several processes, batch k is computed by process k mod N
+    chunk = batch_size  # prompts decoded at once: halved when CUDA runs out of memory
+    for batch_index in mine:
+        start = batch_index * batch_size
+        stop = min(start + batch_size, len(prompts))
+        answers: list = []
+        while len(answers) < stop - start:
+            at = start + len(answers)
+            try:
+                answers += answer(at, min(at + chunk, stop))
+                continue
+            except torch.OutOfMemoryError:
+                pass  # out of the handler first: its traceback holds the batch's tensors
+            if chunk == 1:
+                raise GenerationMemoryError(
+                    f"{progress or 'generation'}: not even one prompt ({samples} sample(s) of up to "
+                    f"{max_new_tokens} new tokens after {len(prompts[at])} prompt tokens) fits this GPU's "
+                    "free memory; free the GPU (another process may hold it), lower max_new_tokens, or use a "
+                    "larger GPU"
+                )
+            size = min(chunk, stop - at)
+            chunk = max(size // 2, 1)
+            torch.cuda.empty_cache()
+            print(
+                f"{progress or 'generation'}: out of GPU memory at {size} prompts × {samples} sample(s); "
+                f"going on at {chunk} prompts a batch (the answers stay the same: each is seeded on its own)",
+                flush=True,
+            )
+        outputs[batch_index] = answers
         done = sum(map(len, outputs.values()))
         if (
             progress
@@ -341,3 +478,42 @@ def continuation_nll(
         totals["prompts"] += rows
         totals["tokens"] += int(attention_mask.sum()) + rows * sum(len(c) - 1 for c in continuations)
     return gather_batches(results)
+
+
+def generation_batch(
+    section: str, batch_size, phases: list, *, config, adapter_bytes: float, prompts: int
+) -> int:
+    """A generating stage's batch_size resolved before its model loads, and said in one line.
+
+    ``auto`` takes the largest batch whose every phase fits the GPU
+    (`posttrain.memory.choose_generation_batch`); an integer runs as given, with a warning where the estimate
+    says it cannot fit. On the CPU an integer is returned unchanged and unsaid.
+
+    Args:
+        section: the params section (``preferences`` or ``evaluate``), for the line.
+        batch_size: its batch_size: prompts a batch, or ``BatchSize.AUTO``.
+        phases: `posttrain.memory.Phase` of each kind of batch the stage runs.
+        config: the base model's config (its shapes; no weight is read).
+        adapter_bytes: the adapter held as a layer of its own (`posttrain.models.adapter_layer_bytes`), or 0.
+        prompts: how many prompts the stage answers.
+    """
+    from posttrain.distributed import rank_and_size
+    from posttrain.memory import choose_generation_batch, inference_weight_bytes
+
+    cuda = torch.cuda.is_available()
+    if not cuda and isinstance(batch_size, int):
+        return batch_size
+    capacity = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory if cuda else None
+    batch, line = choose_generation_batch(
+        section,
+        batch_size,
+        phases,
+        config=config,
+        weights=inference_weight_bytes(config, adapter_bytes),
+        prompts=prompts,
+        capacity=capacity,
+        processes=rank_and_size()[1],
+    )
+    if is_main():
+        print(line, flush=True)
+    return batch

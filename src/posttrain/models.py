@@ -8,6 +8,7 @@ same transformers/PEFT code at both scales.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -285,6 +286,16 @@ def trained_quantization(adapter: str | Path, stage: str) -> Quantization:
             f"(base_quantization); it predates this version: rerun `dvc repro {stage}`"
         )
     return Quantization(prov["base_quantization"])
+
+
+def adapter_layer_bytes(adapter: str | Path) -> float:
+    """Bytes the adapter in `adapter` takes as an fp32 layer of its own (`load_model` with merge off), read
+    from its safetensors header: nothing is loaded.
+    """
+    from safetensors import safe_open
+
+    with safe_open(str(Path(adapter) / "adapter_model.safetensors"), framework="pt") as f:
+        return 4.0 * sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
 
 
 def check_base_quantization(adapter: str | Path, stage: str, quantization: Quantization) -> None:

@@ -276,6 +276,55 @@ def judge_candidates(
     return [(parse_verdict(ab), parse_verdict(ba)) for ab, ba in raw]
 
 
+RETOKENIZED_SLACK = 8  # tokens an answer may gain when re-tokenized inside the judge's prompt
+
+
+def preference_phases(tokenizer, examples: list[Example], n_image_tokens: int, params) -> list:
+    """The batches the stage runs (`posttrain.memory.Phase`): two samples of each prompt after its history,
+    and with ``judge: self`` the pairwise prompts (question and two answers of up to max_new_tokens each)
+    scored against the verdict sentences.
+    """
+    from posttrain.config import Judge
+    from posttrain.memory import Phase
+
+    longest = max(len(encode_prompt(tokenizer, e.history, e.question, n_image_tokens)) for e in examples)
+    phases = [Phase("sampling", 2, longest, params.max_new_tokens)]
+    if params.judge is Judge.SELF:
+        empty = max(
+            len(
+                encode_prompt(
+                    tokenizer,
+                    (),
+                    PAIRWISE.format(question=e.context_question(), r1="", r2=""),
+                    n_image_tokens,
+                )
+            )
+            for e in examples
+        )
+        answers = 2 * (params.max_new_tokens + RETOKENIZED_SLACK)
+        verdict = max(map(len, verdict_continuations(tokenizer, n_image_tokens)))
+        phases.append(Phase("self-judge", 1, empty + answers, 0, verdict))
+    return phases
+
+
+def preference_batch(params, models_dir, policy: str, merge: bool, examples: list[Example]) -> int:
+    """``preferences.batch_size`` for sampling from `policy` (a folder under `models_dir`), resolved before
+    the model loads (`posttrain.generation.generation_batch`): only the base's config and processor are read.
+    """
+    from pathlib import Path
+
+    from posttrain.generation import generation_batch
+    from posttrain.models import adapter_layer_bytes, base_config_and_processor, image_token_count
+
+    models_dir = Path(models_dir)
+    config, processor = base_config_and_processor(models_dir / "base")
+    phases = preference_phases(processor.tokenizer, examples, image_token_count(processor), params)
+    adapter = 0.0 if merge or policy == "base" else adapter_layer_bytes(models_dir / policy)
+    return generation_batch(
+        "preferences", params.batch_size, phases, config=config, adapter_bytes=adapter, prompts=len(examples)
+    )
+
+
 def make_preferences(
     model, processor, examples: list[Example], data_dir, params, critic_params
 ) -> tuple[list, dict]:

@@ -1,0 +1,189 @@
+"""Generation memory estimated before loading (posttrain.memory.estimate_generation) and the batch that
+``batch_size: auto`` takes from it for the preferences and evaluate stages."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from posttrain.architectures import load_config
+from posttrain.config import BatchSize, PreferencesParams
+from posttrain.data import load_split
+from posttrain.memory import (
+    GB,
+    GenerationTooLargeError,
+    InferenceEstimate,
+    Phase,
+    choose_generation_batch,
+    estimate_generation,
+    inference_weight_bytes,
+    kv_bytes_per_token,
+)
+
+
+def test_the_kv_cache_term_is_the_cache_transformers_allocates(tiny, prepared, monkeypatch):
+    """The static cache `_generate_batch` fills for 3 prompts × 2 samples, measured in bytes on the tiny model
+    (fp32 here), equals rows · (prompt + new tokens) · `kv_bytes_per_token`; the estimate adds one layer."""
+    from posttrain import generation
+    from posttrain.models import image_token_count
+    from posttrain.template import encode_prompt
+
+    model, processor = tiny
+    examples = load_split(prepared, "study_test")[:3]
+    n = image_token_count(processor)
+    prompts = [encode_prompt(processor.tokenizer, e.history, e.question, n) for e in examples]
+    ids, mask = generation._left_padded(prompts, processor.tokenizer.pad_token_id, "cpu")
+    pixels = torch.zeros(3, 3, 84, 84)
+    seen = {}
+
+    def capture(**kwargs):
+        seen["kv"] = kwargs["past_key_values"]
+        return kwargs["input_ids"]
+
+    monkeypatch.setattr(model, "generate", capture)
+    new = 7
+    generation._generate_batch(
+        model, ids, mask, pixels, samples=2, max_new_tokens=new, cache="static", generate_kwargs={}
+    )
+    allocated = sum(
+        t.numel() * t.element_size() for layer in seen["kv"].layers for t in (layer.keys, layer.values)
+    )
+    config = model.config
+    assert allocated == 6 * (ids.shape[1] + new) * kv_bytes_per_token(config, dtype_bytes=4)
+    layers = config.text_config.num_hidden_layers
+    estimate = estimate_generation(
+        config, prompts=3, phase=Phase("sampling", 2, ids.shape[1], new), weights=0.0
+    )
+    assert estimate.cache == pytest.approx(allocated / 2 * (1 + 1 / layers))  # bf16 on a GPU: half of fp32
+
+
+def test_llava_7b_by_hand():
+    """llava-1.5-7b: 512 KiB of bf16 KV cache a token (32 layers × 2 × 32 heads × 128); the bf16 weights are
+    2 bytes of each of its 7,063,427,072 parameters (bench/results/h100.json's count)."""
+    config = load_config("llava-1.5-7b")
+    assert kv_bytes_per_token(config) == 2 * 32 * 32 * 128 * 2 == 524_288
+    weights = inference_weight_bytes(config, adapter_bytes=0.5 * GB)
+    assert weights == 2 * 7_063_427_072 + 0.5 * GB
+    e = estimate_generation(config, prompts=64, phase=Phase("sampling", 2, 640, 128), weights=weights)
+    assert e.cache == 128 * 768 * 524_288 * (1 + 1 / 32)  # 51.9 GB
+    assert e.activations == 64 * 640 * 11008 * 12.0 + 128 * 32064 * 16.0
+    scoring = estimate_generation(config, prompts=64, phase=Phase("scoring", 1, 700, 0, 80), weights=weights)
+    assert scoring.activations == 64 * 700 * 11008 * 12.0 + 64 * 32064 * 16.0 + 64 * 80 * 32064 * 12.0
+    assert e.total == e.weights + e.cache + e.activations + e.overhead
+
+
+@pytest.fixture()
+def linear_estimate(monkeypatch):
+    """An estimate of 10 GB plus 1 GB a prompt per sample (a 40 GB card's budget, 38 GB, holds 28 prompts of
+    one sample, 14 of two)."""
+    import posttrain.memory as memory
+
+    def estimate(config, *, prompts, phase, weights):
+        return InferenceEstimate(weights=9.4 * GB, cache=prompts * phase.samples * GB, activations=0.0)
+
+    monkeypatch.setattr(memory, "estimate_generation", estimate)
+
+
+ONE = [Phase("answers", 1, 600, 128)]
+
+
+@pytest.mark.parametrize(
+    "prompts, processes, phases, expected",
+    [
+        (100, 1, ONE, 25),  # 28 fit: 4 batches, evened to 25 each
+        (20, 1, ONE, 20),  # all of them fit in one batch
+        (100, 1, ONE + [Phase("sampling", 2, 600, 128)], 13),  # the two-sample phase binds: 14 fit, 8 × 13
+        (1000, 1, [Phase("answers", 1, 600, 128)], 28),  # 36 batches of 28 (27.8 evened up)
+        (40, 2, ONE, 20),  # two processes: each takes one batch of 20
+    ],
+)
+def test_auto_takes_the_largest_batch_that_fits_and_evens_the_batches(
+    linear_estimate, prompts, processes, phases, expected
+):
+    batch, line = choose_generation_batch(
+        "evaluate",
+        BatchSize.AUTO,
+        phases,
+        config=None,
+        weights=0.0,
+        prompts=prompts,
+        capacity=40 * GB,
+        processes=processes,
+    )
+    assert batch == expected
+    assert line.startswith(f"evaluate.batch_size auto: {expected} prompts a batch (")
+
+
+def test_auto_caps_at_128_prompts_and_takes_64_on_the_cpu(linear_estimate):
+    big = dict(config=None, weights=0.0, prompts=1000, processes=1)
+    assert (
+        choose_generation_batch("evaluate", BatchSize.AUTO, ONE, capacity=1000 * GB, **big)[0] == 125
+    )  # 8 batches
+    cpu = choose_generation_batch("evaluate", BatchSize.AUTO, ONE, capacity=None, **big)
+    assert cpu[0] == 63 and "on the CPU" in cpu[1]  # 16 batches of up to 64, evened: 63 (62.5 up)
+
+
+def test_an_integer_runs_as_given_and_warns_when_it_cannot_fit(linear_estimate):
+    kwargs = dict(config=None, weights=0.0, prompts=100, capacity=40 * GB)
+    batch, line = choose_generation_batch("preferences", 20, ONE, **kwargs)
+    assert batch == 20 and line.startswith("preferences.batch_size 20: ~30.0 GB (weights 9.4, KV cache 20.0")
+    batch, line = choose_generation_batch("preferences", 40, ONE, **kwargs)
+    assert batch == 40
+    assert line.startswith("warning: preferences.batch_size 40 needs ~50.0 GB")
+    assert "decoded again in halves" in line and line.endswith("batch_size: auto would take 28")
+
+
+def test_auto_fails_before_loading_when_not_one_prompt_fits(linear_estimate):
+    with pytest.raises(
+        GenerationTooLargeError,
+        match=r"not even one prompt fits this GPU: ~11\.0 GB \(weights 9\.4, KV cache 1\.0",
+    ):
+        choose_generation_batch(
+            "preferences", BatchSize.AUTO, ONE, config=None, weights=0.0, prompts=8, capacity=10 * GB
+        )
+
+
+@pytest.fixture()
+def card_of_80_gb(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: SimpleNamespace(total_memory=80 * GB))
+
+
+def test_the_stages_size_their_batches_from_the_base_without_its_weights(
+    models, prepared, card_of_80_gb, monkeypatch, capsys
+):
+    """preference_batch and evaluation_batch read the base's config and processor only (loading weights
+    fails here), take the longest prompt of the data (and with judge: self the longer pairwise prompt)."""
+    from transformers import LlavaForConditionalGeneration
+
+    import posttrain.memory as memory
+    from posttrain.config import EvaluateParams, Judge
+    from posttrain.evaluation import evaluation_batch
+    from posttrain.preferences import preference_batch
+
+    def no_weights(*a, **k):
+        raise AssertionError("the batch must be sized before any weight loads")
+
+    monkeypatch.setattr(LlavaForConditionalGeneration, "from_pretrained", no_weights)
+    asked = []
+    real = memory.estimate_generation
+
+    def spy(config, *, prompts, phase, weights):
+        asked.append(phase)
+        return real(config, prompts=prompts, phase=phase, weights=weights)
+
+    monkeypatch.setattr(memory, "estimate_generation", spy)
+    examples = load_split(prepared, "study_train")
+    params = PreferencesParams(batch_size=BatchSize.AUTO, judge=Judge.SELF, max_new_tokens=20)
+    batch = preference_batch(params, models, "base", False, examples)
+    assert batch == -(-len(examples) // -(-len(examples) // 128))  # the tiny model fits any batch
+    assert "preferences.batch_size auto:" in capsys.readouterr().out
+    sampling = next(p for p in asked if p.name == "sampling")
+    judge = next(p for p in asked if p.name == "self-judge")
+    assert (sampling.samples, sampling.new_tokens) == (2, 20)
+    assert judge.prompt_tokens > sampling.prompt_tokens + 2 * 20 and judge.scored_tokens > 0
+    asked.clear()
+    assert evaluation_batch(EvaluateParams(batch_size=48), models, "base", False, prepared) == 48
+    assert {p.name for p in asked} == {"answers", "scoring"}
+    assert "evaluate.batch_size 48: ~" in capsys.readouterr().out
