@@ -5,8 +5,9 @@
 Random bf16 weights of configs/llava-1.5-7b (nothing is read from disk); prompts shaped like the study's
 (BOS, 576 image tokens, `--text-tokens` of text, all of one length), sampled `--samples` times each to
 `--new-tokens` (random weights rarely emit the EOS, so every row runs to the end: the worst case). For each
-batch: the peak allocated above the weights, what `posttrain.memory.estimate_generation` predicts for it,
-or "oom" where CUDA ran out. The stages' memory check is calibrated on these rows (tests/test_memory.py).
+batch: the peak allocated above the weights, what `posttrain.memory.estimate_generation` predicts for it
+(its total less the weights: KV cache, activations, overhead), or "oom" where CUDA ran out. The stages'
+memory check is calibrated on these rows (tests/test_generation_memory.py).
 """
 
 import argparse
@@ -20,16 +21,6 @@ import torch
 from posttrain.architectures import build_random, load_config
 
 IMAGE_TOKENS = 576
-
-
-class _Tokenizer:
-    """What `generate` reads of a tokenizer: pad and EOS ids and a decoder (the text is not looked at)."""
-
-    pad_token_id = 0
-    eos_token_id = 2
-
-    def batch_decode(self, ids, skip_special_tokens=True):
-        return [""] * len(ids)
 
 
 def cpu_model() -> str:
@@ -56,43 +47,57 @@ def measure(
         "prompt_tokens": len(prompt),
         "cache": cache,
     }
-    row["estimate_gb"] = (
-        round(
-            memory.estimate_generation(
-                config,
-                prompts=batch,
-                samples=samples,
-                prompt_tokens=len(prompt),
-                new_tokens=new_tokens,
-                cache=cache,
-            ).above_weights
-            / 1e9,
-            2,
-        )
-        if hasattr(memory, "estimate_generation")
-        else None
+    scoring = cache == "scoring"  # teacher-forced: the prompt plus `new_tokens` labelled answer tokens
+    phase = (
+        memory.Phase("scoring", 1, len(prompt) + new_tokens, 0, new_tokens + 1)
+        if scoring
+        else memory.Phase("bench", samples, len(prompt), new_tokens)
     )
+    estimate = memory.estimate_generation(config, prompts=batch, phase=phase, weights=0.0)
+    row["estimate_gb"] = round((estimate.total - estimate.weights) / 1e9, 2)
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated()
+    ids = torch.tensor([prompt] * batch, device="cuda")  # (B, T): one length, no padding
+    mask = torch.ones_like(ids)
+    pixel_values = torch.stack(pixels).to("cuda", torch.bfloat16)  # (B, 3, 336, 336)
     try:
-        generation.generate(
-            model,
-            _Tokenizer(),
-            pixels,
-            [prompt] * batch,
-            batch_size=batch,
-            samples=samples,
-            max_new_tokens=new_tokens,
-            do_sample=samples > 1,
-            cache=cache,
-            seed=0,
-        )
+        with torch.no_grad():
+            if scoring:  # what `answer_nll` runs: the whole sequence, logits from the answer on
+                answer = torch.randint(3, 32000, (batch, new_tokens), generator=g).to("cuda")
+                model(
+                    input_ids=torch.cat([ids, answer], 1),
+                    attention_mask=torch.cat([mask, torch.ones_like(answer)], 1),
+                    pixel_values=pixel_values,
+                    logits_to_keep=new_tokens + 1,
+                ).logits.float().log_softmax(-1)
+            else:  # one batch of `generate`, the seeded sampler included
+                kwargs = {
+                    "do_sample": False,
+                    "temperature": None,
+                    "top_p": None,
+                    "top_k": None,
+                    "pad_token_id": 0,
+                    "eos_token_id": 2,
+                }
+                if samples > 1:
+                    keys = generation.row_keys(0, list(range(batch)), samples).to("cuda")
+                    kwargs["logits_processor"] = generation.LogitsProcessorList(
+                        [generation.SeededSampling(keys, ids.shape[1], temperature=0.7, top_p=0.9, top_k=50)]
+                    )
+                generation._generate_batch(
+                    model,
+                    ids,
+                    mask,
+                    pixel_values,
+                    samples=samples,
+                    max_new_tokens=new_tokens,
+                    cache=cache,
+                    generate_kwargs=kwargs,
+                )
     except torch.OutOfMemoryError:
         row["peak_above_weights_gb"] = "oom"
         return row
-    finally:
-        generation._TOTALS.clear()
     row["peak_above_weights_gb"] = round((torch.cuda.max_memory_allocated() - before) / 1e9, 2)
     row["reserved_gb"] = round(torch.cuda.max_memory_reserved() / 1e9, 2)
     return row
@@ -105,7 +110,7 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=2)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--text-tokens", type=int, default=60)
-    ap.add_argument("--caches", default="static,dynamic")
+    ap.add_argument("--caches", default="static,dynamic,scoring", help="scoring: teacher-forced, no cache")
     args = ap.parse_args()
     config = load_config("llava-1.5-7b")
     model = build_random(config, dtype=torch.bfloat16, device="cuda", seed=0).eval()
