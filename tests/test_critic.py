@@ -517,3 +517,30 @@ def test_the_critic_splits_its_batches_over_processes_and_gathers_them_in_order(
     assert sorted(shares[0]) == [0, 2] and sorted(shares[1]) == [1]
     merged = {**shares[0], **shares[1]}
     assert [reply for k in sorted(merged) for reply in merged[k]] == single
+
+
+def test_a_critic_batch_that_runs_out_of_memory_is_scored_again_in_halves(
+    tiny_critic_dir, monkeypatch, capsys
+):
+    """A fake CUDA out-of-memory above 2 prompts: the batch of 5 runs again as 2, 2, 1 and the replies are a
+    batch-2 run's (greedy: a reply does not depend on its batch), the halving said once."""
+    import torch
+
+    judge = LlavaCriticJudge(str(tiny_critic_dir), dtype="float32", device="cpu")
+    colours = ["red", "blue", "green", "white", "black"]
+    imgs = [Image.new("RGB", (40 + 5 * i, 30), c) for i, c in enumerate(colours)]
+    args = (imgs, [f"Q{i}?" for i in range(5)], [f"A {i}." for i in range(5)])
+    direct = judge.score(*args, batch_size=2, max_new_tokens=4)
+    generate, calls = judge.model.generate, []
+
+    def limited(**kw):
+        calls.append(kw["input_ids"].shape[0])
+        if calls[-1] > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (fake)")
+        return generate(**kw)
+
+    monkeypatch.setattr(judge.model, "generate", limited)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    assert judge.score(*args, batch_size=5, max_new_tokens=4) == direct
+    assert calls == [5, 2, 2, 1]
+    assert capsys.readouterr().out.count("critic: out of GPU memory at 5 prompts; going on at 2 a batch") == 1

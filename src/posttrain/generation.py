@@ -145,6 +145,47 @@ class GenerationMemoryError(InputError, RuntimeError):
     """Raised when not even one prompt's generation fits the GPU."""
 
 
+class Halving:
+    """Runs ranges of items in chunks of at most `size`, halving `size` for good when CUDA runs out of memory.
+
+    For work whose results do not depend on the items beside them (seeded sampling, greedy decoding): a chunk
+    that ran out of memory is run again in halves, with the same results, and so are the chunks after it.
+    The first halving of each size is printed.
+    """
+
+    def __init__(self, size: int, label: str, unit: str = "prompts"):
+        self.size, self.label, self.unit = size, label, unit
+
+    def run(self, start: int, stop: int, work, one: str = "one item") -> list:
+        """`work(a, b)` (the results of items a … b − 1) over start … stop − 1, chunk by chunk.
+
+        Raises:
+            GenerationMemoryError: a chunk of one item ran out of memory; `one` describes such an item.
+        """
+        out: list = []
+        while len(out) < stop - start:
+            at = start + len(out)
+            try:
+                out += work(at, min(at + self.size, stop))
+                continue
+            except torch.OutOfMemoryError:
+                pass  # out of the handler first: its traceback holds the chunk's tensors
+            if self.size == 1:
+                raise GenerationMemoryError(
+                    f"{self.label}: not even {one} fits this GPU's free memory; free the GPU (another "
+                    "process may hold it), lower max_new_tokens, or use a larger GPU"
+                )
+            tried = min(self.size, stop - at)
+            self.size = max(tried // 2, 1)
+            torch.cuda.empty_cache()
+            print(
+                f"{self.label}: out of GPU memory at {tried} {self.unit}; going on at {self.size} a batch "
+                "(the results stay the same: none depends on the others in its batch)",
+                flush=True,
+            )
+        return out
+
+
 def _left_padded(prompts: list[list[int]], pad_token_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """(input_ids, attention_mask), both (B, T), of prompts left-padded so that they all end together."""
     input_ids = pad_batch(prompts, pad_token_id, "left").to(device)
@@ -317,33 +358,17 @@ def generate(
     outputs: dict[int, list] = {}  # batch index -> its answers
     n_batches = -(-len(prompts) // batch_size)
     mine = my_batches(n_batches)  # with several processes, batch k is computed by process k mod N
-    chunk = batch_size  # prompts decoded at once: halved when CUDA runs out of memory
+    chunks = Halving(batch_size, progress or "generation", f"prompts × {samples} sample(s)")
     for batch_index in mine:
         start = batch_index * batch_size
         stop = min(start + batch_size, len(prompts))
-        answers: list = []
-        while len(answers) < stop - start:
-            at = start + len(answers)
-            try:
-                answers += answer(at, min(at + chunk, stop))
-                continue
-            except torch.OutOfMemoryError:
-                pass  # out of the handler first: its traceback holds the batch's tensors
-            if chunk == 1:
-                raise GenerationMemoryError(
-                    f"{progress or 'generation'}: not even one prompt ({samples} sample(s) of up to "
-                    f"{max_new_tokens} new tokens after {len(prompts[at])} prompt tokens) fits this GPU's "
-                    "free memory; free the GPU (another process may hold it), lower max_new_tokens, or use a "
-                    "larger GPU"
-                )
-            size = min(chunk, stop - at)
-            chunk = max(size // 2, 1)
-            torch.cuda.empty_cache()
-            print(
-                f"{progress or 'generation'}: out of GPU memory at {size} prompts × {samples} sample(s); "
-                f"going on at {chunk} prompts a batch (the answers stay the same: each is seeded on its own)",
-                flush=True,
-            )
+        answers = chunks.run(
+            start,
+            stop,
+            answer,
+            f"one prompt ({samples} sample(s) of up to {max_new_tokens} new tokens after "
+            f"{max(map(len, prompts[start:stop]))} prompt tokens)",
+        )
         outputs[batch_index] = answers
         done = sum(map(len, outputs.values()))
         if (
@@ -369,22 +394,24 @@ def answer_nll(
 ) -> tuple[list[float], list[int]]:
     """Teacher-forced negative log-likelihood of the labelled tokens of each (input_ids, labels) sequence.
 
+    A batch that runs out of GPU memory is scored again in halves (`Halving`), and so are those after it.
+
     Returns:
         (nll_sums, token_counts), one entry per item; the per-token loss is their ratio.
     """
     device = next(model.parameters()).device
     dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
     results: dict[int, list[tuple[float, int]]] = {}  # batch index -> (nll sum, token count) per item
-    for batch_index in my_batches(-(-len(sequences) // batch_size)):
-        start = batch_index * batch_size
+
+    def score(start: int, stop: int) -> list[tuple[float, int]]:
         t0 = time.perf_counter()
-        pairs = sequences[start : start + batch_size]
+        pairs = sequences[start:stop]
         input_ids = pad_batch([p[0] for p in pairs], tokenizer.pad_token_id, "right").to(device)  # (B, T)
         labels = pad_batch([p[1] for p in pairs], IGNORE_INDEX, "right")
         first = answer_start(labels)  # the head runs from the first labelled next token on
         labels = labels.to(device)
         attention_mask = pad_batch([[1] * len(p[0]) for p in pairs], 0, "right").to(device)
-        pixel_values = torch.stack(pixels[start : start + batch_size]).to(device, dtype)
+        pixel_values = torch.stack(pixels[start:stop]).to(device, dtype)
         logits = model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -394,11 +421,17 @@ def answer_nll(
         targets = F.pad(labels[:, first + 1 :], (0, 1), value=IGNORE_INDEX)  # (B, K): t predicts token t+1
         nll = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none")
         mask = targets != IGNORE_INDEX
-        results[batch_index] = list(zip((nll * mask).sum(1).tolist(), mask.sum(1).tolist()))
         totals = _TOTALS["score"]
         totals["seconds"] += time.perf_counter() - t0
         totals["sequences"] += len(pairs)
         totals["tokens"] += int(attention_mask.sum())
+        return list(zip((nll * mask).sum(1).tolist(), mask.sum(1).tolist()))
+
+    chunks = Halving(batch_size, "scoring", "sequences")  # a sequence's loss does not depend on its batch
+    for batch_index in my_batches(-(-len(sequences) // batch_size)):
+        start = batch_index * batch_size
+        stop = min(start + batch_size, len(sequences))
+        results[batch_index] = chunks.run(start, stop, score, "one sequence")
     gathered = gather_batches(results)
     return [nll for nll, _ in gathered], [n for _, n in gathered]
 
@@ -419,6 +452,7 @@ def continuation_nll(
     fraction of the cost when the prompt is long and the continuations short (a self-judge's ~1,000-token
     pairwise prompt and its three verdict sentences): the prompts of a batch, left-padded, fill a KV cache
     once; each continuation then runs on that cache, which is cropped back to the prompts after it.
+    A batch that runs out of GPU memory is scored again in halves (`Halving`), and so are those after it.
 
     Args:
         model: a LLaVA model (PEFT-wrapped or not), in eval mode.
@@ -434,10 +468,10 @@ def continuation_nll(
     device = next(model.parameters()).device
     dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
     results: dict[int, list[list[float]]] = {}
-    for batch_index in my_batches(-(-len(prompts) // batch_size)):
-        start = batch_index * batch_size
+
+    def judge(start: int, stop: int) -> list[list[float]]:
         t0 = time.perf_counter()
-        batch = prompts[start : start + batch_size]
+        batch = prompts[start:stop]
         input_ids, attention_mask = _left_padded(batch, tokenizer.pad_token_id, device)  # (B, T) each
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # left padding does not count
         kv = DynamicCache(config=model.config)
@@ -446,7 +480,7 @@ def continuation_nll(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
                 position_ids=position_ids,
-                pixel_values=torch.stack(pixels[start : start + batch_size]).to(device, dtype),
+                pixel_values=torch.stack(pixels[start:stop]).to(device, dtype),
                 past_key_values=kv,
                 use_cache=True,
                 logits_to_keep=1,
@@ -472,11 +506,17 @@ def continuation_nll(
                 ).logits.float()  # (B, L-1, V): position j predicts token j+1
                 sums[:, k] += F.cross_entropy(logits.transpose(1, 2), cont[:, 1:], reduction="none").sum(1)
                 kv.crop(-(len(ids) - 1))  # back to the prompts for the next continuation
-        results[batch_index] = sums.tolist()
         totals = _TOTALS["judge"]
         totals["seconds"] += time.perf_counter() - t0
         totals["prompts"] += rows
         totals["tokens"] += int(attention_mask.sum()) + rows * sum(len(c) - 1 for c in continuations)
+        return sums.tolist()
+
+    chunks = Halving(batch_size, "judge", "prompts")  # a prompt's scores do not depend on its batch
+    for batch_index in my_batches(-(-len(prompts) // batch_size)):
+        start = batch_index * batch_size
+        stop = min(start + batch_size, len(prompts))
+        results[batch_index] = chunks.run(start, stop, judge, "one prompt")
     return gather_batches(results)
 
 
