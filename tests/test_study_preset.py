@@ -68,6 +68,8 @@ def test_pin_resolves_the_open_dataset_revision_and_the_result_is_the_study(tmp_
     assert sft.common.batch_size is BatchSize.AUTO and sft.common.gradient_accumulation == 1
     assert p.dpo.batch_size is BatchSize.AUTO and p.dpo.gradient_accumulation == 1
     assert (sft.common.effective_batch, p.dpo.effective_batch) == (12, 16)
+    # generation sizes itself to the card (an 80 GB H100 ran out of memory at a fixed 64 prompts × 2 samples)
+    assert p.preferences.batch_size is BatchSize.AUTO and p.evaluate.batch_size is BatchSize.AUTO
     # 5 epochs of the ~1,580 train conversations (LRV Chart: 1,776 rows, 200 test images)
     epochs = sft.common.max_steps * sft.common.effective_batch / 1580
     assert 4.9 < epochs < 5.1
