@@ -34,6 +34,16 @@ def micro_params() -> dict:
     return p
 
 
+# a params file whose aliases of aliases expand to 9**6 mappings (billion laughs)
+BILLION_LAUGHS = (
+    "".join(
+        f"{name}: &{name} [{', '.join([f'*{prev}' if prev else '{seed: 0}'] * 9)}]\n"
+        for prev, name in zip([None, "a", "b", "c", "d", "e"], "abcdef")
+    )
+    + "base: *f\n"
+)
+
+
 def write_params(path: Path, params: dict) -> Path:
     path.write_text(yaml.safe_dump(params, sort_keys=False))
     return path

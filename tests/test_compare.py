@@ -314,6 +314,23 @@ def test_invalid_json_and_missing_file(files, tmp_path, capsys):
     assert code == 1 and "missing.jsonl" in err
 
 
+def test_an_empty_file_is_refused_naming_it(files, tmp_path, capsys):
+    """Two empty files would compare n = 0 rows: a table of nothing, exit 0."""
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n\n", encoding="utf-8")
+    (tmp_path / "other.jsonl").write_text("", encoding="utf-8")
+    code, out, err = _run(
+        ["compare", "--baseline", "empty", str(empty), str(tmp_path / "other.jsonl")], capsys
+    )
+    assert code == 1 and out == ""
+    assert err == (
+        f"error: {empty}: no rows; write one JSON object per line (a model's responses, one per prompt), "
+        "or leave the file out\n"
+    )
+    with pytest.raises(CompareError, match="other: no rows"):
+        compare({"base": _rows(WEAK), "other": []}, "base")
+
+
 def test_load_responses_skips_blank_lines(tmp_path):
     path = tmp_path / "m.jsonl"
     path.write_text(json.dumps(_rows(REFS)[0]) + "\n\n" + json.dumps(_rows(REFS)[1]) + "\n", encoding="utf-8")

@@ -5,8 +5,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import BILLION_LAUGHS
 
 from posttrain.config import (
+    MAX_BATCH,
+    MAX_STEPS,
+    MAX_YAML_VALUES,
     BatchSize,
     CriticKind,
     DataSource,
@@ -317,3 +321,103 @@ def test_each_hint_fits_its_error(key, value, hint, wrong_hint):
         assert hint in problem
     if wrong_hint:
         assert wrong_hint not in problem
+
+
+@pytest.mark.parametrize(
+    "key", ["base.train.max_steps", "sft.common.max_steps", "sft.common.save_steps", "dpo.warmup_steps"]
+)
+def test_absurd_step_counts_are_refused(key):
+    """A step count of 1e23 would start a run that never ends: each is bounded by MAX_STEPS."""
+    with pytest.raises(ParamsError) as e:
+        parse_params(_nested(key, 10**23))
+    (problem,) = e.value.problems
+    assert problem == (
+        f"{key}: must be <= {MAX_STEPS} (MAX_STEPS of posttrain.config: far more steps than any run of this "
+        f"pipeline takes), got 100000000000000000000000; give a step count up to {MAX_STEPS}"
+    )
+    assert parse_params(_nested(key, MAX_STEPS))
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "base.train.batch_size",
+        "sft.common.batch_size",
+        "dpo.batch_size",
+        "preferences.batch_size",
+        "evaluate.batch_size",
+        "evaluate.critic.batch_size",
+    ],
+)
+def test_absurd_batch_sizes_are_refused(key):
+    with pytest.raises(ParamsError) as e:
+        parse_params(_nested(key, 10**11))
+    (problem,) = e.value.problems
+    assert problem == (
+        f"{key}: must be <= {MAX_BATCH} (MAX_BATCH of posttrain.config: more rows than any batch of this "
+        f"pipeline holds), got 100000000000; give a batch size up to {MAX_BATCH}"
+        + (" or auto" if key not in ("base.train.batch_size", "evaluate.critic.batch_size") else "")
+    )
+    assert parse_params(_nested(key, MAX_BATCH))
+
+
+def test_an_absurd_effective_batch_is_refused():
+    with pytest.raises(ParamsError) as e:
+        parse_params({"sft": {"common": {"batch_size": "auto", "effective_batch": 10**11}}})
+    assert e.value.problems == [
+        f"sft.common.effective_batch: must be <= {MAX_BATCH} (MAX_BATCH of posttrain.config: more rows than "
+        f"any batch of this pipeline holds), got 100000000000; give a batch size up to {MAX_BATCH}"
+    ]
+
+
+def test_the_report_baseline_must_be_an_evaluated_model():
+    with pytest.raises(ParamsError) as e:
+        parse_params({"report": {"baseline": "nosuchmodel"}})
+    assert e.value.problems == [
+        "report.baseline: 'nosuchmodel' is not a model the pipeline evaluates (base, sft1, sft2, sft3, sft4, "
+        "sfte, sfte_dpo); pick one of them"
+    ]
+    variants = {"sft": {"variants": {"lo": {"alpha": 8.0}}}}
+    assert parse_params({**variants, "report": {"baseline": "lo"}}).report.baseline == "lo"
+    with pytest.raises(ParamsError, match=r"report.baseline: 'sft1' .* \(base, lo, sfte, sfte_dpo\)"):
+        parse_params({**variants, "report": {"baseline": "sft1"}})
+
+
+def test_a_yaml_alias_bomb_is_refused_at_load_in_a_short_message(tmp_path):
+    """Nine aliases of nine aliases ... expand to 9**6 mappings: refused before anything walks the tree."""
+    path = tmp_path / "params.yaml"
+    path.write_text(BILLION_LAUGHS)
+    with pytest.raises(ParamsError) as e:
+        load_params(path)
+    assert e.value.problems == [
+        f"aliases (*name) expand the file to more than {MAX_YAML_VALUES} values (MAX_YAML_VALUES of "
+        "posttrain.config; params.yaml has a few hundred); write the values out instead of repeating aliases"
+    ]
+
+
+def test_a_recursive_yaml_alias_is_refused(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("base: {seed: 1}\nloop: &loop [1, *loop]\n")
+    with pytest.raises(ParamsError) as e:
+        load_params(path)
+    assert e.value.problems == [
+        "line 2: the alias *loop refers to the collection that holds it (an endless value); write the "
+        "values out"
+    ]
+
+
+def test_a_few_aliases_and_merge_keys_still_load(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text(
+        "sft:\n  variants:\n    sft1: &v {alpha: 16.0, dropout: 0.05}\n    sft2: {<<: *v, alpha: 8.0}\n"
+    )
+    variants = load_params(path).sft.variants
+    assert variants["sft1"] == SftVariant(16.0, 0.05) and variants["sft2"] == SftVariant(8.0, 0.05)
+
+
+def test_a_long_value_is_quoted_short():
+    with pytest.raises(ParamsError) as e:
+        parse_params({"base": {"seed": "x" * 100_000}, "report": {"baseline": "y" * 100_000}})
+    assert all(len(p) < 300 for p in e.value.problems), [len(p) for p in e.value.problems]
+    assert e.value.problems[0].startswith("base.seed: expected an integer, got 'xxxx")
+    assert "… (100002 characters)" in e.value.problems[0]

@@ -213,7 +213,9 @@ def test_split_by_image_never_separates_turns():
     assert {e.image_id for e in train}.isdisjoint({e.image_id for e in test})
     assert split_by_image(examples, 5, seed=0) == (train, test)
     assert split_by_image(examples, 5, seed=1) != (train, test)
-    with pytest.raises(ValueError, match="only 20 exist"):
+    with pytest.raises(
+        ValueError, match="n_test_images: 20, but the data has 20 distinct images .* at most 19"
+    ):
         split_by_image(examples, 20, seed=0)
 
 

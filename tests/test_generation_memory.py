@@ -1,6 +1,7 @@
 """Generation memory estimated before loading (posttrain.memory.estimate_generation) and the batch that
 ``batch_size: auto`` takes from it for the preferences and evaluate stages."""
 
+import dataclasses
 from types import SimpleNamespace
 
 import pytest
@@ -187,3 +188,46 @@ def test_the_stages_size_their_batches_from_the_base_without_its_weights(
     assert evaluation_batch(EvaluateParams(batch_size=48), models, "base", False, prepared) == 48
     assert {p.name for p in asked} == {"answers", "scoring"}
     assert "evaluate.batch_size 48: ~" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("section", ["evaluate", "preferences"])
+def test_max_new_tokens_past_the_context_is_refused_before_any_weight_loads(
+    section, models, prepared, monkeypatch
+):
+    """The tiny base reads 512 positions: a prompt and 1,000,000 new tokens cannot fit. The message names
+    the key and the largest value that fits (512 minus the longest prompt)."""
+    from transformers import LlavaForConditionalGeneration
+
+    from posttrain.config import EvaluateParams
+    from posttrain.errors import InputError
+    from posttrain.evaluation import evaluation_batch, evaluation_phases
+    from posttrain.models import base_config_and_processor, image_token_count
+    from posttrain.preferences import preference_batch, preference_phases
+
+    def no_weights(*a, **k):
+        raise AssertionError("the context must be checked before any weight loads")
+
+    monkeypatch.setattr(LlavaForConditionalGeneration, "from_pretrained", no_weights)
+    config, processor = base_config_and_processor(models / "base")
+    n_image = image_token_count(processor)
+    examples = load_split(prepared, "study_train")
+    if section == "evaluate":
+        params = EvaluateParams(max_new_tokens=1_000_000)
+        (answers, _) = evaluation_phases(processor.tokenizer, prepared, n_image, params)
+        longest = answers.prompt_tokens
+        run = lambda p: evaluation_batch(p, models, "base", False, prepared)  # noqa: E731
+    else:
+        params = PreferencesParams(max_new_tokens=1_000_000)
+        longest = preference_phases(processor.tokenizer, examples, n_image, params)[0].prompt_tokens
+        run = lambda p: preference_batch(p, models, "base", False, examples)  # noqa: E731
+    positions = config.text_config.max_position_embeddings
+    assert positions == 512 and 0 < longest < positions
+    with pytest.raises(InputError) as e:
+        run(params)
+    assert str(e.value) == (
+        f"{section}.max_new_tokens: 1000000, but the base model reads at most 512 positions "
+        f"(max_position_embeddings) and the longest prompt takes {longest}; set {section}.max_new_tokens "
+        f"to at most {512 - longest}"
+    )
+    fits = dataclasses.replace(params, max_new_tokens=512 - longest)
+    assert run(fits) == params.batch_size  # on the CPU an integer batch runs as given

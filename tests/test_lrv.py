@@ -377,3 +377,35 @@ def test_short_answer_rule() -> None:
     assert lrv.short_answer_of(" 12.5% ") == ("12.5", AnswerType.NUMBER)
     assert lrv.short_answer_of("one two three.") == ("one two three", AnswerType.TEXT)
     assert lrv.short_answer_of("one two three four") == (None, AnswerType.TEXT)
+
+
+def test_more_test_images_than_the_parquet_has_names_the_key_and_the_largest_that_works(
+    tmp_path: Path,
+) -> None:
+    """prepare.lrv.test_images: 200 (the study's split) on a parquet of 40 charts: fails before writing."""
+    from posttrain.config import parse_params
+    from posttrain.errors import DataError
+    from posttrain.preparation import prepare_data
+
+    rows = [
+        row(
+            f"c{i}",
+            png_bytes((i, 0, 0)),
+            conv(("human", "<image>\nWhat is the value of A?"), ("gpt", f"{i}.")),
+        )
+        for i in range(40)
+    ]
+    src = write_parquet(tmp_path / "lrv.parquet", rows)
+    params = parse_params(
+        {
+            "base": {"model": "hub", "hub_id": str(tmp_path)},
+            "prepare": {"source": "lrv_chart", "lrv": {"local_parquet": str(src), "test_images": 200}},
+        }
+    ).prepare
+    with pytest.raises(DataError) as e:
+        prepare_data(params, tmp_path / "prepared")
+    assert str(e.value) == (
+        "prepare.lrv.test_images: 200, but the data has 40 distinct images and at least one must be left to "
+        "train on; set prepare.lrv.test_images to at most 39"
+    )
+    assert not (tmp_path / "prepared").exists()

@@ -259,3 +259,20 @@ def test_replay_fraction_is_validated():
     with pytest.raises(ParamsError, match=r"sft.common.replay_fraction: -0.1 is not in"):
         parse_params({"sft": {"common": {"replay_fraction": -0.1}}})
     assert parse_params({"sft": {"common": {"replay_fraction": 0.3}}}).sft.common.replay_fraction == 0.3
+
+
+def test_target_modules_the_model_lacks_are_refused_before_training(base_dir, prepared, tmp_path):
+    """A layer name the language model lacks would adapt nothing: refused from the base's config (built on
+    the meta device) before any data or weight loads, naming the layers that exist."""
+    from posttrain.config import SftCommon, SftVariant
+    from posttrain.training import train_sft_variant
+
+    common = SftCommon(target_modules=("q_proj", "nonexistent_proj"), max_steps=2, batch_size=4)
+    out, checkpoints, live = tmp_path / "sft1", tmp_path / "checkpoints", tmp_path / "live"
+    with pytest.raises(InputError) as e:
+        train_sft_variant("sft1", common, SftVariant(), 0, base_dir, prepared, out, checkpoints, live)
+    assert str(e.value) == (
+        "sft.common.target_modules: 'nonexistent_proj' names no linear layer of the base's language model; "
+        "name some of down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj"
+    )
+    assert not any(p.exists() for p in (out, checkpoints, live))

@@ -2,9 +2,10 @@
 
 import json
 import shutil
+import time
 
 import pytest
-from conftest import ROOT, run_stage
+from conftest import BILLION_LAUGHS, ROOT, run_stage
 
 from posttrain.evaluation import CORE_METRICS, HEADLINE
 
@@ -171,3 +172,14 @@ def test_a_bad_data_file_is_reported_alone(micro_params_file, tmp_path):
     _, err = run_failing("prepare.py", cwd=tmp_path)
     assert "lrv.parquet: missing columns" in err
     assert not (tmp_path / "data" / "prepared").exists()
+
+
+@pytest.mark.parametrize("script", ["prepare.py", "sft.py"])
+def test_a_yaml_alias_bomb_is_reported_alone_at_once(script, tmp_path):
+    """Aliases of aliases (billion laughs): a short message in a moment, not minutes of expanded values."""
+    (tmp_path / "params.yaml").write_text(BILLION_LAUGHS)
+    t0 = time.perf_counter()
+    out, err = run_failing(script, *STAGE_ARGS[script], cwd=tmp_path)
+    assert time.perf_counter() - t0 < 30
+    assert "aliases (*name) expand the file to more than" in err and len(err) < 1000
+    assert "torch imported: False" in out

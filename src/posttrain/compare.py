@@ -97,6 +97,14 @@ def _row_problem(row: object) -> str | None:
     return None
 
 
+def _no_rows(label: str) -> CompareError:
+    """A model with no rows: a comparison of it would be a table of n = 0."""
+    return CompareError(
+        f"{label}: no rows; write one JSON object per line (a model's responses, one per prompt), or leave "
+        "the file out"
+    )
+
+
 def _check_unique_ids(label: str, rows: list[dict], where: Callable[[int], str]) -> None:
     """Raise naming the first duplicate id and the two rows that carry it."""
     seen: dict[object, int] = {}
@@ -118,9 +126,9 @@ def load_responses(path: str | Path) -> list[dict]:
         The rows, in file order.
 
     Raises:
-        CompareError: A line is not JSON, a row misses a required field or has a critic score outside
-            0-100 or not finite (the message names the file, the line number and the field), or an id
-            repeats.
+        CompareError: The file has no rows, a line is not JSON, a row misses a required field or has a
+            critic score outside 0-100 or not finite (the message names the file, the line number and the
+            field), or an id repeats.
     """
     path = Path(path)
     rows: list[dict] = []
@@ -141,6 +149,8 @@ def load_responses(path: str | Path) -> list[dict]:
             raise CompareError(f"{path}:{lineno}: {problem}.")
         rows.append(row)
         line_of.append(lineno)
+    if not rows:
+        raise _no_rows(str(path))
     _check_unique_ids(str(path), rows, lambda i: f"line {line_of[i]}")
     return rows
 
@@ -159,9 +169,12 @@ def check_rows(models: dict[str, list[dict]]) -> None:
         models: Rows per label (a model name, or a file path for clearer messages).
 
     Raises:
-        CompareError: Naming the label, and the duplicate id or a few missing/extra ids.
+        CompareError: Naming the label, and that it has no rows, or the duplicate id or a few missing/extra
+            ids.
     """
     for label, rows in models.items():
+        if not rows:
+            raise _no_rows(label)
         for i, row in enumerate(rows):
             problem = _row_problem(row)
             if problem:

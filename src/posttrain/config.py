@@ -353,6 +353,22 @@ _BAD = object()  # _convert's result for a value that does not fit its type (the
 _SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 SEED_LIMIT = 2**32  # numpy's seeds (through transformers' set_seed) are below 2**32
 MIN_VOCAB = 256 + 5  # the byte-level BPE's 256 byte symbols and posttrain.models.SPECIAL_TOKENS
+# Bounds on counts that no run here comes near (the study: 1,800 base steps, micro-batches of 32 and 128):
+# a value beyond them is a typo (1e23 steps, a batch of 1e11 rows), refused before it starts a run
+MAX_STEPS = 1_000_000  # every max_steps, warmup_steps and save_steps
+MAX_BATCH = 65_536  # every batch_size, effective_batch and gradient_accumulation, in rows (or prompts)
+MAX_YAML_VALUES = 10_000  # values of a params file with its aliases expanded (params.yaml has a few hundred)
+MAX_SHOWN = 80  # characters of a value quoted in a problem
+
+
+def _cut(text: str) -> str:
+    """`text` cut to MAX_SHOWN characters, for a problem that quotes it (a pasted text, a long list)."""
+    return text if len(text) <= MAX_SHOWN else f"{text[:MAX_SHOWN]}… ({len(text)} characters)"
+
+
+def _shown(value: Any) -> str:
+    """`value`'s repr as a problem quotes it (`_cut`)."""
+    return _cut(repr(value))
 
 
 def _number_hint(value: Any, integer: bool) -> str:
@@ -363,12 +379,15 @@ def _number_hint(value: Any, integer: bool) -> str:
         return ""
     text = value.strip()
     if _SCIENTIFIC.fullmatch(text):  # YAML 1.1 reads 2e-3 (no dot) as a string, 2.0e-3 as a number
-        plain = format(decimal.Decimal(text), "f")
+        number = decimal.Decimal(text)
+        plain = format(number, "f")
         if integer:
-            return f" (write {plain})" if decimal.Decimal(text) == int(decimal.Decimal(text)) else ""
+            whole = number == number.to_integral_value()
+            return f" (write {plain})" if whole and len(plain) <= MAX_SHOWN else ""
         mantissa, exponent = re.split("[eE]", text)
         dotted = mantissa if "." in mantissa else f"{mantissa}.0"
-        return f" (YAML 1.1 reads {text} as a string: write {plain} or {dotted}e{exponent})"
+        plain = f"{plain} or " if len(plain) <= MAX_SHOWN else ""
+        return f" (YAML 1.1 reads {_cut(text)} as a string: write {plain}{dotted}e{exponent})"
     try:
         float(text)
     except ValueError:
@@ -397,46 +416,48 @@ def _convert(value: Any, tp: Any, key: str, problems: list[str], words: tuple[st
     if origin is dict:
         value_type = typing.get_args(tp)[1]
         if not isinstance(value, dict):
-            problems.append(f"{key}: expected a mapping, got {value!r}")
+            problems.append(f"{key}: expected a mapping, got {_shown(value)}")
             return _BAD
-        out = {str(k): _convert(v, value_type, f"{key}.{k}", problems) for k, v in value.items()}
+        out = {str(k): _convert(v, value_type, f"{key}.{_cut(str(k))}", problems) for k, v in value.items()}
         return {k: _unknown(value_type) if v is _BAD else v for k, v in out.items()}
     if origin is tuple:
         item_type = typing.get_args(tp)[0]
         if not isinstance(value, list):
-            hint = f" (write [{value}])" if isinstance(value, str) else ""
-            problems.append(f"{key}: expected a list, got {value!r}{hint}")
+            hint = f" (write [{_cut(value)}])" if isinstance(value, str) else ""
+            problems.append(f"{key}: expected a list, got {_shown(value)}{hint}")
             return _BAD
         items = (_convert(v, item_type, f"{key}[{i}]", problems) for i, v in enumerate(value))
         return tuple(None if v is _BAD else v for v in items)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
-            problems.append(f"{key}: expected a mapping, got {value!r}")
+            problems.append(f"{key}: expected a mapping, got {_shown(value)}")
             return _BAD
         return _build(tp, value, key, problems)
     if isinstance(tp, type) and issubclass(tp, Enum):
         choices = [m.value for m in tp]
         if value not in choices:
-            problems.append(f"{key}: {value!r} is not one of {choices}")
+            problems.append(f"{key}: {_shown(value)} is not one of {choices}")
             return _BAD
         return tp(value)
     if tp is bool:
         if not isinstance(value, bool):
             hint = " (remove the quotes)" if str(value).lower() in ("true", "false") else ""
-            problems.append(f"{key}: expected true/false, got {value!r}{hint}")
+            problems.append(f"{key}: expected true/false, got {_shown(value)}{hint}")
             return _BAD
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             what = "".join(f" or {w!r}" for w in words)
             problems.append(
-                f"{key}: expected an integer{what}, got {value!r}{_number_hint(value, integer=True)}"
+                f"{key}: expected an integer{what}, got {_shown(value)}{_number_hint(value, integer=True)}"
             )
             return _BAD
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            problems.append(f"{key}: expected a number, got {value!r}{_number_hint(value, integer=False)}")
+            problems.append(
+                f"{key}: expected a number, got {_shown(value)}{_number_hint(value, integer=False)}"
+            )
             return _BAD
         if not math.isfinite(value):  # YAML reads .inf and .nan as floats; they train into NaN weights
             problems.append(f"{key}: must be a finite number, got {value!r}; write a finite value")
@@ -450,7 +471,7 @@ def _convert(value: Any, tp: Any, key: str, problems: list[str], words: tuple[st
                 hint = " (quote it)"
             else:
                 hint = ""
-            problems.append(f"{key}: expected a string, got {value!r}{hint}")
+            problems.append(f"{key}: expected a string, got {_shown(value)}{hint}")
             return _BAD
         return value
     raise TypeError(f"unsupported params type {tp} at {key}")
@@ -469,7 +490,9 @@ def _build(cls: type, data: dict, prefix: str, problems: list[str]) -> Any:
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     for unknown in sorted(set(data) - set(names)):
-        problems.append(f"{prefix}.{unknown}: unknown key (known: {', '.join(names)}); remove or rename it")
+        problems.append(
+            f"{prefix}.{_cut(str(unknown))}: unknown key (known: {', '.join(names)}); remove or rename it"
+        )
     kwargs = {}
     for name in names:
         if name in data:
@@ -505,6 +528,22 @@ def _check(p: Params, problems: list[str]) -> None:
         if value is not None and value >= SEED_LIMIT:
             problems.append(f"{key}: must be < {SEED_LIMIT} (numpy's seed range), got {value}")
 
+    def steps(key: str, value: int | None) -> None:
+        if isinstance(value, int) and value > MAX_STEPS:
+            problems.append(
+                f"{key}: must be <= {MAX_STEPS} (MAX_STEPS of posttrain.config: far more steps than any run "
+                f"of this pipeline takes), got {value}; give a step count up to {MAX_STEPS}"
+            )
+
+    def rows(key: str, value: int | BatchSize | None, what: str = "a batch size", auto: bool = False) -> None:
+        """A batch size (or a count of micro-batches) no larger than MAX_BATCH; `auto`: it may be auto."""
+        if isinstance(value, int) and value > MAX_BATCH:
+            problems.append(
+                f"{key}: must be <= {MAX_BATCH} (MAX_BATCH of posttrain.config: more rows than any batch "
+                f"of this pipeline holds), got {value}; give {what} up to {MAX_BATCH}"
+                + (" or auto" if auto else "")
+            )
+
     def divides(key: str, value: int | None, divisor_key: str, divisor: int | None) -> None:
         if value is not None and divisor is not None and value > 0 and divisor > 0 and value % divisor:
             problems.append(
@@ -515,6 +554,9 @@ def _check(p: Params, problems: list[str]) -> None:
         """An integer batch_size with gradient_accumulation, or auto with effective_batch."""
         positive(f"{section}.gradient_accumulation", s.gradient_accumulation)
         positive(f"{section}.effective_batch", s.effective_batch)
+        rows(f"{section}.batch_size", s.batch_size, auto=True)
+        rows(f"{section}.gradient_accumulation", s.gradient_accumulation, "a gradient_accumulation")
+        rows(f"{section}.effective_batch", s.effective_batch)
         if s.batch_size is BatchSize.AUTO:
             if s.effective_batch is None:
                 problems.append(
@@ -546,6 +588,9 @@ def _check(p: Params, problems: list[str]) -> None:
         positive(f"base.train.{name}", getattr(tr, name))
     for name in ("warmup_steps", "weight_decay", "save_steps"):
         positive(f"base.train.{name}", getattr(tr, name), zero_ok=True)
+    for name in ("max_steps", "warmup_steps", "save_steps"):
+        steps(f"base.train.{name}", getattr(tr, name))
+    rows("base.train.batch_size", tr.batch_size)
     t = b.tiny
     for name in (
         "image_size",
@@ -621,6 +666,8 @@ def _check(p: Params, problems: list[str]) -> None:
     batch("sft.common", sc)
     for name in ("warmup_steps", "weight_decay", "save_steps"):
         positive(f"sft.common.{name}", getattr(sc, name), zero_ok=True)
+    for name in ("max_steps", "warmup_steps", "save_steps"):
+        steps(f"sft.common.{name}", getattr(sc, name))
     within("sft.common.replay_fraction", sc.replay_fraction, 0, 0.9)
     if sc.target_modules is not None and not sc.target_modules:
         problems.append(
@@ -656,6 +703,7 @@ def _check(p: Params, problems: list[str]) -> None:
     for name in ("temperature", "max_new_tokens", "batch_size", "min_pairs"):
         positive(f"preferences.{name}", getattr(pf, name))
     positive("preferences.max_prompts", pf.max_prompts, zero_ok=True)
+    rows("preferences.batch_size", pf.batch_size, auto=True)
     within("preferences.top_p", pf.top_p, 0, 1, "(]")
     seed("preferences.seed", pf.seed)
     if pf.judge is not None and pf.judge.needs_critic_model and ev.critic.model == "":
@@ -674,6 +722,8 @@ def _check(p: Params, problems: list[str]) -> None:
     batch("dpo", dp)
     positive("dpo.warmup_steps", dp.warmup_steps, zero_ok=True)
     positive("dpo.save_steps", dp.save_steps, zero_ok=True)
+    steps("dpo.warmup_steps", dp.warmup_steps)
+    steps("dpo.save_steps", dp.save_steps)
     within("dpo.heldout_fraction", dp.heldout_fraction, 0, 0.5, "[)")
     positive("dpo.sft_weight", dp.sft_weight, zero_ok=True)
     if dp.label_smoothing is not None and not 0 <= dp.label_smoothing < 0.5:
@@ -687,14 +737,23 @@ def _check(p: Params, problems: list[str]) -> None:
     for name in ("batch_size", "max_new_tokens", "resamples"):
         positive(f"evaluate.{name}", getattr(ev, name))
     seed("evaluate.seed", ev.seed)
+    rows("evaluate.batch_size", ev.batch_size, auto=True)
     for name in ("batch_size", "max_new_tokens"):
         positive(f"evaluate.critic.{name}", getattr(ev.critic, name))
+    rows("evaluate.critic.batch_size", ev.critic.batch_size)
     if ev.critic.kind is not None and ev.critic.kind.needs_model and ev.critic.model == "":
         problems.append(
             "evaluate.critic.model: empty; give a transformers-format LLaVA-Critic folder or hub id "
             "(or use evaluate.critic.kind: reference)"
         )
     positive("launch.processes", p.launch.processes)
+    # the report compares the models the pipeline evaluates (dvc.yaml's evaluate stage)
+    evaluated = ["base", *p.sft.variants, "sfte", "sfte_dpo"] if p.sft.variants is not None else None
+    if evaluated and p.report.baseline is not None and p.report.baseline not in evaluated:
+        problems.append(
+            f"report.baseline: {_shown(p.report.baseline)} is not a model the pipeline evaluates "
+            f"({', '.join(evaluated)}); pick one of them"
+        )
     positive("report.examples", p.report.examples, zero_ok=True)
     positive("report.resamples", p.report.resamples)
     seed("report.seed", p.report.seed)
@@ -711,6 +770,46 @@ def parse_params(data: dict, source: str = "params") -> Params:
     if problems:
         raise ParamsError(problems, source)
     return params
+
+
+def _alias_problems(text: str) -> list[str]:
+    """An alias that holds itself, or aliases that expand the file past MAX_YAML_VALUES values.
+
+    YAML shares an anchored value between its aliases, so nine aliases of nine aliases ... (billion laughs)
+    stay small as parsed, but every walk over the values (validation, a message quoting one) expands them:
+    minutes and gigabytes. Counted on the parser's events, before any tree is walked.
+    """
+    sizes: dict[str, int] = {}  # anchor: its values, expanded
+    open_anchors: list[tuple[str | None, int]] = []  # (anchor, total at its start) of each open collection
+    total = 0
+    aliased = False
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(event, yaml.AliasEvent):
+            if any(anchor == event.anchor for anchor, _ in open_anchors):
+                return [
+                    f"line {event.start_mark.line + 1}: the alias *{_cut(event.anchor)} refers to the "
+                    "collection that holds it (an endless value); write the values out"
+                ]
+            total += sizes.get(event.anchor, 0)  # an undefined alias is the composer's error
+            aliased = True
+        elif isinstance(event, yaml.ScalarEvent):
+            total += 1
+            if event.anchor is not None:
+                sizes[event.anchor] = 1
+        elif isinstance(event, yaml.CollectionStartEvent):
+            total += 1
+            open_anchors.append((event.anchor, total - 1))
+        elif isinstance(event, yaml.CollectionEndEvent):
+            anchor, start = open_anchors.pop()
+            if anchor is not None:
+                sizes[anchor] = total - start
+        if aliased and total > MAX_YAML_VALUES:
+            return [
+                f"aliases (*name) expand the file to more than {MAX_YAML_VALUES} values (MAX_YAML_VALUES of "
+                "posttrain.config; params.yaml has a few hundred); write the values out instead of repeating "
+                "aliases"
+            ]
+    return []
 
 
 def _duplicate_keys(node: yaml.Node, path: str = "") -> list[str]:
@@ -738,13 +837,19 @@ def _duplicate_keys(node: yaml.Node, path: str = "") -> list[str]:
 
 
 def read_params_text(text: str, source: str) -> Params:
-    """Validate the text of a params file: YAML syntax, duplicate keys, emptiness, then `parse_params`.
+    """Validate a params file's text: YAML syntax, aliases, duplicate keys, emptiness, then `parse_params`.
 
-    YAML is parsed as data (safe loader), never evaluated. Every problem is raised at once as a `ParamsError`.
+    YAML is parsed as data (safe loader), never evaluated. Every problem is raised at once as a `ParamsError`;
+    aliases that expand past MAX_YAML_VALUES values are refused alone, before anything walks the values.
     """
     loader = yaml.SafeLoader(text)
     try:
+        aliases = _alias_problems(text)
+        if aliases:
+            raise ParamsError(aliases, source)
         node = loader.get_single_node()
+        # on the tree as written: building the data merges `<<: *alias` keys into their mapping
+        duplicates = _duplicate_keys(node) if node is not None else []
         data = loader.construct_document(node) if node is not None else None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
@@ -757,7 +862,6 @@ def read_params_text(text: str, source: str) -> Params:
         raise ParamsError(
             ["the file is empty; write the sections to change (params.yaml lists every key)"], source
         )
-    duplicates = _duplicate_keys(node)
     try:
         params = parse_params(data, source)
     except ParamsError as e:

@@ -206,16 +206,25 @@ def load_split(data_dir: str | Path, split: str) -> list[Example]:
 
 
 def split_by_image(
-    examples: list[Example], n_test_images: int, seed: int
+    examples: list[Example], n_test_images: int, seed: int, key: str = "n_test_images"
 ) -> tuple[list[Example], list[Example]]:
     """Split into (train, test) so that all conversations of an image land on the same side.
 
     Images (by `image_hash` identity, so duplicates count once) are shuffled with `seed`; the first
-    `n_test_images` go to test. Row order is kept.
+    `n_test_images` go to test. Row order is kept. `key` is the params key of `n_test_images`, named by the
+    error when the data has too few images for it.
     """
     image_ids = sorted({e.image_id for e in examples})
     if n_test_images >= len(image_ids):
-        raise DataError(f"asked for {n_test_images} test images but only {len(image_ids)} exist")
+        fix = (
+            f"set {key} to at most {len(image_ids) - 1}"
+            if len(image_ids) > 1
+            else "a split needs at least 2 (one to test, one to train): use a larger data source"
+        )
+        raise DataError(
+            f"{key}: {n_test_images}, but the data has {len(image_ids)} distinct images and at least one "
+            f"must be left to train on; {fix}"
+        )
     random.Random(seed).shuffle(image_ids)
     test_ids = set(image_ids[:n_test_images])
     train = [e for e in examples if e.image_id not in test_ids]

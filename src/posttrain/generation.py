@@ -520,14 +520,41 @@ def continuation_nll(
     return gather_batches(results)
 
 
+class ContextTooShortError(InputError, ValueError):
+    """Raised before loading when a prompt and its max_new_tokens exceed the model's positions."""
+
+
+def check_context(section: str, phases: list, config) -> None:
+    """Refuse a decoding phase whose longest prompt and new tokens exceed the language model's positions
+    (its text config's ``max_position_embeddings``), naming ``<section>.max_new_tokens`` and the most that
+    fit.
+
+    Raises:
+        ContextTooShortError: the prompt and `new_tokens` of some phase do not fit.
+    """
+    positions = getattr(config.get_text_config(), "max_position_embeddings", None)
+    for phase in phases:
+        if positions is None or not phase.new_tokens or phase.prompt_tokens + phase.new_tokens <= positions:
+            continue
+        fix = (
+            f"set {section}.max_new_tokens to at most {positions - phase.prompt_tokens}"
+            if phase.prompt_tokens < positions
+            else "the prompts alone fill them: use shorter conversations or a model with more positions"
+        )
+        raise ContextTooShortError(
+            f"{section}.max_new_tokens: {phase.new_tokens}, but the base model reads at most {positions} "
+            f"positions (max_position_embeddings) and the longest prompt takes {phase.prompt_tokens}; {fix}"
+        )
+
+
 def generation_batch(
     section: str, batch_size, phases: list, *, config, adapter_bytes: float, prompts: int
 ) -> int:
     """A generating stage's batch_size resolved before its model loads, and said in one line.
 
-    ``auto`` takes the largest batch whose every phase fits the GPU
-    (`posttrain.memory.choose_generation_batch`); an integer runs as given, with a warning where the estimate
-    says it cannot fit. On the CPU an integer is returned unchanged and unsaid.
+    First the phases must fit the model's context (`check_context`). ``auto`` takes the largest batch whose
+    every phase fits the GPU (`posttrain.memory.choose_generation_batch`); an integer runs as given, with a
+    warning where the estimate says it cannot fit. On the CPU an integer is returned unchanged and unsaid.
 
     Args:
         section: the params section (``preferences`` or ``evaluate``), for the line.
@@ -540,6 +567,7 @@ def generation_batch(
     from posttrain.distributed import rank_and_size
     from posttrain.memory import choose_generation_batch, inference_weight_bytes
 
+    check_context(section, phases, config)
     cuda = torch.cuda.is_available()
     if not cuda and isinstance(batch_size, int):
         return batch_size

@@ -37,7 +37,8 @@ def _synthetic(params: PrepareParams, image_dir: Path) -> tuple[dict[str, list[E
             s.captions,
             s.presence,
         )
-        train, test = split_by_image(examples, getattr(s, f"{pool}_test_images"), params.seed)
+        key = f"{pool}_test_images"
+        train, test = split_by_image(examples, getattr(s, key), params.seed, f"prepare.synthetic.{key}")
         splits[f"{pool}_train"], splits[f"{pool}_test"] = train, test
     # The pools are drawn independently, so a small chart can come up in both: a chart in either test split
     # is never trained on, by the base or by SFT.
@@ -54,7 +55,7 @@ def _lrv(params: PrepareParams, image_dir: Path) -> tuple[dict[str, list[Example
     rows = load_lrv_rows(lrv.local_parquet, lrv.hub_id, lrv.config, lrv.revision, lrv.split)
     examples, report = flatten_rows(rows, image_dir)
     check_bad_fraction(report, params.max_bad_fraction)
-    train, test = split_by_image(examples, lrv.test_images, params.seed)
+    train, test = split_by_image(examples, lrv.test_images, params.seed, "prepare.lrv.test_images")
     # The base (llava-1.5) was post-trained elsewhere: there is no pretrain pool, so no retention split.
     return {"pretrain_train": [], "pretrain_test": [], "study_train": train, "study_test": test}, report
 

@@ -328,6 +328,37 @@ def language_model_regex(target_modules: tuple[str, ...]) -> str:
     return rf"(.*\.)?language_model\..*\.({names})"
 
 
+class TargetModulesError(InputError, ValueError):
+    """A name in target_modules that no linear layer of the base's language model has."""
+
+
+def check_target_modules(
+    base_dir: Path, target_modules: tuple[str, ...], section: str = "sft.common"
+) -> None:
+    """Every name of `target_modules` names linear layers of the base's language model (as
+    `language_model_regex` matches them): checked on the meta device from the base's config, no weight read.
+
+    Raises:
+        TargetModulesError: naming the names that match nothing and the layer names there are.
+    """
+    from posttrain.architectures import model_class
+    from posttrain.models import base_config_and_processor
+
+    config, _ = base_config_and_processor(base_dir)
+    with torch.device("meta"):
+        model = model_class(config)(config)
+    linear = [name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    leaf = {name: name.rsplit(".", 1)[-1] for name in linear}  # q_proj of ...layers.0.self_attn.q_proj
+    present = sorted({leaf[n] for n in linear if re.fullmatch(language_model_regex((leaf[n],)), n)})
+    missing = [m for m in target_modules if m not in present]
+    if missing:
+        verb = "names" if len(missing) == 1 else "name"
+        raise TargetModulesError(
+            f"{section}.target_modules: {', '.join(map(repr, missing))} {verb} no linear layer of the base's "
+            f"language model; name some of {', '.join(present)}"
+        )
+
+
 def gpu_capacity() -> float | None:
     """The current CUDA device's memory in bytes; None on the CPU, where there is no card to size against."""
     if not torch.cuda.is_available():
@@ -680,6 +711,7 @@ def train_sft_variant(
     qconfig = quantization_config(common.quantization)  # fails before loading anything if impossible
     if common.liger:
         require_liger()
+    check_target_modules(base_dir, common.target_modules)
     train = load_split(data_dir, "study_train")
     replay = replay_examples(data_dir, train, common.replay_fraction, seed)
     n_replayed = len(group_conversations(replay))
