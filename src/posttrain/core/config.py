@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from posttrain.errors import InputError
+from posttrain.core.errors import InputError
 
 
 class ParamsError(InputError, ValueError):
@@ -155,7 +155,7 @@ class BatchSize(str, Enum):
     """A batch_size that is not a number of rows."""
 
     # training: the largest divisor of effective_batch whose step fits the GPU; generation (preferences,
-    # evaluate): the largest batch of prompts that fits (`posttrain.memory`)
+    # evaluate): the largest batch of prompts that fits (`posttrain.models.memory`)
     AUTO = "auto"
 
 
@@ -352,7 +352,7 @@ class Params:
 _BAD = object()  # _convert's result for a value that does not fit its type (the problem is already recorded)
 _SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 SEED_LIMIT = 2**32  # numpy's seeds (through transformers' set_seed) are below 2**32
-MIN_VOCAB = 256 + 5  # the byte-level BPE's 256 byte symbols and posttrain.models.SPECIAL_TOKENS
+MIN_VOCAB = 256 + 5  # the byte-level BPE's 256 byte symbols and posttrain.models.loading.SPECIAL_TOKENS
 # Bounds on counts that no run here comes near (the study: 1,800 base steps, micro-batches of 32 and 128):
 # a value beyond them is a typo (1e23 steps, a batch of 1e11 rows), refused before it starts a run
 MAX_STEPS = 1_000_000  # every max_steps, warmup_steps and save_steps
@@ -531,16 +531,16 @@ def _check(p: Params, problems: list[str]) -> None:
     def steps(key: str, value: int | None) -> None:
         if isinstance(value, int) and value > MAX_STEPS:
             problems.append(
-                f"{key}: must be <= {MAX_STEPS} (MAX_STEPS of posttrain.config: far more steps than any run "
-                f"of this pipeline takes), got {value}; give a step count up to {MAX_STEPS}"
+                f"{key}: must be <= {MAX_STEPS} (MAX_STEPS of posttrain.core.config: far more steps than any "
+                f"run of this pipeline takes), got {value}; give a step count up to {MAX_STEPS}"
             )
 
     def rows(key: str, value: int | BatchSize | None, what: str = "a batch size", auto: bool = False) -> None:
         """A batch size (or a count of micro-batches) no larger than MAX_BATCH; `auto`: it may be auto."""
         if isinstance(value, int) and value > MAX_BATCH:
             problems.append(
-                f"{key}: must be <= {MAX_BATCH} (MAX_BATCH of posttrain.config: more rows than any batch "
-                f"of this pipeline holds), got {value}; give {what} up to {MAX_BATCH}"
+                f"{key}: must be <= {MAX_BATCH} (MAX_BATCH of posttrain.core.config: more rows than any "
+                f"batch of this pipeline holds), got {value}; give {what} up to {MAX_BATCH}"
                 + (" or auto" if auto else "")
             )
 
@@ -806,8 +806,8 @@ def _alias_problems(text: str) -> list[str]:
         if aliased and total > MAX_YAML_VALUES:
             return [
                 f"aliases (*name) expand the file to more than {MAX_YAML_VALUES} values (MAX_YAML_VALUES of "
-                "posttrain.config; params.yaml has a few hundred); write the values out instead of repeating "
-                "aliases"
+                "posttrain.core.config; params.yaml has a few hundred); write the values out instead of "
+                "repeating aliases"
             ]
     return []
 

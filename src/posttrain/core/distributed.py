@@ -83,9 +83,9 @@ def per_process_batch(section: str, batch: int) -> int:
     """The micro-batch each of the processes trains on, so that all of them together take `batch` rows.
 
     Raises:
-        posttrain.config.ParamsError: `batch` does not split evenly over the processes.
+        posttrain.core.config.ParamsError: `batch` does not split evenly over the processes.
     """
-    from posttrain.config import ParamsError
+    from posttrain.core.config import ParamsError
 
     size = rank_and_size()[1]
     if batch % size:

@@ -6,9 +6,10 @@ from __future__ import annotations
 class InputError(Exception):
     """A problem with what the user gave (a params file, a data file, a checkpoint), not a bug.
 
-    The message names the file, key or row and says what to change; `posttrain.runtime.exit_status` prints
-    it alone and exits 1, since a traceback would only bury it. Subclasses also derive from the builtin error
-    they replace (ValueError, FileNotFoundError, ...), so existing ``except`` clauses keep catching them.
+    The message names the file, key or row and says what to change; `posttrain.core.runtime.exit_status`
+    prints it alone and exits 1, since a traceback would only bury it. Subclasses also derive from the builtin
+    error they replace (ValueError, FileNotFoundError, ...), so existing ``except`` clauses keep catching
+    them.
     """
 
 

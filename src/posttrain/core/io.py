@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from posttrain.errors import DataError, MissingInputError
+from posttrain.core.errors import DataError, MissingInputError
 
 
 @contextlib.contextmanager

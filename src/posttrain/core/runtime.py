@@ -9,7 +9,7 @@ import warnings
 from collections.abc import Callable
 from typing import NoReturn
 
-from posttrain.errors import InputError
+from posttrain.core.errors import InputError
 
 # transformers 5 deprecates the gradient_checkpointing names for activation_checkpointing ones. The Trainer
 # arguments warn even when checkpointing is off (the flag is passed as False), and TRL's DPO reads the old
@@ -75,7 +75,7 @@ def setup(threads: int) -> str:
     transformers.utils.logging.disable_progress_bar()  # "Loading weights", "Writing model shards"
     transformers.utils.logging.set_verbosity_error()
     warnings.filterwarnings("ignore", message=DEPRECATED_CHECKPOINTING, category=FutureWarning)
-    from posttrain.distributed import init
+    from posttrain.core.distributed import init
 
     init()  # started by torchrun as one of several processes (`posttrain.launch`): join the group
     return "cuda" if torch.cuda.is_available() else "cpu"

@@ -11,8 +11,16 @@ from __future__ import annotations
 
 import re
 
-from posttrain.data import AnswerType
-from posttrain.metrics import YEAR, number_values
+from posttrain.data.examples import AnswerType
+
+# A number: optional sign (not when glued to a word, so "COVID-19" reads 19), optional "$", then
+# either digits with thousands commas ("1,234.5"), plain digits ("5", "5.0"), or a bare fraction (".5").
+_NUMBER = re.compile(
+    r"(?P<sign>(?<![\w])[-\u2212\u2013])?\$?"
+    r"(?P<digits>\d{1,3}(?:,\d{3})+(?:\.\d+)?(?!\d)|\d+(?:\.\d+)?|\.\d+)"
+)
+# A target that is a year: matched exactly, not within the relative tolerance.
+YEAR = re.compile(r"(?:18|19|20)\d\d")
 
 # Colour names charts use (the synthetic charts' seven among them).
 COLOUR_WORDS = (
@@ -44,6 +52,17 @@ _TREND = {
 }
 _YES_NO = re.compile(r"^\W*(yes|no)\b", re.IGNORECASE)
 _LABEL = re.compile(r"\b[A-Za-z]+-?\d+\b")  # "Q3", "COVID-19": labels, not values
+
+
+def number_values(text: str) -> list[tuple[str, float]]:
+    """Every number of `text` in order, as (its digits as written, its value); see
+    `posttrain.evaluate.metrics.parse_number`.
+    """
+    out = []
+    for m in _NUMBER.finditer(text):
+        value = float(m.group("digits").replace(",", ""))
+        out.append((m.group("digits"), -value if m.group("sign") else value))
+    return out
 
 
 def _values(text: str) -> list[tuple[str, float]]:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from posttrain.data import AnswerType, Example, image_hash
+from posttrain.data.examples import AnswerType, Example, image_hash
 
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
@@ -295,8 +295,8 @@ def generate_pool(
     LLaVA's base learns from dense captions before it answers questions. With `presence`, the pretrain pool
     also asks `PRESENCE_FAMILY` of every chart type ("Is there a <colour> bar in the chart?", yes or no in
     equal shares): the one colour-referent question whose answer is the check itself. The conversation id is
-    ``<pool>-<k>``; the image id is the chart's `posttrain.data.image_hash`, so two identical charts are one
-    image.
+    ``<pool>-<k>``; the image id is the chart's `posttrain.data.examples.image_hash`, so two identical charts
+    are one image.
     """
     rng = random.Random(f"{pool}-{seed}")
     families = POOL_FAMILIES[pool]

@@ -2,8 +2,8 @@
 
 LRV's negative instructions ask about things the chart does not hold, and their reference answers decline in
 many wordings ("The data for … in 2016 is not available.", "No information is given about …", "The chart
-does not feature …"). The same detector labels a reference answer as a negative (`posttrain.lrv`,
-`posttrain.charts`) and recognises a model's response as a decline (evaluation, critics, preferences).
+does not feature …"). The same detector labels a reference answer as a negative (`posttrain.data.lrv`,
+`posttrain.data.charts`) and recognises a model's response as a decline (evaluation, critics, preferences).
 
 It is held to precision and recall 1.0 on the labelled phrasings in ``tests/data/declines.tsv`` (declines
 in LRV's and the models' styles, and look-alikes that are not declines, such as "There is no significant

@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 
-from posttrain.errors import DataError, MissingInputError
-from posttrain.io import read_jsonl, write_jsonl
+from posttrain.core.errors import DataError, MissingInputError
+from posttrain.core.io import read_jsonl, write_jsonl
 
 SPLITS = ("pretrain_train", "pretrain_test", "study_train", "study_test")
 

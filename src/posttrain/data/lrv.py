@@ -25,10 +25,10 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from posttrain.answers import short_answer_of
-from posttrain.data import AnswerType, Example, image_hash
-from posttrain.declines import is_decline
-from posttrain.errors import DataError, MissingInputError
+from posttrain.core.errors import DataError, MissingInputError
+from posttrain.data.answers import short_answer_of
+from posttrain.data.declines import is_decline
+from posttrain.data.examples import AnswerType, Example, image_hash
 
 logger = logging.getLogger(__name__)
 
@@ -252,9 +252,9 @@ def conversation_examples(
 ) -> list[Example]:
     """The turns of one LRV conversation as examples, each with its history.
 
-    A reference answer that declines (`posttrain.declines.is_decline`) makes the turn a negative
+    A reference answer that declines (`posttrain.data.declines.is_decline`) makes the turn a negative
     (``AnswerType.DECLINE``, family ``lrv_negative``, no short answer); otherwise the short answer and its
-    type are what the sentence states (`posttrain.answers.short_answer_of`: a number, yes/no, a colour, a
+    type are what the sentence states (`posttrain.data.answers.short_answer_of`: a number, yes/no, a colour, a
     trend, or a whole answer of at most 3 words), or None.
     """
     examples = []
@@ -289,8 +289,8 @@ def flatten_rows(rows: Iterable[dict], image_dir: Path) -> tuple[list[Example], 
     Each row is one conversation; its consecutive human -> gpt pairs become `Example` turns with id
     ``<conversation>-<turn>`` (turn = 0, 1, ...), each carrying the earlier turns as its history. The
     conversation id is the row ``id`` sanitised to ``[A-Za-z0-9_.-]``; a repeated id gets ``_2``, ``_3``...
-    in row order. The image id is `posttrain.data.image_hash` of the decoded pixels: rows with the same
-    chart share one ``image_dir/<image_id>.png`` (RGB), and the split keeps them together. Questions lose
+    in row order. The image id is `posttrain.data.examples.image_hash` of the decoded pixels: rows with the
+    same chart share one ``image_dir/<image_id>.png`` (RGB), and the split keeps them together. Questions lose
     the ``<image>`` placeholder and the whitespace around it; negatives are labelled by
     `conversation_examples`.
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from posttrain.charts import generate_pool
-from posttrain.config import DataSource, PrepareParams, to_dict
-from posttrain.data import Example, family_counts, split_by_image, write_examples
-from posttrain.io import atomic_dir, write_json_atomic
+from posttrain.core.config import DataSource, PrepareParams, to_dict
+from posttrain.core.io import atomic_dir, write_json_atomic
+from posttrain.data.charts import generate_pool
+from posttrain.data.examples import Example, family_counts, split_by_image, write_examples
 
 
 def duplicate_counts(splits: dict[str, list[Example]]) -> dict:
@@ -49,7 +49,7 @@ def _synthetic(params: PrepareParams, image_dir: Path) -> tuple[dict[str, list[E
 
 
 def _lrv(params: PrepareParams, image_dir: Path) -> tuple[dict[str, list[Example]], dict]:
-    from posttrain.lrv import check_bad_fraction, flatten_rows, load_lrv_rows
+    from posttrain.data.lrv import check_bad_fraction, flatten_rows, load_lrv_rows
 
     lrv = params.lrv
     rows = load_lrv_rows(lrv.local_parquet, lrv.hub_id, lrv.config, lrv.revision, lrv.split)
@@ -61,7 +61,7 @@ def _lrv(params: PrepareParams, image_dir: Path) -> tuple[dict[str, list[Example
 
 
 def prepare_data(params: PrepareParams, out_dir: str | Path) -> dict:
-    """Write the prepared folder (see `posttrain.data`) atomically and return its report.
+    """Write the prepared folder (see `posttrain.data.examples`) atomically and return its report.
 
     Args:
         params: the validated ``prepare`` section.

@@ -14,16 +14,15 @@ from pathlib import Path
 
 import numpy as np
 
-from posttrain.answers import extract, names
-from posttrain.charts import COLORS
-from posttrain.config import EvaluateParams
-from posttrain.data import AnswerType, Example, load_split
-from posttrain.declines import is_decline
-from posttrain.distributed import is_main
-from posttrain.generation import answer_nll, generate
-from posttrain.images import load_pixels
-from posttrain.io import write_json_atomic, write_jsonl
-from posttrain.metrics import (
+from posttrain.core.config import EvaluateParams
+from posttrain.core.distributed import is_main
+from posttrain.core.io import write_json_atomic, write_jsonl
+from posttrain.data.answers import extract, names
+from posttrain.data.charts import COLORS
+from posttrain.data.declines import is_decline
+from posttrain.data.examples import AnswerType, Example, load_split
+from posttrain.evaluate.generation import answer_nll, generate
+from posttrain.evaluate.metrics import (
     ItemStats,
     bleu_item_stats,
     bootstrap_ci,
@@ -33,8 +32,9 @@ from posttrain.metrics import (
     rouge_l,
     wilson_interval,
 )
-from posttrain.models import image_token_count
-from posttrain.template import IGNORE_INDEX, encode_conversation
+from posttrain.models.images import load_pixels
+from posttrain.models.loading import image_token_count
+from posttrain.models.template import IGNORE_INDEX, encode_conversation
 
 # (evaluation split, metric prefix): the study test split, and the retention test of the pretrain families.
 EVAL_SPLITS = (("study_test", ""), ("pretrain_test", "retain_"))
@@ -69,7 +69,8 @@ def headline(metrics: dict) -> dict:
 
 
 def extract_short_answer(response: str, answer_type: AnswerType) -> str | None:
-    """The short answer a response commits to, by the question's answer type (`posttrain.answers.extract`).
+    """The short answer a response commits to, by the question's answer type
+    (`posttrain.data.answers.extract`).
 
     Numbers: the first that is not a year ("In 2019 the value was 45." -> 45). Colours, yes/no, trends: the
     first word of that vocabulary (trend words such as "rose" or "fell" included). Free text: the whole
@@ -274,8 +275,10 @@ def family_accuracy(rows: list[dict], families: list[str], resamples: int, seed:
 
 
 def reference_critic(examples: list[Example], responses: list[str]) -> list[float]:
-    """The embedded default's critic: the ground-truth rubric of `posttrain.critic.reference_score`."""
-    from posttrain.critic import reference_score
+    """The embedded default's critic: the ground-truth rubric of
+    `posttrain.evaluate.critic.reference_score`.
+    """
+    from posttrain.evaluate.critic import reference_score
 
     return [
         reference_score(e, r, extract_short_answer(r, e.answer_type), COLORS)
@@ -298,17 +301,17 @@ def load_critic(params: EvaluateParams):
     """The LLaVA-Critic judge, loaded once per evaluation (None for the reference critic)."""
     if not params.critic.kind.needs_model:
         return None
-    from posttrain.critic import LlavaCriticJudge
+    from posttrain.evaluate.critic import LlavaCriticJudge
 
     return LlavaCriticJudge(params.critic.model, revision=params.critic.revision or None)
 
 
 def evaluation_phases(tokenizer, data_dir: Path, n_image_tokens: int, params: EvaluateParams) -> list:
-    """The batches `evaluate_model` runs (`posttrain.memory.Phase`), over both test splits: greedy answers
-    after the longest prompt, and the teacher-forced scoring of the longest sequence, whose logits are kept
-    from the earliest answer start of a batch on.
+    """The batches `evaluate_model` runs (`posttrain.models.memory.Phase`), over both test splits: greedy
+    answers after the longest prompt, and the teacher-forced scoring of the longest sequence, whose logits are
+    kept from the earliest answer start of a batch on.
     """
-    from posttrain.memory import Phase
+    from posttrain.models.memory import Phase
 
     prompts, sequences = [], []
     for split, _ in EVAL_SPLITS:
@@ -326,10 +329,10 @@ def evaluation_phases(tokenizer, data_dir: Path, n_image_tokens: int, params: Ev
 
 def evaluation_batch(params: EvaluateParams, models_dir: Path, name: str, merge: bool, data_dir: Path) -> int:
     """``evaluate.batch_size`` for model `name`, resolved before it loads
-    (`posttrain.generation.generation_batch`): only the base's config and processor are read.
+    (`posttrain.evaluate.generation.generation_batch`): only the base's config and processor are read.
     """
-    from posttrain.generation import generation_batch
-    from posttrain.models import adapter_layer_bytes, base_config_and_processor
+    from posttrain.evaluate.generation import generation_batch
+    from posttrain.models.loading import adapter_layer_bytes, base_config_and_processor
 
     config, processor = base_config_and_processor(Path(models_dir) / "base")
     phases = evaluation_phases(processor.tokenizer, Path(data_dir), image_token_count(processor), params)

@@ -1,7 +1,7 @@
 """Batched, deterministic generation and teacher-forced scoring of sequences built by the shared template.
 
-Callers build the ids with `posttrain.template.encode_conversation` (a turn after its history), so every
-prompt here is one the training saw the same way.
+Callers build the ids with `posttrain.models.template.encode_conversation` (a turn after its history), so
+every prompt here is one the training saw the same way.
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from posttrain.distributed import gather_batches, is_main, my_batches
-from posttrain.errors import InputError
-from posttrain.template import IGNORE_INDEX, answer_start, pad_batch
+from posttrain.core.distributed import gather_batches, is_main, my_batches
+from posttrain.core.errors import InputError
+from posttrain.models.template import IGNORE_INDEX, answer_start, pad_batch
 
 # transformers' default top-k, which its sampling applies unless the generation config sets another: the
 # stages' sampling keeps it, so that it draws from the distribution `model.generate(do_sample=True)` would
@@ -283,7 +283,7 @@ def generate(
         model: a LLaVA model (PEFT-wrapped or not).
         tokenizer: its tokenizer (pad and EOS ids).
         pixels: (3, H, W) pixel values, one per prompt.
-        prompts: token ids built by `posttrain.template`, image tokens included.
+        prompts: token ids built by `posttrain.models.template`, image tokens included.
         batch_size: prompts per batch (the model runs batch_size · samples rows while decoding).
         max_new_tokens: the longest answer.
         do_sample: sample instead of greedy decoding.
@@ -553,19 +553,21 @@ def generation_batch(
     """A generating stage's batch_size resolved before its model loads, and said in one line.
 
     First the phases must fit the model's context (`check_context`). ``auto`` takes the largest batch whose
-    every phase fits the GPU (`posttrain.memory.choose_generation_batch`); an integer runs as given, with a
-    warning where the estimate says it cannot fit. On the CPU an integer is returned unchanged and unsaid.
+    every phase fits the GPU (`posttrain.models.memory.choose_generation_batch`); an integer runs as given,
+    with a warning where the estimate says it cannot fit. On the CPU an integer is returned unchanged and
+    unsaid.
 
     Args:
         section: the params section (``preferences`` or ``evaluate``), for the line.
         batch_size: its batch_size: prompts a batch, or ``BatchSize.AUTO``.
-        phases: `posttrain.memory.Phase` of each kind of batch the stage runs.
+        phases: `posttrain.models.memory.Phase` of each kind of batch the stage runs.
         config: the base model's config (its shapes; no weight is read).
-        adapter_bytes: the adapter held as a layer of its own (`posttrain.models.adapter_layer_bytes`), or 0.
+        adapter_bytes: the adapter held as a layer of its own
+            (`posttrain.models.loading.adapter_layer_bytes`), or 0.
         prompts: how many prompts the stage answers.
     """
-    from posttrain.distributed import rank_and_size
-    from posttrain.memory import choose_generation_batch, inference_weight_bytes
+    from posttrain.core.distributed import rank_and_size
+    from posttrain.models.memory import choose_generation_batch, inference_weight_bytes
 
     check_context(section, phases, config)
     cuda = torch.cuda.is_available()

@@ -20,14 +20,8 @@ import numpy as np
 from rouge_score import rouge_scorer
 from sacrebleu.metrics.bleu import BLEU
 
-# A number: optional sign (not when glued to a word, so "COVID-19" reads 19), optional "$", then
-# either digits with thousands commas ("1,234.5"), plain digits ("5", "5.0"), or a bare fraction (".5").
-_NUMBER = re.compile(
-    r"(?P<sign>(?<![\w])[-\u2212\u2013])?\$?"
-    r"(?P<digits>\d{1,3}(?:,\d{3})+(?:\.\d+)?(?!\d)|\d+(?:\.\d+)?|\.\d+)"
-)
-# A target that is a year: matched exactly, not within the relative tolerance.
-YEAR = re.compile(r"(?:18|19|20)\d\d")
+from posttrain.data.answers import _NUMBER, YEAR
+
 # A string that is a number and nothing else (units allowed: "$", "%", trailing period).
 _WHOLE_NUMBER = re.compile(r"\s*\$?[-\u2212\u2013]?\$?[\d.,]+\s*%?\s*\.?\s*")
 
@@ -65,15 +59,6 @@ def parse_number(text: str) -> float | None:
         return None
     value = float(m.group("digits").replace(",", ""))
     return -value if m.group("sign") else value
-
-
-def number_values(text: str) -> list[tuple[str, float]]:
-    """Every number of `text` in order, as (its digits as written, its value); see `parse_number`."""
-    out = []
-    for m in _NUMBER.finditer(text):
-        value = float(m.group("digits").replace(",", ""))
-        out.append((m.group("digits"), -value if m.group("sign") else value))
-    return out
 
 
 def _parse_whole_number(text: str) -> float | None:

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import yaml
 
-from posttrain.config import ParamsError, parse_params
+from posttrain.core.config import ParamsError, parse_params
 
 
 @dataclass

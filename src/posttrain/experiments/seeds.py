@@ -1,7 +1,7 @@
 """Conclusions across seeds: the study rerun under other seeds as DVC experiments, and one table of them.
 
     python -m posttrain seeds run --seeds 1 2      # one `dvc exp run` per seed (base.seed), in turn
-    python -m posttrain seeds run --seeds 1 2 3 4 --gpus 0,1 --gpus 2,3   # two at a time (`posttrain.grid`)
+    python -m posttrain seeds run --seeds 1 2 3 4 --gpus 0,1 --gpus 2,3   # two at a time (`experiments.grid`)
     python -m posttrain seeds table                # metrics/seeds.md and metrics/seeds.json
 
 `run` queues nothing in the background: each seed is `dvc exp run --temp -n seed<k> -S base.seed=<k>`, run in
@@ -159,7 +159,7 @@ def format_markdown(rows: list[dict], seeds: list[int]) -> str:
 def main(argv: list[str]) -> int:
     import argparse
 
-    from posttrain.io import write_json_atomic, write_text_atomic
+    from posttrain.core.io import write_json_atomic, write_text_atomic
 
     ap = argparse.ArgumentParser(prog="python -m posttrain seeds", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="command", required=True)
@@ -179,7 +179,7 @@ def main(argv: list[str]) -> int:
     args = ap.parse_args(argv)
     repo = Path.cwd()
     if args.command == "run":
-        from posttrain.grid import Experiment, gpu_groups, run_experiments
+        from posttrain.experiments.grid import Experiment, gpu_groups, run_experiments
 
         experiments = [Experiment(f"seed{s}", {"base.seed": str(s)}) for s in args.seeds]
         return run_experiments(experiments, gpu_groups(args.gpus), repo, repo / "params.yaml")

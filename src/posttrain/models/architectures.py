@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     import torch
     from transformers import PretrainedConfig, PreTrainedModel
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+CONFIG_DIR = Path(__file__).resolve().parents[3] / "configs"
 NAMES = ("llava-1.5-7b", "llava-critic-7b")
 
 # SigLIP so400m tiles of 384 px: every (rows, cols) grid from 1x1 to 6x6, in pixels, rows major.

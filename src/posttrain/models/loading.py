@@ -25,9 +25,9 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from posttrain.config import Quantization, TinyParams
-from posttrain.errors import MissingInputError
-from posttrain.template import CHAT_TEMPLATE, IMAGE_TOKEN
+from posttrain.core.config import Quantization, TinyParams
+from posttrain.core.errors import MissingInputError
+from posttrain.models.template import CHAT_TEMPLATE, IMAGE_TOKEN
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", IMAGE_TOKEN]
 PROVENANCE = "provenance.json"
@@ -178,7 +178,7 @@ def load_base(
     prov = read_provenance(folder, "base")
     source, revision = base_source(folder)
     if device == "cuda" and quantization_config is not None:
-        # each process of a data-parallel stage on its own GPU (`posttrain.distributed.init` made it the
+        # each process of a data-parallel stage on its own GPU (`posttrain.core.distributed.init` made it the
         # current one): TRL's QLoRA-under-DDP recipe, device_map={"": local rank}
         device = f"cuda:{torch.cuda.current_device()}"
     model = LlavaForConditionalGeneration.from_pretrained(
@@ -358,8 +358,8 @@ def load_model(
         name: ``base``, or the name of an adapter folder in `models_dir`.
         models_dir: the folder of the pipeline's models (``models/``).
         device: ``cpu`` or ``cuda``.
-        quantization: how the base weights are held (`posttrain.config.downstream_quantization`): nf4 is the
-            base as QLoRA trained on it; none is full precision on the CPU and bf16 on CUDA.
+        quantization: how the base weights are held (`posttrain.core.config.downstream_quantization`): nf4 is
+            the base as QLoRA trained on it; none is full precision on the CPU and bf16 on CUDA.
         merge: the adapter merged into the base's weights, which rounds weight plus update to the base's
             dtype once (bf16 on CUDA: of the size of a DPO update, so it can erase what DPO trained); else
             the adapter stays a layer of its own, in fp32, as it trained. With nf4 the base's weights are

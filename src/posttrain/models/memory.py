@@ -29,7 +29,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from posttrain.errors import InputError
+from posttrain.core.errors import InputError
 
 GB = 1e9
 BUDGET = 0.95  # share of the GPU's memory a step's estimate may take
@@ -87,7 +87,7 @@ def weight_and_adapter_bytes(config, target_regex: str, rank: int, quantized: bo
 
     import torch
 
-    from posttrain.architectures import model_class
+    from posttrain.models.architectures import model_class
 
     with torch.device("meta"):
         model = model_class(config)(config)
@@ -248,13 +248,14 @@ class InferenceEstimate:
 
 def inference_weight_bytes(config, adapter_bytes: float = 0.0) -> float:
     """Bytes of the model as the stages decode with it: every weight in bf16 (an nf4 base is dequantized
-    once, `posttrain.models.load_model`), plus the adapter kept as a layer (`adapter_bytes`; 0 when merged).
+    once, `posttrain.models.loading.load_model`), plus the adapter kept as a layer (`adapter_bytes`; 0 when
+    merged).
 
     Counted on the meta device: nothing is allocated.
     """
     import torch
 
-    from posttrain.architectures import model_class
+    from posttrain.models.architectures import model_class
 
     with torch.device("meta"):
         model = model_class(config)(config)
@@ -302,7 +303,8 @@ def choose_generation_batch(
     each of the `processes`, whose every phase fits `BUDGET` of the GPU's `capacity`; the batches are then
     evened out (100 prompts at up to 64: two of 50). On the CPU (`capacity` None): `CPU_AUTO_PROMPTS`.
     An integer runs as given; where its estimate exceeds the GPU the line warns (a batch that runs out of
-    memory is decoded again in halves, `posttrain.generation.generate`) and names what ``auto`` would take.
+    memory is decoded again in halves, `posttrain.evaluate.generation.generate`) and names what ``auto`` would
+    take.
 
     Raises:
         GenerationTooLargeError: ``auto`` and not even one prompt fits; nothing is loaded yet.

@@ -93,7 +93,7 @@ def encode_conversation(
         history: earlier ``(question, answer)`` turns, oldest first.
         question: this turn's question.
         answer: this turn's answer, or None for a generation prompt.
-        n_image_tokens: how many tokens ``<image>`` expands to (`posttrain.models.image_token_count`).
+        n_image_tokens: how many tokens ``<image>`` expands to (`posttrain.models.loading.image_token_count`).
         supervise_history: also keep the labels of the history's answers.
 
     Returns:

@@ -29,9 +29,9 @@ embedding has spare rows, so normally it is not).
 The output folder holds the model (safetensors), tokenizer, generation config (``<|im_end|>`` among the eos
 ids, so generation stops where the Qwen template ends a turn) and a `LlavaOnevisionProcessor` configuration
 (SigLIP preprocessing at the tower's image size with the pinpoints, a chat template that renders exactly
-`posttrain.critic.qwen_render`). It is written to a temporary folder beside the destination and renamed at
-the end, so a failed conversion leaves nothing at the destination. Only safetensors weights are read; no
-remote code is run.
+`posttrain.evaluate.critic.qwen_render`). It is written to a temporary folder beside the destination and
+renamed at the end, so a failed conversion leaves nothing at the destination. Only safetensors weights are
+read; no remote code is run.
 
 Command line (wired as ``python -m posttrain convert-critic SRC DST``): `main`.
 """
@@ -47,8 +47,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from posttrain.critic import is_transformers_onevision, load_onevision_processor
-from posttrain.io import atomic_dir
+from posttrain.core.io import atomic_dir
+from posttrain.evaluate.critic import is_transformers_onevision, load_onevision_processor
 
 if TYPE_CHECKING:
     import torch
@@ -130,7 +130,7 @@ SIGLIP_MEAN_STD = [0.5, 0.5, 0.5]
 
 # The Qwen template of LLaVA-Critic ("qwen_1_5" in LLaVA-NeXT): a default system turn, then each turn as
 # <|im_start|>role\n + one "<image>\n" per image + text + <|im_end|>\n. With one image and one text it renders
-# exactly `posttrain.critic.qwen_render`.
+# exactly `posttrain.evaluate.critic.qwen_render`.
 CHAT_TEMPLATE = (
     "{% if messages[0]['role'] != 'system' %}"
     "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}"
@@ -542,7 +542,8 @@ def convert_critic(
         overwrite: Replace an existing `dst` (only once the conversion has succeeded).
 
     Returns:
-        `dst`, which `posttrain.critic.is_transformers_onevision` accepts and `LlavaCriticJudge` loads.
+        `dst`, which `posttrain.evaluate.critic.is_transformers_onevision` accepts and `LlavaCriticJudge`
+        loads.
 
     Raises:
         ConversionError: The source is not a convertible LLaVA-NeXT checkpoint (not safetensors, unsupported

@@ -4,11 +4,11 @@
     python -m posttrain e2e WORKDIR --shrink   # the same architectures shrunk to 2 layers: CPU, minutes
     python -m posttrain e2e WORKDIR --measure  # the stages' own rates at the preset's batches (GPU)
 
-Writes into WORKDIR (`posttrain.standin`) an LRV Chart parquet at 336 px and LLaVA-1.5-7B and LLaVA-Critic
-folders with random weights, then a params file: `configs/study.yaml` with the stand-ins' paths and sizes
-cut to a smoke run (`smoke_overrides`). It runs the stage scripts in `dvc.yaml`'s order with that file, each
-as its own process as `dvc repro` would (two SFT variants; evaluation of base, sfte and sfte_dpo), then
-checks what the stages wrote (`check_outputs`) and writes WORKDIR/summary.json. A stage whose output
+Writes into WORKDIR (`posttrain.realscale.standin`) an LRV Chart parquet at 336 px and LLaVA-1.5-7B and
+LLaVA-Critic folders with random weights, then a params file: `configs/study.yaml` with the stand-ins' paths
+and sizes cut to a smoke run (`smoke_overrides`). It runs the stage scripts in `dvc.yaml`'s order with that
+file, each as its own process as `dvc repro` would (two SFT variants; evaluation of base, sfte and sfte_dpo),
+then checks what the stages wrote (`check_outputs`) and writes WORKDIR/summary.json. A stage whose output
 exists is skipped, so a rerun resumes after the last stage that finished.
 """
 
@@ -27,7 +27,7 @@ from pathlib import Path
 
 import yaml
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 STAGES = ROOT / "stages"
 PRESET = ROOT / "configs" / "study.yaml"
 VARIANTS = ("sft1", "sft2")
@@ -54,7 +54,7 @@ def measure_overrides(work: Path) -> dict:
     """What a --measure run changes in the study preset: the stand-ins' paths and fewer steps and prompts.
 
     Batch sizes, answer lengths, quantization and kernels stay the preset's, so the stages' logged rates
-    (`posttrain.checkpoints.StepTimes`, `posttrain.generation.throughput`) are the study's.
+    (`posttrain.train.checkpoints.StepTimes`, `posttrain.evaluate.generation.throughput`) are the study's.
     """
     return {
         "base": {"hub_id": str(work / "hub" / "llava-1.5-7b"), "revision": ""},
@@ -137,7 +137,7 @@ def write_params(
     """Write and validate WORKDIR/params.yaml: the preset with `smoke_overrides` (`measure_overrides`) and
     ``launch.processes``.
     """
-    from posttrain.config import parse_params
+    from posttrain.core.config import parse_params
 
     changes = measure_overrides(work) if measure else smoke_overrides(work, cuda)
     changes["launch"] = {"processes": processes}
@@ -153,10 +153,10 @@ def write_standins(work: Path, shrink: bool, device: str, images: int = IMAGES, 
     """The stand-in hub files: `images` charts as a parquet, LLaVA-1.5 and LLaVA-Critic (kept if present)."""
     import pyarrow.parquet as pq
 
-    from posttrain.architectures import load_config
-    from posttrain.architectures import shrink as shrunk
-    from posttrain.critic import pairwise_prompt, pointwise_prompt
-    from posttrain.standin import write_critic, write_llava, write_lrv_parquet
+    from posttrain.evaluate.critic import pairwise_prompt, pointwise_prompt
+    from posttrain.models.architectures import load_config
+    from posttrain.models.architectures import shrink as shrunk
+    from posttrain.realscale.standin import write_critic, write_llava, write_lrv_parquet
 
     hub = work / "hub"
     timings = {}
@@ -370,9 +370,9 @@ def check_outputs(work: Path) -> dict:
     from safetensors.torch import load_file
     from transformers import AutoProcessor
 
-    from posttrain.data import group_conversations, load_split
-    from posttrain.models import image_token_count, read_provenance
-    from posttrain.template import encode_conversation
+    from posttrain.data.examples import group_conversations, load_split
+    from posttrain.models.loading import image_token_count, read_provenance
+    from posttrain.models.template import encode_conversation
 
     data, models, metrics = work / "data" / "prepared", work / "models", work / "metrics"
     processor = AutoProcessor.from_pretrained(work / "hub" / "llava-1.5-7b")

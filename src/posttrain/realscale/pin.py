@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from posttrain.errors import InputError
+from posttrain.core.errors import InputError
 
 COMMIT = re.compile(r"[0-9a-f]{40}")
 PINNED_KEYS = ("base.revision", "prepare.lrv.revision")  # the revisions `hub_sources` can return
@@ -72,12 +72,12 @@ def pin_file(src: str | Path, dst: str | Path, api=None) -> list[tuple[Pin, str]
     this fills in) and the result before `dst` is touched; `dst` is replaced in one rename.
 
     Raises:
-        posttrain.config.ParamsError: `src`, or the pinned result, is not a valid params file.
+        posttrain.core.config.ParamsError: `src`, or the pinned result, is not a valid params file.
     """
     from ruamel.yaml import YAML
 
-    from posttrain.config import ParamsError, read_params_file, read_params_text
-    from posttrain.io import write_text_atomic
+    from posttrain.core.config import ParamsError, read_params_file, read_params_text
+    from posttrain.core.io import write_text_atomic
 
     text = read_params_file(src)
     try:
@@ -124,7 +124,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     dst = args.dst or args.src
     try:
         changes = pin_file(args.src, dst)
-    except InputError:  # a params problem: the caller prints it (posttrain.runtime.exit_status)
+    except InputError:  # a params problem: the caller prints it (posttrain.core.runtime.exit_status)
         raise
     except Exception as e:  # network, missing repo, no access: one line, exit 2
         print(f"error: could not resolve a revision of {args.src}: {e}", file=sys.stderr)

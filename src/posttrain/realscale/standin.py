@@ -30,8 +30,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import CLIPImageProcessorPil, LlavaProcessor, PreTrainedTokenizerFast
 
-from posttrain.architectures import build_random
-from posttrain.template import CHAT_TEMPLATE, IMAGE_TOKEN
+from posttrain.models.architectures import build_random
+from posttrain.models.template import CHAT_TEMPLATE, IMAGE_TOKEN
 
 FILLER = "<standin_{}>"
 FILLER_PATTERN = re.compile(r"<standin_\d+>")
@@ -154,7 +154,7 @@ def write_llava(
 
     Args:
         folder: the output folder (hub layout: config, safetensors, tokenizer, processor files).
-        config: a `LlavaConfig` (`posttrain.architectures.load_config("llava-1.5-7b")`, maybe shrunk).
+        config: a `LlavaConfig` (`posttrain.models.architectures.load_config("llava-1.5-7b")`, maybe shrunk).
         texts: prompts and answers the stand-in tokenizer learns from.
         device: where the random weights are built (a GPU builds a 7B model in seconds).
         dtype: their dtype; None: bfloat16 on CUDA, float32 elsewhere.
@@ -213,7 +213,7 @@ def write_critic(
     Returns:
         The folder.
     """
-    from posttrain.convert_critic import write_processor
+    from posttrain.realscale.convert_critic import write_processor
 
     folder = Path(folder)
     tokenizer = standin_tokenizer(texts, QWEN2_SPECIALS, eos="<|im_end|>", pad="<|endoftext|>")
@@ -262,8 +262,8 @@ def write_lrv_parquet(path: str | Path, images: int, size: int, seed: int = 0, d
     import pyarrow.parquet as pq
     from PIL import Image
 
-    from posttrain.charts import generate_pool
-    from posttrain.data import group_conversations
+    from posttrain.data.charts import generate_pool
+    from posttrain.data.examples import group_conversations
 
     rows: list[dict[str, Any]] = []
     n_declines = 0

@@ -38,8 +38,8 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
-from posttrain.errors import DataError
-from posttrain.metrics import (
+from posttrain.core.errors import DataError
+from posttrain.evaluate.metrics import (
     ItemStats,
     bleu_item_stats,
     bootstrap_ci,
@@ -288,10 +288,10 @@ def compare(models: dict[str, list[dict]], baseline: str, n_resamples: int = 100
     """Score every model, with bootstrap CIs and paired-bootstrap deltas against the baseline.
 
     Rows are paired by ``id``; every model must have the same ids (order may differ). CIs are
-    percentile bootstrap intervals (`posttrain.metrics.bootstrap_ci`) for means and Wilson intervals
-    (`posttrain.metrics.wilson_interval`) for the proportions relaxed_acc and negative_acc; deltas and
-    p-values come from `posttrain.metrics.paired_bootstrap`; the same seed is used everywhere, so all metrics
-    and models see the same resampled item sets.
+    percentile bootstrap intervals (`posttrain.evaluate.metrics.bootstrap_ci`) for means and Wilson intervals
+    (`posttrain.evaluate.metrics.wilson_interval`) for the proportions relaxed_acc and negative_acc; deltas
+    and p-values come from `posttrain.evaluate.metrics.paired_bootstrap`; the same seed is used everywhere, so
+    all metrics and models see the same resampled item sets.
 
     Args:
         models: Rows per model name (e.g. from `load_responses`).

@@ -13,8 +13,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from posttrain.compare import answer_spread, compare, format_markdown, format_p  # noqa: E402
-from posttrain.io import read_json, read_jsonl, write_text_atomic  # noqa: E402
+from posttrain.core.io import read_json, read_jsonl, write_text_atomic  # noqa: E402
+from posttrain.report.compare import answer_spread, compare, format_markdown, format_p  # noqa: E402
 
 PLOTTED = ("relaxed_acc", "negative_acc", "critic", "rouge_l", "bleu")
 TABLE = (
@@ -354,6 +354,7 @@ def unparsable_section(items: dict[str, list[dict]], n_examples: int = 2) -> lis
     lines = [
         "## Critic replies without a score",
         "",
+        # report text: the pre-layers module name (posttrain.evaluate.critic), kept byte-identical
         "A reply counts only where the critic states a score (`posttrain.critic.parse_score`); these items "
         "are left out of the model's critic mean and of its paired critic tests (n is shown there).",
         "",
@@ -392,7 +393,7 @@ def build_report(
         models: model names in table order (each has item files and details).
         metrics_dir: where the report goes.
         items_dir: per-item rows, ``<split>/<name>.jsonl``, and every metric with its CI,
-            ``metrics/<name>.json`` (`posttrain.evaluation.evaluate_model`).
+            ``metrics/<name>.json`` (`posttrain.evaluate.evaluation.evaluate_model`).
         data_dir: the prepared folder (images, report.json).
         baseline: the model every paired delta is taken against.
         n_examples: rows on the examples page.
@@ -457,6 +458,7 @@ def build_report(
         "0–100, `loss` is NLL per answer token.",
         critic_note,
         (
+            # report text: the pre-layers module name (posttrain.data.declines), kept byte-identical
             "Correctness on LRV: a response counts as a decline by its wording (`posttrain.declines`), but "
             "the asked element of an LRV question is not known, so the check cannot see whether a decline or "
             "an answer is about the element asked (on synthetic data it must name the asked colour)."
@@ -505,6 +507,7 @@ def build_report(
             + (
                 "the exact average of the SFT models (concatenated ranks, weights 1/N)."
                 if exact
+                # report text: the pre-layers module name (posttrain.train.ensemble), kept byte-identical
                 else "NOT the exact average model (see `posttrain.ensembling`); compare with `cat`."
                 if ensemble_method == "linear"
                 else "an approximation of the average model."

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from posttrain.runtime import hide_bitsandbytes_without_cuda
+from posttrain.core.runtime import hide_bitsandbytes_without_cuda
 
 hide_bitsandbytes_without_cuda()  # before transformers' Trainer callbacks import it (see there)
 

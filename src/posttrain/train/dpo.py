@@ -2,7 +2,7 @@
 
 The policy is the SFTe adapter reloaded as the model's only adapter (``default``) and made trainable; TRL then
 copies it into a frozen ``ref`` adapter that serves as the reference model (DESIGN.md trap 2). Batches are
-built with the shared chat template (`posttrain.template`), not TRL's collator, which tokenizes without
+built with the shared chat template (`posttrain.models.template`), not TRL's collator, which tokenizes without
 special tokens and would drop the BOS every other stage sees.
 """
 
@@ -17,9 +17,9 @@ from pathlib import Path
 
 import torch
 
-from posttrain.config import Quantization
-from posttrain.distributed import barrier, broadcast, is_main, per_process_batch
-from posttrain.template import encode_completion, encode_prompt, pad_batch
+from posttrain.core.config import Quantization
+from posttrain.core.distributed import barrier, broadcast, is_main, per_process_batch
+from posttrain.models.template import encode_completion, encode_prompt, pad_batch
 
 
 def pair_history(row: dict) -> tuple[tuple[str, str], ...]:
@@ -64,7 +64,7 @@ def policy_from_adapter(
     """The base, held as `quantization` says, with `adapter_dir` as its only, trainable adapter."""
     from peft import PeftModel
 
-    from posttrain.models import load_base, quantization_config
+    from posttrain.models.loading import load_base, quantization_config
 
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     model, processor, _ = load_base(
@@ -74,7 +74,7 @@ def policy_from_adapter(
     if quantization is Quantization.NONE:
         model = model.to(device)  # an nf4 base is already placed by its device_map
     if device == "cpu":
-        from posttrain.training import sparse_lora_dropout
+        from posttrain.train.training import sparse_lora_dropout
 
         sparse_lora_dropout(model)  # same dropout, a tenth of the random draws (bernoulli_ is slow on CPU)
     return model, processor
@@ -106,7 +106,7 @@ def heldout_rewards(
     process k mod N and the rewards gathered in order, where TRL's evaluation counted the pairs accelerate
     repeats to even out the last batch (and averaged per-batch means, unequal under a short last batch).
     """
-    from posttrain.distributed import gather_batches, my_batches
+    from posttrain.core.distributed import gather_batches, my_batches
 
     device = model.get_input_embeddings().weight.device
     dtype = model.get_input_embeddings().weight.dtype  # the vision tower's (an nf4 base keeps it in bf16)
@@ -185,14 +185,14 @@ def dpo_trainer(
 ):
     """A configured TRL `DPOTrainer` for `pairs` (rows: image, prompt, chosen, rejected).
 
-    `micro_batch` and `gradient_accumulation` are the ones `posttrain.training.check_training_memory`
+    `micro_batch` and `gradient_accumulation` are the ones `posttrain.train.training.check_training_memory`
     resolved from `params` (``batch_size: auto`` leaves them to the GPU). `heldout` pairs are never trained
     on; the collator holds their images too, for `heldout_rewards` after training.
     """
     from trl import DPOConfig, DPOTrainer
 
-    from posttrain.images import load_pixels
-    from posttrain.models import image_token_count
+    from posttrain.models.images import load_pixels
+    from posttrain.models.loading import image_token_count
 
     pixels = load_pixels(processor, data_dir, [r["image"] for r in [*pairs, *heldout]])
     collator = PreferenceCollator(processor.tokenizer, image_token_count(processor), pixels)
@@ -267,18 +267,18 @@ def train_dpo(
 
     The base is held as `quantization` says: nf4 (QLoRA DPO) when SFT trained the adapters on nf4.
 
-    The caller makes `out_dir` atomic (it is a folder inside `posttrain.io.atomic_dir`).
+    The caller makes `out_dir` atomic (it is a folder inside `posttrain.core.io.atomic_dir`).
 
     A run killed mid-training resumes from `checkpoint_dir` when its inputs are the same
-    (`posttrain.checkpoints`).
+    (`posttrain.train.checkpoints`).
 
     Returns:
         Training summary: steps, pairs, the batch that ran (micro-batch and gradient accumulation), the last
         logged rewards/margins/accuracies; under ``timing`` the wall time and the checkpoint resumed from (for
         logs, not provenance).
     """
-    from posttrain.checkpoints import claim_checkpoints, file_digest, fit
-    from posttrain.training import ProgressCallback, check_training_memory, language_model_regex
+    from posttrain.train.checkpoints import claim_checkpoints, file_digest, fit
+    from posttrain.train.training import ProgressCallback, check_training_memory, language_model_regex
 
     adapter_config = json.loads((start_adapter / "adapter_config.json").read_text())
     target = adapter_config["target_modules"]  # PEFT stores a regex string or a list of layer names
@@ -300,8 +300,8 @@ def train_dpo(
     batch = {"micro_batch": micro_batch, "gradient_accumulation": accumulation}
     # under N processes (launch.processes) each trains micro_batch / N pairs: the recipe's step is unchanged
     per_process = per_process_batch("dpo", micro_batch)
-    from posttrain.config import to_dict
-    from posttrain.models import base_fingerprint
+    from posttrain.core.config import to_dict
+    from posttrain.models.loading import base_fingerprint
 
     if is_main():
         claim_checkpoints(
@@ -371,7 +371,7 @@ def evaluate_round(
     Returns:
         The headline metrics (`ROUND_METRICS`, each with its CI bounds) for the report's rounds table.
     """
-    from posttrain.evaluation import evaluate_model
+    from posttrain.evaluate.evaluation import evaluate_model
 
     model, processor = policy_from_adapter(base_dir, adapter, device, quantization)
     model.eval()
@@ -403,11 +403,16 @@ def run_rounds(
         One entry per round: its preference statistics, training summary and, for rounds before the last, the
         evaluation of that round's model.
     """
-    from posttrain.config import downstream_quantization
-    from posttrain.data import load_split
-    from posttrain.io import atomic_dir
-    from posttrain.models import base_fingerprint, check_adapters, check_base_quantization, write_provenance
-    from posttrain.preferences import make_preferences
+    from posttrain.core.config import downstream_quantization
+    from posttrain.core.io import atomic_dir
+    from posttrain.data.examples import load_split
+    from posttrain.models.loading import (
+        base_fingerprint,
+        check_adapters,
+        check_base_quantization,
+        write_provenance,
+    )
+    from posttrain.train.preferences import make_preferences
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     quantization = downstream_quantization(params)
@@ -417,8 +422,8 @@ def run_rounds(
     # the params as given)
     sampling, evaluating = params.preferences, params.evaluate
     if params.dpo.rounds > 1:
-        from posttrain.evaluation import evaluation_batch
-        from posttrain.preferences import preference_batch
+        from posttrain.evaluate.evaluation import evaluation_batch
+        from posttrain.train.preferences import preference_batch
 
         prompts = load_split(data_dir, "study_train")
         if sampling.max_prompts:
@@ -474,7 +479,7 @@ def run_rounds(
                 )
             rounds.append(entry)
             adapter = dest
-        from posttrain.config import to_dict
+        from posttrain.core.config import to_dict
 
         if not is_main():
             return rounds

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import torch
 
-from posttrain.config import EnsembleMethod, EnsembleParams, to_dict
-from posttrain.io import atomic_dir
-from posttrain.models import (
+from posttrain.core.config import EnsembleMethod, EnsembleParams, to_dict
+from posttrain.core.io import atomic_dir
+from posttrain.models.loading import (
     ADAPTER_WEIGHTS,
     base_fingerprint,
     check_adapters,

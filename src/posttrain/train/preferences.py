@@ -18,15 +18,15 @@ from dataclasses import dataclass
 
 import torch
 
-from posttrain.config import PairKeep
-from posttrain.critic import PAIRWISE, combine_orders
-from posttrain.data import Example
-from posttrain.declines import is_decline
-from posttrain.errors import InputError
-from posttrain.evaluation import critic_images, extract_short_answer, is_correct
-from posttrain.generation import continuation_nll, generate
-from posttrain.metrics import rouge_l
-from posttrain.template import encode_conversation, encode_prompt
+from posttrain.core.config import PairKeep
+from posttrain.core.errors import InputError
+from posttrain.data.declines import is_decline
+from posttrain.data.examples import Example
+from posttrain.evaluate.critic import PAIRWISE, combine_orders
+from posttrain.evaluate.evaluation import critic_images, extract_short_answer, is_correct
+from posttrain.evaluate.generation import continuation_nll, generate
+from posttrain.evaluate.metrics import rouge_l
+from posttrain.models.template import encode_conversation, encode_prompt
 
 # Verdict sentences the self-judge chooses between, by likelihood.
 VERDICTS = {
@@ -248,7 +248,7 @@ def judge_candidates(
     batch_size: int,
 ) -> list[tuple[str | None, str | None]]:
     """(verdict with A first, verdict with B first) for every candidate pair, by the chosen judge."""
-    from posttrain.config import Judge
+    from posttrain.core.config import Judge
 
     if judge is Judge.REFERENCE:
         out = []
@@ -257,12 +257,12 @@ def judge_candidates(
             out.append((v, {"first": "second", "second": "first", "tie": "tie"}[v]))
         return out
     if judge is Judge.SELF:
-        from posttrain.models import image_token_count
+        from posttrain.models.loading import image_token_count
 
         return self_verdicts(
             model, processor.tokenizer, pixels, candidates, image_token_count(processor), batch_size
         )
-    from posttrain.critic import LlavaCriticJudge, parse_verdict
+    from posttrain.evaluate.critic import LlavaCriticJudge, parse_verdict
 
     critic = LlavaCriticJudge(critic_params.model, revision=critic_params.revision or None)
     _, raw = critic.judge_pairs_raw(
@@ -280,12 +280,12 @@ RETOKENIZED_SLACK = 8  # tokens an answer may gain when re-tokenized inside the 
 
 
 def preference_phases(tokenizer, examples: list[Example], n_image_tokens: int, params) -> list:
-    """The batches the stage runs (`posttrain.memory.Phase`): two samples of each prompt after its history,
-    and with ``judge: self`` the pairwise prompts (question and two answers of up to max_new_tokens each)
-    scored against the verdict sentences.
+    """The batches the stage runs (`posttrain.models.memory.Phase`): two samples of each prompt after its
+    history, and with ``judge: self`` the pairwise prompts (question and two answers of up to max_new_tokens
+    each) scored against the verdict sentences.
     """
-    from posttrain.config import Judge
-    from posttrain.memory import Phase
+    from posttrain.core.config import Judge
+    from posttrain.models.memory import Phase
 
     longest = max(len(encode_prompt(tokenizer, e.history, e.question, n_image_tokens)) for e in examples)
     phases = [Phase("sampling", 2, longest, params.max_new_tokens)]
@@ -309,12 +309,13 @@ def preference_phases(tokenizer, examples: list[Example], n_image_tokens: int, p
 
 def preference_batch(params, models_dir, policy: str, merge: bool, examples: list[Example]) -> int:
     """``preferences.batch_size`` for sampling from `policy` (a folder under `models_dir`), resolved before
-    the model loads (`posttrain.generation.generation_batch`): only the base's config and processor are read.
+    the model loads (`posttrain.evaluate.generation.generation_batch`): only the base's config and processor
+    are read.
     """
     from pathlib import Path
 
-    from posttrain.generation import generation_batch
-    from posttrain.models import adapter_layer_bytes, base_config_and_processor, image_token_count
+    from posttrain.evaluate.generation import generation_batch
+    from posttrain.models.loading import adapter_layer_bytes, base_config_and_processor, image_token_count
 
     models_dir = Path(models_dir)
     config, processor = base_config_and_processor(models_dir / "base")
@@ -335,8 +336,8 @@ def make_preferences(
         processor: its processor.
         examples: the prompts (study train split).
         data_dir: the prepared folder (images).
-        params: `posttrain.config.PreferencesParams`.
-        critic_params: `posttrain.config.CriticParams` (for ``judge: critic``).
+        params: `posttrain.core.config.PreferencesParams`.
+        critic_params: `posttrain.core.config.CriticParams` (for ``judge: critic``).
 
     Returns:
         (pairs, stats) as `build_pairs` gives them, stats with the judge's name.
@@ -344,8 +345,8 @@ def make_preferences(
     Raises:
         NoPairsError: fewer than ``params.min_pairs`` pairs survive; the message has the counts.
     """
-    from posttrain.images import load_pixels
-    from posttrain.models import image_token_count
+    from posttrain.models.images import load_pixels
+    from posttrain.models.loading import image_token_count
 
     pixel_map = load_pixels(processor, data_dir, [e.image for e in examples])
     pixels = [pixel_map[e.image] for e in examples]

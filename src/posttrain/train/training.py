@@ -12,33 +12,33 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from posttrain.runtime import hide_bitsandbytes_without_cuda
+from posttrain.core.runtime import hide_bitsandbytes_without_cuda
 
 hide_bitsandbytes_without_cuda()  # before transformers' Trainer imports it (see there)
 
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from posttrain.checkpoints import claim_checkpoints, file_digest, fit
-from posttrain.config import BatchSize
-from posttrain.data import Example, group_conversations
-from posttrain.distributed import barrier, is_main, per_process_batch
-from posttrain.errors import InputError
-from posttrain.images import load_pixels
-from posttrain.memory import MemoryEstimate
-from posttrain.models import image_token_count, quantization_config
-from posttrain.template import (
+from posttrain.core.config import BatchSize
+from posttrain.core.distributed import barrier, is_main, per_process_batch
+from posttrain.core.errors import InputError
+from posttrain.data.examples import Example, group_conversations
+from posttrain.models.images import load_pixels
+from posttrain.models.loading import image_token_count, quantization_config
+from posttrain.models.memory import MemoryEstimate
+from posttrain.models.template import (
     IGNORE_INDEX,
     answer_start,
     conversation_text,
     encode_conversation,
     pad_batch,
 )
+from posttrain.train.checkpoints import claim_checkpoints, file_digest, fit
 
 
 class TeacherForcedDataset(torch.utils.data.Dataset):
     """One sequence per conversation: the image once, every turn, the loss on every answer.
 
-    LLaVA-1.5's own SFT format (`posttrain.template.encode_conversation` with ``supervise_history``):
+    LLaVA-1.5's own SFT format (`posttrain.models.template.encode_conversation` with ``supervise_history``):
     labels are -100 on the image, the user turns and the template; each answer and its EOS are kept.
     """
 
@@ -176,8 +176,8 @@ def answer_loss(model, inputs: dict, labels: torch.Tensor, num_items=None, start
         labels: (B, T), `IGNORE_INDEX` where no loss is taken.
         num_items: the divisor, the supervised tokens of the whole accumulated batch (the Trainer's
             ``num_items_in_batch``); None: this batch's.
-        start: `posttrain.template.answer_start` of the labels, found on the CPU by the collator; None: found
-            here.
+        start: `posttrain.models.template.answer_start` of the labels, found on the CPU by the collator; None:
+            found here.
 
     Returns:
         (loss, outputs); ``outputs.logits`` is (B, K, V).
@@ -214,8 +214,8 @@ class AnswerLossTrainer(Trainer):
 
 
 def run_trainer(model, args: TrainingArguments, dataset, collator, callbacks: list, live_dir=None) -> dict:
-    """One `AnswerLossTrainer` call through `posttrain.checkpoints.fit` (resumes a killed run's checkpoint in
-    ``args.output_dir``; claim it with `claim_checkpoints` first).
+    """One `AnswerLossTrainer` call through `posttrain.train.checkpoints.fit` (resumes a killed run's
+    checkpoint in ``args.output_dir``; claim it with `claim_checkpoints` first).
     """
     trainer = AnswerLossTrainer(
         model=model, args=args, train_dataset=dataset, data_collator=collator, callbacks=callbacks
@@ -233,20 +233,20 @@ def train_tiny_base(
     """Build the tiny LLaVA, train every weight from scratch on the pretrain pool, save it to `out_dir`.
 
     Args:
-        params: the validated ``base`` section (`posttrain.config.BaseParams`).
+        params: the validated ``base`` section (`posttrain.core.config.BaseParams`).
         data_dir: the prepared folder.
         out_dir: where the model, processor and provenance go (written atomically).
         checkpoint_dir: Trainer checkpoints; a rerun after a kill resumes from the newest one if its inputs
-            are the same (`posttrain.checkpoints`).
+            are the same (`posttrain.train.checkpoints`).
         live_dir: DVCLive folder for the training curves, or None.
 
     Returns:
         Training summary (steps, seconds, losses, parameter count).
     """
-    from posttrain.config import to_dict
-    from posttrain.data import load_split
-    from posttrain.io import atomic_dir
-    from posttrain.models import (
+    from posttrain.core.config import to_dict
+    from posttrain.core.io import atomic_dir
+    from posttrain.data.examples import load_split
+    from posttrain.models.loading import (
         build_tiny_llava,
         count_params,
         train_tokenizer,
@@ -341,8 +341,8 @@ def check_target_modules(
     Raises:
         TargetModulesError: naming the names that match nothing and the layer names there are.
     """
-    from posttrain.architectures import model_class
-    from posttrain.models import base_config_and_processor
+    from posttrain.models.architectures import model_class
+    from posttrain.models.loading import base_config_and_processor
 
     config, _ = base_config_and_processor(base_dir)
     with torch.device("meta"):
@@ -370,11 +370,11 @@ def sequence_memory(base_dir: Path, sequences: list, **estimate_kwargs) -> tuple
     """The step memory of one training sequence as long as the longest of `sequences`, and that length.
 
     Reads the base's config and processor, not its weights. A step over n such sequences takes the returned
-    estimate with its activations times n (they grow linearly, `posttrain.memory.estimate_training`).
+    estimate with its activations times n (they grow linearly, `posttrain.models.memory.estimate_training`).
     `estimate_kwargs` are `estimate_training`'s (target_regex, rank, quantized, checkpointing, liger).
     """
-    from posttrain.memory import estimate_training
-    from posttrain.models import base_config_and_processor
+    from posttrain.models.loading import base_config_and_processor
+    from posttrain.models.memory import estimate_training
 
     config, processor = base_config_and_processor(base_dir)
     n_image = image_token_count(processor)
@@ -405,8 +405,9 @@ def check_training_memory(
     rows. On CUDA, a step that cannot fit the GPU fails with the knob to turn.
 
     ``auto`` takes the largest divisor of `effective_batch` (so the effective batch stays exact) that is no
-    more than the rows and, on CUDA, whose step fits 95% of the GPU (`posttrain.memory.choose_micro_batch`);
-    on the CPU, with no card to size against, the whole effective batch. One line says what it chose and why.
+    more than the rows and, on CUDA, whose step fits 95% of the GPU
+    (`posttrain.models.memory.choose_micro_batch`); on the CPU, with no card to size against, the whole
+    effective batch. One line says what it chose and why.
 
     Args:
         base_dir: the `base` stage's folder (its config and processor are read, not its weights).
@@ -427,10 +428,10 @@ def check_training_memory(
         (micro-batch, gradient accumulation) to train with.
 
     Raises:
-        posttrain.memory.BatchTooLargeError: the estimate exceeds 95% of the GPU's memory (for ``auto``: even
-            at a micro-batch of 1).
+        posttrain.models.memory.BatchTooLargeError: the estimate exceeds 95% of the GPU's memory (for
+            ``auto``: even at a micro-batch of 1).
     """
-    from posttrain.memory import GB, BatchTooLargeError, check_fits, choose_micro_batch, within_budget
+    from posttrain.models.memory import GB, BatchTooLargeError, check_fits, choose_micro_batch, within_budget
 
     rows = len(sequences) // sequences_per_row
     unit = "conversations" if sequences_per_row == 1 else "preference pairs"
@@ -653,7 +654,7 @@ def replay_examples(data_dir: Path, study: list[Example], fraction: float, seed:
     """
     if fraction <= 0:
         return []
-    from posttrain.data import load_split
+    from posttrain.data.examples import load_split
 
     n_study = len(group_conversations(study))
     pretrain = load_split(data_dir, "pretrain_train")
@@ -688,14 +689,14 @@ def train_sft_variant(
 
     Args:
         name: the variant's name (``sft1`` ...), also the adapter's folder name.
-        common: `posttrain.config.SftCommon`, the settings every variant shares.
-        variant: `posttrain.config.SftVariant`, this variant's alpha and dropout.
+        common: `posttrain.core.config.SftCommon`, the settings every variant shares.
+        variant: `posttrain.core.config.SftVariant`, this variant's alpha and dropout.
         seed: the shared seed.
         base_dir: the `base` stage's folder.
         data_dir: the prepared folder.
         out_dir: the adapter folder, written atomically.
         checkpoint_dir: Trainer checkpoints; a rerun after a kill resumes from the newest one if its inputs
-            are the same (`posttrain.checkpoints`).
+            are the same (`posttrain.train.checkpoints`).
         live_dir: DVCLive folder for the curves, or None.
 
     Returns:
@@ -703,10 +704,10 @@ def train_sft_variant(
     """
     from peft import LoraConfig, get_peft_model
 
-    from posttrain.config import to_dict
-    from posttrain.data import load_split
-    from posttrain.io import atomic_dir
-    from posttrain.models import base_fingerprint, count_params, load_base, write_provenance
+    from posttrain.core.config import to_dict
+    from posttrain.core.io import atomic_dir
+    from posttrain.data.examples import load_split
+    from posttrain.models.loading import base_fingerprint, count_params, load_base, write_provenance
 
     qconfig = quantization_config(common.quantization)  # fails before loading anything if impossible
     if common.liger:
