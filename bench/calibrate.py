@@ -30,8 +30,8 @@ sys.path.insert(0, str(ROOT / "bench"))  # bench/pipeline.py
 
 from pipeline import cpu_model  # noqa: E402
 
-from posttrain.config import ParamsError, parse_params  # noqa: E402
-from posttrain.grid import experiment_names, parse_settings, set_key  # noqa: E402
+from posttrain.core.config import ParamsError, parse_params  # noqa: E402
+from posttrain.experiments.grid import experiment_names, parse_settings, set_key  # noqa: E402
 
 STUDY_FAMILIES = ("bar_shortest", "bar_value", "line_trend", "pie_count", "pie_smallest")
 

@@ -3,7 +3,7 @@
     python bench/cpu_repro.py [--steps 100] [--threads 2] [--out bench/results/cpu_repro_<host>.json]
 
 Trains the embedded default's tiny base (`params.yaml`'s `base` section, `data/prepared` from `dvc repro
-prepare`) for `--steps` steps in a fresh process twice: with `posttrain.runtime.CPU_NUMERICS` (what every
+prepare`) for `--steps` steps in a fresh process twice: with `posttrain.core.runtime.CPU_NUMERICS` (what every
 stage runs with) and with `POSTTRAIN_CPU_NUMERICS=native` (the libraries pick the kernels for this CPU).
 Prints the CPU, torch's chosen capability, the seconds, the last logged loss and the SHA-256 of the weights;
 run it on two machines and compare the hashes.
@@ -23,13 +23,13 @@ from pathlib import Path
 
 
 def child(steps: int, threads: int, data: str) -> None:
-    from posttrain.config import load_params
-    from posttrain.runtime import setup
+    from posttrain.core.config import load_params
+    from posttrain.core.runtime import setup
 
     setup(threads)
     import torch
 
-    from posttrain.training import train_tiny_base
+    from posttrain.train.training import train_tiny_base
 
     base = load_params("params.yaml").base
     params = dataclasses.replace(base, train=dataclasses.replace(base.train, max_steps=steps, save_steps=0))

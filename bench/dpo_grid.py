@@ -31,7 +31,7 @@ def rouge_margin(margin: float):
     """Keeps a pair whose correctness differs, or whose ROUGE-L gap is at least `margin` points."""
 
     def keeps(example, pair: dict) -> bool:
-        from posttrain.preferences import reference_key
+        from posttrain.train.preferences import reference_key
 
         (c1, r1), (c2, r2) = (reference_key(example, pair[k]) for k in ("chosen", "rejected"))
         return c1 > c2 or r1 - r2 >= margin
@@ -103,7 +103,7 @@ def params_with(section: str, overrides: dict, seed: int | None = None) -> dict:
 
 def filtered(src: Path, dst: Path, keeps) -> None:
     """Write the pairs of `src` that `keeps(example, pair)` to `dst`, with `src`'s statistics."""
-    from posttrain.data import load_split
+    from posttrain.data.examples import load_split
 
     examples = {e.id: e for e in load_split(ROOT / "data/prepared", "study_train")}
     lines = (src / "pairs.jsonl").read_text().splitlines()

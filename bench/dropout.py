@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from pipeline import cpu_model  # noqa: E402
 
-from posttrain.runtime import setup  # noqa: E402
+from posttrain.core.runtime import setup  # noqa: E402
 
 setup(0)  # before torch loads: the pinned CPU float paths; main() sets the threads
 import torch  # noqa: E402
@@ -53,15 +53,15 @@ def main() -> None:
     ap.add_argument("--json", help="also write the figures here")
     args = ap.parse_args()
 
-    from posttrain.config import load_params
+    from posttrain.core.config import load_params
 
     params = load_params(args.params)
     setup(params.base.threads)
     from peft import LoraConfig, get_peft_model
 
-    from posttrain.data import load_split
-    from posttrain.models import load_base
-    from posttrain.training import (
+    from posttrain.data.examples import load_split
+    from posttrain.models.loading import load_base
+    from posttrain.train.training import (
         SparseDropout,
         TeacherForcedCollator,
         TeacherForcedDataset,

@@ -1,12 +1,13 @@
-"""Peak GPU memory of the stages' generation (`posttrain.generation.generate`) on llava-1.5-7b, one GPU.
+"""Peak GPU memory of the stages' generation (`posttrain.evaluate.generation.generate`) on llava-1.5-7b, one
+GPU.
 
     python bench/generation_memory.py --out bench/results/generation_memory_h100.json
 
 Random bf16 weights of configs/llava-1.5-7b (nothing is read from disk); prompts shaped like the study's
 (BOS, 576 image tokens, `--text-tokens` of text, all of one length), sampled `--samples` times each to
 `--new-tokens` (random weights rarely emit the EOS, so every row runs to the end: the worst case). For each
-batch: the peak allocated above the weights, what `posttrain.memory.estimate_generation` predicts for it
-(its total less the weights: KV cache, activations, overhead), or "oom" where CUDA ran out. The stages'
+batch: the peak allocated above the weights, what `posttrain.models.memory.estimate_generation` predicts for
+it (its total less the weights: KV cache, activations, overhead), or "oom" where CUDA ran out. The stages'
 memory check is calibrated on these rows (tests/test_generation_memory.py).
 """
 
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from posttrain.architectures import build_random, load_config
+from posttrain.models.architectures import build_random, load_config
 
 IMAGE_TOKENS = 576
 
@@ -31,7 +32,8 @@ def cpu_model() -> str:
 def measure(
     model, config, *, batch: int, samples: int, new_tokens: int, text_tokens: int, cache: str
 ) -> dict:
-    from posttrain import generation, memory
+    from posttrain.evaluate import generation
+    from posttrain.models import memory
 
     g = torch.Generator().manual_seed(0)
     prompt = (

@@ -3,11 +3,11 @@
     python bench/gpu.py --out bench/results/h100.json
 
 Measures on the card itself: copy bandwidth and bf16 matmul peak; LoRA SFT throughput (bf16, QLoRA nf4,
-LoRA r=16 on every linear layer of the language model, the layers `posttrain.training` adapts) with model FLOP
-utilisation (model FLOPs = 4·N·T per sample for a frozen base: forward 2NT + input-gradient backward 2NT;
-recomputation not counted) and peak memory; batched greedy generation tokens/s against the memory-bandwidth
-limit of that batch (weights plus KV cache read per decode step, at the measured copy bandwidth). Then
-projects the study's wall time from those rates. Prints every figure and writes them as JSON.
+LoRA r=16 on every linear layer of the language model, the layers `posttrain.train.training` adapts) with
+model FLOP utilisation (model FLOPs = 4·N·T per sample for a frozen base: forward 2NT + input-gradient
+backward 2NT; recomputation not counted) and peak memory; batched greedy generation tokens/s against the
+memory-bandwidth limit of that batch (weights plus KV cache read per decode step, at the measured copy
+bandwidth). Then projects the study's wall time from those rates. Prints every figure and writes them as JSON.
 """
 
 import argparse
@@ -21,9 +21,9 @@ from pathlib import Path
 
 import torch
 
-from posttrain.architectures import build_random, load_config, param_count
-from posttrain.e2e import PRESET
-from posttrain.training import answer_loss, language_model_regex
+from posttrain.models.architectures import build_random, load_config, param_count
+from posttrain.realscale.e2e import PRESET
+from posttrain.train.training import answer_loss, language_model_regex
 
 IMAGE_TOKENS = 576  # (336 / 14)²
 TEXT_TOKENS = 129  # question + answer: seq 705 as in DESIGN.md's measurements
@@ -198,15 +198,15 @@ def dpo_throughput(model, config, pairs: int, steps: int) -> tuple[dict, torch.n
 def stage_generation(
     model, config, tokenizer, prompts: int, batch: int, samples: int, cache: str, copy_gb_s: float
 ) -> dict:
-    """Generation through the stages' own code (`posttrain.generation.generate`) on prompts shaped like the
-    study's: BOS, 576 image tokens, 40–80 text tokens; 128 new tokens a row at most.
+    """Generation through the stages' own code (`posttrain.evaluate.generation.generate`) on prompts shaped
+    like the study's: BOS, 576 image tokens, 40–80 text tokens; 128 new tokens a row at most.
 
     Tokens/s counts the tokens each row generated (to its EOS, if random weights emit one), the prompt's
     computation included. The bandwidth limit is the decode steps' bound (weights plus the KV cache of every
     row read once per step at the card's copy bandwidth, at the mean context); the prefill is timed on its own
     (one new token) and reported.
     """
-    from posttrain import generation
+    from posttrain.evaluate import generation
 
     g = torch.Generator().manual_seed(1)
     ids = []
@@ -253,11 +253,12 @@ def stage_generation(
 
 
 def critic_scoring(folder: str, items: int, batch_size: int, new_tokens: int) -> dict:
-    """LLaVA-Critic pointwise scores through `posttrain.critic.LlavaCriticJudge` (the evaluation's code) on a
-    stand-in critic: items/s with `new_tokens` generated per item (random weights rarely stop early)."""
+    """LLaVA-Critic pointwise scores through `posttrain.evaluate.critic.LlavaCriticJudge` (the evaluation's
+    code) on a stand-in critic: items/s with `new_tokens` generated per item (random weights rarely stop
+    early)."""
     from PIL import Image
 
-    from posttrain.critic import LlavaCriticJudge
+    from posttrain.evaluate.critic import LlavaCriticJudge
 
     judge = LlavaCriticJudge(folder)
     images = [Image.new("RGB", (336, 336), (i * 37 % 255, 90, 160)) for i in range(items)]
@@ -290,8 +291,8 @@ def load_llava(folder: str | Path, nf4: bool):
     """LLaVA from `folder` on the GPU in bf16, or as nf4 the way the stages quantize QLoRA's base."""
     from transformers import LlavaForConditionalGeneration
 
-    from posttrain.config import Quantization
-    from posttrain.training import quantization_config
+    from posttrain.core.config import Quantization
+    from posttrain.train.training import quantization_config
 
     return LlavaForConditionalGeneration.from_pretrained(
         folder,
@@ -344,7 +345,7 @@ def study_preset():
     """configs/study.yaml's settings (sizes only: its hub revision is left for `pin` to fill in)."""
     import yaml
 
-    from posttrain.config import parse_params
+    from posttrain.core.config import parse_params
 
     data = yaml.safe_load(PRESET.read_text())
     data["base"]["revision"] = "0" * 40  # pinned by `python -m posttrain pin`; the projection reads no hub
@@ -427,7 +428,8 @@ def main() -> None:
     ap.add_argument(
         "--gen-variants",
         default="64:1:static,64:1:dynamic,64:2:static",
-        help="comma-separated batch:samples:cache generation runs through posttrain.generation.generate",
+        help="comma-separated batch:samples:cache generation runs through "
+        "posttrain.evaluate.generation.generate",
     )
     ap.add_argument("--skip-upcast", action="store_true", help="skip the nf4 run with PEFT's fp32 upcast")
     ap.add_argument(
@@ -456,7 +458,7 @@ def main() -> None:
     def liger(m):
         """Liger's kernels in `m`'s language model as `sft.common.liger` applies them (training only)."""
         if args.liger:
-            from posttrain.training import apply_liger
+            from posttrain.train.training import apply_liger
 
             apply_liger(m)
         return m
@@ -475,7 +477,7 @@ def main() -> None:
     result["params"] = n_params
 
     model = build_random(config, dtype=torch.bfloat16, device="cuda", seed=0)
-    from posttrain.standin import LLAVA_SPECIALS, standin_tokenizer
+    from posttrain.realscale.standin import LLAVA_SPECIALS, standin_tokenizer
 
     tokenizer = standin_tokenizer(
         ["a chart"], LLAVA_SPECIALS, bos="<s>", eos="</s>", pad="<pad>", unk="<unk>"
@@ -532,7 +534,8 @@ def main() -> None:
             gc.collect()
             torch.cuda.empty_cache()
             q = load_llava(tmp, nf4=True)
-        # as posttrain.training loads it: unquantized weights stay bf16 (no prepare_model_for_kbit_training)
+        # as posttrain.train.training loads it: unquantized weights stay bf16 (no
+        # prepare_model_for_kbit_training)
         q = liger(q)
         intact = True  # an OOM inside sft_throughput leaves LoRA layers injected: stop measuring then
         for bs in sorted(int(b) for b in args.nf4_batches.split(",")):
@@ -570,9 +573,9 @@ def main() -> None:
         torch.cuda.empty_cache()
 
     if args.critic:
-        from posttrain.architectures import load_config as critic_config
-        from posttrain.critic import pairwise_prompt, pointwise_prompt
-        from posttrain.standin import write_critic
+        from posttrain.evaluate.critic import pairwise_prompt, pointwise_prompt
+        from posttrain.models.architectures import load_config as critic_config
+        from posttrain.realscale.standin import write_critic
 
         with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP", "/tmp")) as tmp:
             write_critic(

@@ -6,10 +6,10 @@ prompt once for its three verdict sentences.
 LLaVA-1.5-7B's architecture with random weights (bf16), prompts shaped like the study's pairwise judge
 prompt (BOS, 576 image tokens, 330-390 text tokens: the question and two answers of up to 128 tokens) and
 three verdict continuations of 8 tokens. "before" scores the 3 whole sequences of every prompt with
-`posttrain.generation.answer_nll` (batch = the preset's `preferences.batch_size` sequences), as
-`posttrain.preferences.self_verdicts` did; "after" runs `continuation_nll` (batch = that many prompts), as it
-does now. Both results are compared: the sums must agree to bf16 rounding. `bench/gpu.py --judge` reads the
-file into the study's projection.
+`posttrain.evaluate.generation.answer_nll` (batch = the preset's `preferences.batch_size` sequences), as
+`posttrain.train.preferences.self_verdicts` did; "after" runs `continuation_nll` (batch = that many prompts),
+as it does now. Both results are compared: the sums must agree to bf16 rounding. `bench/gpu.py --judge` reads
+the file into the study's projection.
 """
 
 import argparse
@@ -20,10 +20,10 @@ from pathlib import Path
 
 import torch
 
-from posttrain.architectures import build_random, load_config
-from posttrain.generation import answer_nll, continuation_nll
-from posttrain.standin import LLAVA_SPECIALS, standin_tokenizer
-from posttrain.template import IGNORE_INDEX
+from posttrain.evaluate.generation import answer_nll, continuation_nll
+from posttrain.models.architectures import build_random, load_config
+from posttrain.models.template import IGNORE_INDEX
+from posttrain.realscale.standin import LLAVA_SPECIALS, standin_tokenizer
 
 IMAGE_TOKENS = 576
 

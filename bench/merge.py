@@ -28,24 +28,24 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from nf4 import answer_logits  # noqa: E402
 
-from posttrain.config import Quantization  # noqa: E402
-from posttrain.data import load_split  # noqa: E402
-from posttrain.generation import generate  # noqa: E402
-from posttrain.images import load_pixels  # noqa: E402
-from posttrain.models import (  # noqa: E402
+from posttrain.core.config import Quantization  # noqa: E402
+from posttrain.data.examples import load_split  # noqa: E402
+from posttrain.evaluate.generation import generate  # noqa: E402
+from posttrain.models.images import load_pixels  # noqa: E402
+from posttrain.models.loading import (  # noqa: E402
     image_token_count,
     load_base,
     load_model,
     quantization_config,
     trained_quantization,
 )
-from posttrain.template import encode_prompt  # noqa: E402
+from posttrain.models.template import encode_prompt  # noqa: E402
 
 MODELS = ("sfte", "sfte_dpo")
 
 
 def trained(models: Path, name: str, device: str, quantization: Quantization):
-    """The base as DPO held it with the adapter as its own layer: DPO's policy (`posttrain.dpo`)."""
+    """The base as DPO held it with the adapter as its own layer: DPO's policy (`posttrain.train.dpo`)."""
     from peft import PeftModel
 
     dtype = torch.bfloat16 if device == "cuda" else torch.float32

@@ -3,14 +3,14 @@
     python bench/nf4.py [--models models] [--data data/prepared] [--out bench/results/nf4_h200.json]
 
 CUDA only (bitsandbytes 4-bit). On the pipeline's own models (the tiny base and its adapters, from
-`dvc repro`), loaded with the base in bf16 and in nf4 (`posttrain.models.quantization_config`, the settings
-QLoRA SFT uses):
+`dvc repro`), loaded with the base in bf16 and in nf4 (`posttrain.models.loading.quantization_config`, the
+settings QLoRA SFT uses):
 
 1. **One adapter, two bases.** sft1's logits on the study test split, teacher-forced on the reference answers
    (the sequences of the test loss): the largest and mean logit gap, the mean KL(bf16 ‖ nf4) and the top-1
    agreement at the answer positions, and the test loss under each.
 2. **The ensemble on the nf4 base is still the members' average.** SFTe (the `cat` adapter the pipeline built)
-   against the four members active together at 1/4 scale each (`posttrain.ensembling.members_together`,
+   against the four members active together at 1/4 scale each (`posttrain.train.ensemble.members_together`,
    the averaged delta computed without a combined adapter), on the same nf4 base; the gap between SFTe and a
    single member shows the size a failure would have.
 3. **What it does to the table.** `evaluate_model` for sft1 and sfte with each base: the headline metrics.
@@ -26,13 +26,13 @@ from pathlib import Path
 
 import torch
 
-from posttrain.config import Quantization, load_params
-from posttrain.data import load_split
-from posttrain.ensembling import members_together
-from posttrain.evaluation import evaluate_model
-from posttrain.images import load_pixels
-from posttrain.models import image_token_count, load_base, quantization_config
-from posttrain.template import IGNORE_INDEX, encode_conversation, pad_batch
+from posttrain.core.config import Quantization, load_params
+from posttrain.data.examples import load_split
+from posttrain.evaluate.evaluation import evaluate_model
+from posttrain.models.images import load_pixels
+from posttrain.models.loading import image_token_count, load_base, quantization_config
+from posttrain.models.template import IGNORE_INDEX, encode_conversation, pad_batch
+from posttrain.train.ensemble import members_together
 
 HOLDS = {"bf16": Quantization.NONE, "nf4": Quantization.NF4}
 HEADLINE = ("loss", "bleu", "rouge_l", "critic", "relaxed_acc", "negative_acc", "retain_relaxed_acc")

@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from calibrate import family_cells, num, row, setting_params, stage, stage_env  # noqa: E402
 from pipeline import cpu_model  # noqa: E402
 
-from posttrain.grid import parse_settings  # noqa: E402
+from posttrain.experiments.grid import parse_settings  # noqa: E402
 
 SFT_THREADS = 2
 

@@ -2,9 +2,9 @@
 
     python bench/startup.py [--work /tmp/startup] [--out bench/results/startup_<card>.json]
 
-Writes the stand-in LLaVA-1.5-7B (random weights, `posttrain.standin`) once, then times in this process:
-importing torch, transformers + peft, the project's training and model modules (the HF Trainer), trl; and
-loading the model twice as nf4 (QLoRA's base; the second load from a warm page cache) and once as bf16.
+Writes the stand-in LLaVA-1.5-7B (random weights, `posttrain.realscale.standin`) once, then times in this
+process: importing torch, transformers + peft, the project's training and model modules (the HF Trainer), trl;
+and loading the model twice as nf4 (QLoRA's base; the second load from a warm page cache) and once as bf16.
 The e2e driver's start-up figure (a stage's wall time less its work) is what the study projection uses;
 this says what it is made of.
 """
@@ -37,16 +37,16 @@ def main() -> None:
     import transformers  # noqa: F401
 
     t = timed("import transformers and peft", t)
-    import posttrain.models  # noqa: F401
-    import posttrain.training  # noqa: F401
+    import posttrain.models.loading  # noqa: F401
+    import posttrain.train.training  # noqa: F401
 
-    t = timed("import posttrain.training and posttrain.models (the HF Trainer)", t)
+    t = timed("import posttrain.train.training and posttrain.models.loading (the HF Trainer)", t)
     import trl  # noqa: F401
 
     t = timed("import trl", t)
     from gpu import load_llava  # bench/gpu.py, beside this script
 
-    from posttrain.e2e import write_standins
+    from posttrain.realscale.e2e import write_standins
 
     work = Path(args.work)
     write_standins(work, False, "cuda", 24, critic=False)

@@ -2,10 +2,10 @@
 
     python bench/tokens.py [--rows 1776] [--out bench/results/tokens.json]
 
-Built on the stand-in LRV Chart parquet (`posttrain.standin.write_lrv_parquet`: synthetic 336 px charts as
-LRV-schema conversations with follow-ups, LRV declines and duplicate images) read through the real loader,
-and the stand-in LLaVA-1.5 tokenizer with LLaVA-1.5's 576 image tokens. Per turn, every turn repeats the
-image's 576 tokens; per conversation, the image comes once and every answer is still supervised.
+Built on the stand-in LRV Chart parquet (`posttrain.realscale.standin.write_lrv_parquet`: synthetic 336 px
+charts as LRV-schema conversations with follow-ups, LRV declines and duplicate images) read through the real
+loader, and the stand-in LLaVA-1.5 tokenizer with LLaVA-1.5's 576 image tokens. Per turn, every turn repeats
+the image's 576 tokens; per conversation, the image comes once and every answer is still supervised.
 Pure tokenization: no model, the same on any machine.
 """
 
@@ -15,10 +15,10 @@ import platform
 import tempfile
 from pathlib import Path
 
-from posttrain.data import group_conversations
-from posttrain.lrv import flatten_rows, load_lrv_rows
-from posttrain.standin import LLAVA_SPECIALS, standin_tokenizer, write_lrv_parquet
-from posttrain.template import IGNORE_INDEX, conversation_text, encode_conversation
+from posttrain.data.examples import group_conversations
+from posttrain.data.lrv import flatten_rows, load_lrv_rows
+from posttrain.models.template import IGNORE_INDEX, conversation_text, encode_conversation
+from posttrain.realscale.standin import LLAVA_SPECIALS, standin_tokenizer, write_lrv_parquet
 
 IMAGE_TOKENS = 576  # LLaVA-1.5: (336 / 14)² patches
 

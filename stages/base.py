@@ -11,9 +11,9 @@ import argparse
 import shutil
 from pathlib import Path
 
-from posttrain.config import ModelKind, load_params, to_dict
-from posttrain.io import atomic_dir, write_json_atomic
-from posttrain.runtime import run_command, setup
+from posttrain.core.config import ModelKind, load_params, to_dict
+from posttrain.core.io import atomic_dir, write_json_atomic
+from posttrain.core.runtime import run_command, setup
 
 
 def main() -> None:
@@ -29,8 +29,8 @@ def main() -> None:
     params = load_params(args.params).base
     setup(params.threads)
     # only now that the params are valid: torch and transformers take seconds to import
-    from posttrain.models import write_provenance
-    from posttrain.training import train_tiny_base
+    from posttrain.models.loading import write_provenance
+    from posttrain.train.training import train_tiny_base
 
     if params.model is ModelKind.HUB:
         with atomic_dir(args.out) as tmp:
@@ -44,7 +44,7 @@ def main() -> None:
             )
         print(f"base: {params.hub_id}@{params.revision} recorded in {args.out}")
         return
-    from posttrain.distributed import is_main
+    from posttrain.core.distributed import is_main
 
     summary = train_tiny_base(
         params,

@@ -11,9 +11,9 @@ import argparse
 import shutil
 from pathlib import Path
 
-from posttrain.config import load_params
-from posttrain.io import read_json, read_jsonl
-from posttrain.runtime import run_command, setup
+from posttrain.core.config import load_params
+from posttrain.core.io import read_json, read_jsonl
+from posttrain.core.runtime import run_command, setup
 
 
 def main() -> None:
@@ -31,8 +31,8 @@ def main() -> None:
     params = load_params(args.params)
     setup(params.base.threads)
     # only now that the params are valid: torch and transformers take seconds to import
-    from posttrain.distributed import is_main
-    from posttrain.dpo import run_rounds
+    from posttrain.core.distributed import is_main
+    from posttrain.train.dpo import run_rounds
 
     models = Path(args.models)
     pairs = read_jsonl(Path(args.pairs) / "pairs.jsonl")

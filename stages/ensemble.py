@@ -9,8 +9,8 @@ A/B averaging, kept for the ablation. Writes models/sfte/ as a single adapter th
 import argparse
 from pathlib import Path
 
-from posttrain.config import load_params
-from posttrain.runtime import run_command, setup
+from posttrain.core.config import load_params
+from posttrain.core.runtime import run_command, setup
 
 
 def main() -> None:
@@ -26,7 +26,7 @@ def main() -> None:
     params = load_params(args.params)
     setup(params.base.threads)
     # only now that the params are valid: torch and transformers take seconds to import
-    from posttrain.ensembling import build_ensemble
+    from posttrain.train.ensemble import build_ensemble
 
     models = Path(args.models)
     members = {name: models / name for name in args.members}

@@ -12,8 +12,8 @@ import argparse
 from dataclasses import replace
 from pathlib import Path
 
-from posttrain.config import downstream_quantization, load_params
-from posttrain.runtime import run_command, setup
+from posttrain.core.config import downstream_quantization, load_params
+from posttrain.core.runtime import run_command, setup
 
 
 def main() -> None:
@@ -32,11 +32,11 @@ def main() -> None:
     params = load_params(args.params)
     device = setup(params.base.threads)
     # only now that the params are valid: torch and transformers take seconds to import
-    from posttrain.distributed import is_main
-    from posttrain.evaluation import evaluate_model, evaluation_batch, headline
-    from posttrain.generation import throughput
-    from posttrain.io import write_json_atomic
-    from posttrain.models import load_model
+    from posttrain.core.distributed import is_main
+    from posttrain.core.io import write_json_atomic
+    from posttrain.evaluate.evaluation import evaluate_model, evaluation_batch, headline
+    from posttrain.evaluate.generation import throughput
+    from posttrain.models.loading import load_model
 
     # before any weight loads: batch_size auto sized to the GPU, an integer checked against it
     batch = evaluation_batch(

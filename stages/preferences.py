@@ -11,10 +11,10 @@ import argparse
 from dataclasses import replace
 from pathlib import Path
 
-from posttrain.config import downstream_quantization, load_params
-from posttrain.data import load_split
-from posttrain.io import atomic_dir, write_json_atomic, write_jsonl
-from posttrain.runtime import run_command, setup
+from posttrain.core.config import downstream_quantization, load_params
+from posttrain.core.io import atomic_dir, write_json_atomic, write_jsonl
+from posttrain.core.runtime import run_command, setup
+from posttrain.data.examples import load_split
 
 
 def main() -> None:
@@ -31,10 +31,10 @@ def main() -> None:
     params = load_params(args.params)
     device = setup(params.base.threads)
     # only now that the params are valid: torch and transformers take seconds to import
-    from posttrain.distributed import is_main
-    from posttrain.generation import throughput
-    from posttrain.models import load_model
-    from posttrain.preferences import make_preferences, preference_batch
+    from posttrain.core.distributed import is_main
+    from posttrain.evaluate.generation import throughput
+    from posttrain.models.loading import load_model
+    from posttrain.train.preferences import make_preferences, preference_batch
 
     examples = load_split(args.data, "study_train")
     if params.preferences.max_prompts:

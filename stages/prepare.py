@@ -9,9 +9,9 @@ Embedded default: synthetic charts (pretrain and study pools, split by image). R
 import argparse
 import time
 
-from posttrain.config import load_params
-from posttrain.preparation import prepare_data
-from posttrain.runtime import run_command
+from posttrain.core.config import load_params
+from posttrain.core.runtime import run_command
+from posttrain.data.prepare import prepare_data
 
 
 def main() -> None:

@@ -7,8 +7,8 @@ import argparse
 import json
 from pathlib import Path
 
-from posttrain.config import load_params
-from posttrain.runtime import run_command
+from posttrain.core.config import load_params
+from posttrain.core.runtime import run_command
 
 
 def main() -> None:
@@ -25,7 +25,7 @@ def main() -> None:
     args = ap.parse_args()
 
     params = load_params(args.params)
-    from posttrain.report import build_report  # only now that the params are valid: matplotlib is slow
+    from posttrain.report.report import build_report  # only now that the params are valid: matplotlib is slow
 
     r = params.report
     prefs = Path(args.metrics) / "preferences.json"

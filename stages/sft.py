@@ -12,9 +12,9 @@ import argparse
 import shutil
 from pathlib import Path
 
-from posttrain.config import ParamsError, load_params
-from posttrain.io import write_json_atomic
-from posttrain.runtime import run_command, setup
+from posttrain.core.config import ParamsError, load_params
+from posttrain.core.io import write_json_atomic
+from posttrain.core.runtime import run_command, setup
 
 
 def main() -> None:
@@ -34,8 +34,8 @@ def main() -> None:
         raise ParamsError([f"--variant {args.variant}: not a key of sft.variants ({known})"], args.params)
     setup(params.base.threads)
     # only now that the params are valid: torch and transformers take seconds to import
-    from posttrain.distributed import is_main
-    from posttrain.training import train_sft_variant
+    from posttrain.core.distributed import is_main
+    from posttrain.train.training import train_sft_variant
 
     checkpoints = Path(args.checkpoints) / args.variant
     summary = train_sft_variant(

@@ -56,8 +56,8 @@ def micro_params_file(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def prepared(tmp_path_factory, micro_params_file) -> Path:
-    from posttrain.config import load_params
-    from posttrain.preparation import prepare_data
+    from posttrain.core.config import load_params
+    from posttrain.data.prepare import prepare_data
 
     out = tmp_path_factory.mktemp("data") / "prepared"
     prepare_data(load_params(micro_params_file).prepare, out)
@@ -67,10 +67,10 @@ def prepared(tmp_path_factory, micro_params_file) -> Path:
 @pytest.fixture(scope="session")
 def tiny(prepared):
     """(model, processor) of a randomly initialised tiny LLaVA with a tokenizer trained on the micro data."""
-    from posttrain.config import load_params
-    from posttrain.data import load_split
-    from posttrain.models import build_tiny_llava, train_tokenizer
-    from posttrain.template import conversation_text
+    from posttrain.core.config import load_params
+    from posttrain.data.examples import load_split
+    from posttrain.models.loading import build_tiny_llava, train_tokenizer
+    from posttrain.models.template import conversation_text
 
     params = load_params(ROOT / "params.yaml").base
     examples = load_split(prepared, "pretrain_train") + load_split(prepared, "study_train")
@@ -82,7 +82,7 @@ def tiny(prepared):
 @pytest.fixture(scope="session")
 def base_dir(tiny, tmp_path_factory):
     """The tiny model saved as the `base` stage saves it."""
-    from posttrain.models import write_provenance
+    from posttrain.models.loading import write_provenance
 
     model, processor = tiny
     out = tmp_path_factory.mktemp("models") / "base"
@@ -123,8 +123,8 @@ def make_adapter(
     """
     from peft import LoraConfig, get_peft_model
 
-    from posttrain.models import base_fingerprint, load_base, write_provenance
-    from posttrain.training import language_model_regex
+    from posttrain.models.loading import base_fingerprint, load_base, write_provenance
+    from posttrain.train.training import language_model_regex
 
     model, _, _ = load_base(base_dir)
     torch.manual_seed(seed)
@@ -171,7 +171,7 @@ def kill_after_first_checkpoint(
     import subprocess
     import time
 
-    from posttrain.checkpoints import newest_checkpoint
+    from posttrain.train.checkpoints import newest_checkpoint
 
     env = env or {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT / "src")}
     prefix = [sys.executable, "-m", "posttrain.launch"] if launcher else [sys.executable]

@@ -13,10 +13,10 @@ import torch
 from conftest import make_adapter
 from safetensors.torch import load_file
 
-from posttrain.config import EnsembleParams, load_params
-from posttrain.dpo import run_rounds
-from posttrain.ensembling import build_ensemble
-from posttrain.models import load_model
+from posttrain.core.config import EnsembleParams, load_params
+from posttrain.models.loading import load_model
+from posttrain.train.dpo import run_rounds
+from posttrain.train.ensemble import build_ensemble
 
 
 def pickled(adapter):

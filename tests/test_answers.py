@@ -2,9 +2,9 @@
 
 import pytest
 
-from posttrain.answers import extract, short_answer_of
-from posttrain.data import AnswerType
-from posttrain.metrics import relaxed_match
+from posttrain.data.answers import extract, short_answer_of
+from posttrain.data.examples import AnswerType
+from posttrain.evaluate.metrics import relaxed_match
 
 N, Y, C, T, X = AnswerType.NUMBER, AnswerType.YES_NO, AnswerType.COLOR, AnswerType.TREND, AnswerType.TEXT
 

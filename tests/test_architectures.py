@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from posttrain import architectures as arch
+from posttrain.models import architectures as arch
 
 
 def test_shipped_configs_load() -> None:

@@ -13,7 +13,7 @@ import torch
 import yaml
 from conftest import ROOT, make_adapter
 
-from posttrain.config import (
+from posttrain.core.config import (
     BaseWeights,
     ParamsError,
     Quantization,
@@ -21,7 +21,7 @@ from posttrain.config import (
     load_params,
     parse_params,
 )
-from posttrain.models import load_model
+from posttrain.models.loading import load_model
 
 STUDY = ROOT / "configs" / "study.yaml"
 
@@ -116,9 +116,9 @@ def test_dequantized_nf4_layers_compute_what_the_nf4_layers_compute(tiny, prepar
     pytest.importorskip("bitsandbytes")
     import copy
 
-    from posttrain.data import load_split
-    from posttrain.models import dequantize_4bit_linears
-    from posttrain.training import TeacherForcedCollator, TeacherForcedDataset
+    from posttrain.data.examples import load_split
+    from posttrain.models.loading import dequantize_4bit_linears
+    from posttrain.train.training import TeacherForcedCollator, TeacherForcedDataset
 
     model, processor = tiny
     full = copy.deepcopy(model).to(torch.bfloat16).eval()
@@ -160,7 +160,7 @@ def test_by_default_the_adapter_stays_a_layer_as_it_trained(models):
     fp32 layer, as DPO trained it, not folded into (and rounded with) the base weights."""
     from conftest import ROOT
 
-    from posttrain.config import load_params
+    from posttrain.core.config import load_params
 
     assert load_params(ROOT / "params.yaml").adapters.merge is False
     make_adapter(models / "base", models / "sft1", alpha=16.0)

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from posttrain.compare import _OPTIONAL_FIELDS, REQUIRED_FIELDS
-from posttrain.config import ParamsError
-from posttrain.runtime import exit_status
+from posttrain.core.config import ParamsError
+from posttrain.core.runtime import exit_status
+from posttrain.report.compare import _OPTIONAL_FIELDS, REQUIRED_FIELDS
 
 
 def _help(*command: str) -> str:
@@ -52,18 +52,18 @@ QUIET = """
 import sys
 from pathlib import Path
 
-import posttrain.models  # before setup, as the e2e runner and the benchmarks import it
-import posttrain.training
-from posttrain.runtime import setup
+import posttrain.models.loading  # before setup, as the e2e runner and the benchmarks import it
+import posttrain.train.training
+from posttrain.core.runtime import setup
 
 setup(1)
 from transformers import AutoProcessor
 
 AutoProcessor.from_pretrained(sys.argv[1])
-model, _, _ = posttrain.models.load_base(sys.argv[1])
+model, _, _ = posttrain.models.loading.load_base(sys.argv[1])
 model.is_gradient_checkpointing  # what TRL's DPO reads each step
 for on in (False, True):
-    posttrain.training.training_arguments(
+    posttrain.train.training.training_arguments(
         sys.argv[2], max_steps=1, batch_size=1, learning_rate=1e-3, warmup_steps=0, weight_decay=0.0, seed=0,
         save_steps=0, gradient_checkpointing=on,
     )

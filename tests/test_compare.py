@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from posttrain.__main__ import main
-from posttrain.compare import CompareError, compare, format_markdown, format_p, load_responses
-from posttrain.metrics import holm_adjust
+from posttrain.evaluate.metrics import holm_adjust
+from posttrain.report.compare import CompareError, compare, format_markdown, format_p, load_responses
 
 REFS = [
     "The highest bar is 2019 with 45 units.",
@@ -387,8 +387,8 @@ def test_cli_subprocess(files, tmp_path):
 
 def test_holm_adjusted_p_values_decide_the_significance_sentences():
     """A raw p below 0.05 among many tests is not called significant when Holm's adjustment lifts it."""
-    from posttrain.compare import compare
-    from posttrain.report import significance_summary
+    from posttrain.report.compare import compare
+    from posttrain.report.report import significance_summary
 
     result = compare(
         {"a": _rows(WEAK, critic_score=[50] * 6), "b": _rows(REFS, critic_score=[50] * 6)}, "a", 200, 0
@@ -422,7 +422,7 @@ def test_deltas_only_leaves_the_means_table_out():
 def test_relaxed_accuracy_uses_the_evaluations_verdict_when_rows_carry_it():
     """The evaluation marks "The orange line is increasing." wrong for a cyan question although its
     extracted word matches: the report's paired tests must count it as the metrics files do."""
-    from posttrain.compare import item_stats
+    from posttrain.report.compare import item_stats
 
     row = {
         "id": 1,

@@ -7,7 +7,7 @@ import pytest
 import yaml
 from conftest import BILLION_LAUGHS
 
-from posttrain.config import (
+from posttrain.core.config import (
     MAX_BATCH,
     MAX_STEPS,
     MAX_YAML_VALUES,
@@ -332,8 +332,8 @@ def test_absurd_step_counts_are_refused(key):
         parse_params(_nested(key, 10**23))
     (problem,) = e.value.problems
     assert problem == (
-        f"{key}: must be <= {MAX_STEPS} (MAX_STEPS of posttrain.config: far more steps than any run of this "
-        f"pipeline takes), got 100000000000000000000000; give a step count up to {MAX_STEPS}"
+        f"{key}: must be <= {MAX_STEPS} (MAX_STEPS of posttrain.core.config: far more steps than any run of "
+        f"this pipeline takes), got 100000000000000000000000; give a step count up to {MAX_STEPS}"
     )
     assert parse_params(_nested(key, MAX_STEPS))
 
@@ -354,8 +354,8 @@ def test_absurd_batch_sizes_are_refused(key):
         parse_params(_nested(key, 10**11))
     (problem,) = e.value.problems
     assert problem == (
-        f"{key}: must be <= {MAX_BATCH} (MAX_BATCH of posttrain.config: more rows than any batch of this "
-        f"pipeline holds), got 100000000000; give a batch size up to {MAX_BATCH}"
+        f"{key}: must be <= {MAX_BATCH} (MAX_BATCH of posttrain.core.config: more rows than any batch of "
+        f"this pipeline holds), got 100000000000; give a batch size up to {MAX_BATCH}"
         + (" or auto" if key not in ("base.train.batch_size", "evaluate.critic.batch_size") else "")
     )
     assert parse_params(_nested(key, MAX_BATCH))
@@ -365,8 +365,8 @@ def test_an_absurd_effective_batch_is_refused():
     with pytest.raises(ParamsError) as e:
         parse_params({"sft": {"common": {"batch_size": "auto", "effective_batch": 10**11}}})
     assert e.value.problems == [
-        f"sft.common.effective_batch: must be <= {MAX_BATCH} (MAX_BATCH of posttrain.config: more rows than "
-        f"any batch of this pipeline holds), got 100000000000; give a batch size up to {MAX_BATCH}"
+        f"sft.common.effective_batch: must be <= {MAX_BATCH} (MAX_BATCH of posttrain.core.config: more rows "
+        f"than any batch of this pipeline holds), got 100000000000; give a batch size up to {MAX_BATCH}"
     ]
 
 
@@ -391,7 +391,8 @@ def test_a_yaml_alias_bomb_is_refused_at_load_in_a_short_message(tmp_path):
         load_params(path)
     assert e.value.problems == [
         f"aliases (*name) expand the file to more than {MAX_YAML_VALUES} values (MAX_YAML_VALUES of "
-        "posttrain.config; params.yaml has a few hundred); write the values out instead of repeating aliases"
+        "posttrain.core.config; params.yaml has a few hundred); write the values out instead of repeating "
+        "aliases"
     ]
 
 

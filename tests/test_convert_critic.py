@@ -11,14 +11,14 @@ import pytest
 import torch
 from PIL import Image
 
-from posttrain import convert_critic as cc
-from posttrain.critic import (
+from posttrain.evaluate.critic import (
     LlavaCriticJudge,
     is_transformers_onevision,
     load_onevision_processor,
     pointwise_prompt,
     qwen_render,
 )
+from posttrain.realscale import convert_critic as cc
 
 IMAGE, PATCH = 32, 8
 PINPOINTS = [[32, 32], [32, 64], [64, 32], [64, 64]]
@@ -260,7 +260,7 @@ def test_map_weight_name(original: str, new: str | None) -> None:
 def test_parse_pinpoints() -> None:
     full = cc.parse_pinpoints("(1x1),...,(6x6)", 384)
     assert len(full) == 36 and full[0] == [384, 384] and full[1] == [384, 768] and full[-1] == [2304, 2304]
-    from posttrain.architectures import ONEVISION_PINPOINTS
+    from posttrain.models.architectures import ONEVISION_PINPOINTS
 
     assert full == ONEVISION_PINPOINTS
     assert cc.parse_pinpoints([[384, 768], (768, 384)], 384) == [[384, 768], [768, 384]]
@@ -495,7 +495,7 @@ LMMS_LAB_7B_CONFIG = {  # the fields of lmms-lab's LLaVA-OneVision-7B / LLaVA-Cr
 def test_full_size_layout_maps_onto_shipped_architecture(tmp_path: Path) -> None:
     from transformers import LlavaOnevisionForConditionalGeneration
 
-    from posttrain.architectures import load_config
+    from posttrain.models.architectures import load_config
 
     cc._check_supported(LMMS_LAB_7B_CONFIG)
     name, tower = cc._vision_tower_config(LMMS_LAB_7B_CONFIG, tmp_path)

@@ -6,8 +6,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from posttrain import critic
-from posttrain.critic import (
+from posttrain.data.examples import AnswerType, Example
+from posttrain.evaluate import critic
+from posttrain.evaluate.critic import (
     LlavaCriticJudge,
     combine_orders,
     is_transformers_onevision,
@@ -18,7 +19,6 @@ from posttrain.critic import (
     qwen_render,
     reference_score,
 )
-from posttrain.data import AnswerType, Example
 
 # --------------------------------------------------------------------------------------------
 # Prompts
@@ -490,9 +490,9 @@ def test_hub_onevision_fetches_configs_then_safetensors(
 def test_the_critic_splits_its_batches_over_processes_and_gathers_them_in_order(tiny_critic_dir, monkeypatch):
     """Under 2 processes each scores its share of the batches (3 batches of 2, 2, 1 items: rank 0 gets
     batches 0 and 2, rank 1 batch 1), and gathered in batch order they are the replies of one process. The
-    two ranks are played in this process, the gather (`posttrain.distributed.gather_batches`, tested under
-    torchrun in test_launch) given both ranks' batches."""
-    import posttrain.distributed as distributed
+    two ranks are played in this process, the gather (`posttrain.core.distributed.gather_batches`, tested
+    under torchrun in test_launch) given both ranks' batches."""
+    import posttrain.core.distributed as distributed
 
     judge = LlavaCriticJudge(str(tiny_critic_dir), dtype="float32", device="cpu")
     calls = []

@@ -1,6 +1,6 @@
 """The training curves drawn offline (metrics/curves.png): read from DVCLive's files, x in optimizer steps."""
 
-from posttrain.report import plot_curves, read_curve
+from posttrain.report.report import plot_curves, read_curve
 
 
 def write_tsv(path, name, rows):

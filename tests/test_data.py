@@ -4,7 +4,8 @@ import random
 import pytest
 from PIL import Image
 
-from posttrain.charts import (
+from posttrain.core.config import load_params
+from posttrain.data.charts import (
     CAPTION_FAMILY,
     COLORS,
     POOL_FAMILIES,
@@ -15,8 +16,7 @@ from posttrain.charts import (
     generate_pool,
     random_chart,
 )
-from posttrain.config import load_params
-from posttrain.data import (
+from posttrain.data.examples import (
     SPLITS,
     AnswerType,
     Example,
@@ -27,7 +27,7 @@ from posttrain.data import (
     split_by_image,
     write_examples,
 )
-from posttrain.preparation import prepare_data
+from posttrain.data.prepare import prepare_data
 
 
 def test_generation_is_deterministic_by_seed(tmp_path):
@@ -53,7 +53,7 @@ def test_presence_asks_about_present_and_absent_colours_of_pretrain_charts_only(
     """prepare.synthetic.presence: "Is there a <colour> bar/line/slice in the chart?" on every pretrain chart
     type, yes when the colour is drawn and no when it is not, in about equal shares; the "no" answer is an
     answer, not a decline. The study pool is untouched, and off (the default) the pretrain pool is too."""
-    from posttrain.declines import is_decline
+    from posttrain.data.declines import is_decline
 
     for d in "abcd":
         (tmp_path / d).mkdir()
@@ -242,7 +242,7 @@ def test_prepare_writes_every_split_and_report(prepared):
 
 
 def test_prepare_failure_leaves_no_half_written_folder(tmp_path, micro_params_file, monkeypatch):
-    import posttrain.preparation as prep
+    import posttrain.data.prepare as prep
 
     def boom(*a, **k):
         raise RuntimeError("disk full")

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from posttrain.declines import is_decline
+from posttrain.data.declines import is_decline
 
 PHRASINGS = Path(__file__).parent / "data" / "declines.tsv"
 

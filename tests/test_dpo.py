@@ -7,11 +7,11 @@ import torch
 from conftest import make_adapter
 from peft import PeftModel
 
-from posttrain.config import DpoParams
-from posttrain.data import load_split
-from posttrain.dpo import PreferenceCollator, dpo_trainer, policy_from_adapter, train_dpo
-from posttrain.images import load_pixels
-from posttrain.models import image_token_count, load_base
+from posttrain.core.config import DpoParams
+from posttrain.data.examples import load_split
+from posttrain.models.images import load_pixels
+from posttrain.models.loading import image_token_count, load_base
+from posttrain.train.dpo import PreferenceCollator, dpo_trainer, policy_from_adapter, train_dpo
 
 
 @pytest.fixture(scope="module")
@@ -161,8 +161,8 @@ def test_two_rounds_sample_from_the_first_round_and_keep_both_adapters(
     import dataclasses
     import json
 
-    from posttrain.config import Judge, load_params
-    from posttrain.dpo import run_rounds
+    from posttrain.core.config import Judge, load_params
+    from posttrain.train.dpo import run_rounds
 
     params = load_params(micro_params_file)
     params = dataclasses.replace(
@@ -177,7 +177,7 @@ def test_two_rounds_sample_from_the_first_round_and_keep_both_adapters(
     try:
         rounds = run_rounds(base_dir, sfte, pairs, stats, prepared, params, 0, out, tmp_path / "ck", None)
     except Exception as e:  # noqa: BLE001 - a random policy can leave no pair in round 2; the error must say so
-        from posttrain.preferences import NoPairsError
+        from posttrain.train.preferences import NoPairsError
 
         assert isinstance(e, NoPairsError) and not out.exists()
         return
@@ -192,7 +192,7 @@ def test_two_rounds_sample_from_the_first_round_and_keep_both_adapters(
     # round 1 is evaluated on the way (round 2 is sfte_dpo, evaluated by evaluate@sfte_dpo)
     assert "relaxed_acc_ci_high" in rounds[0]["evaluation"] and "evaluation" not in rounds[1]
     assert (out / "rounds/round1/eval/study_test/round1.jsonl").exists()
-    from posttrain.report import rounds_table
+    from posttrain.report.report import rounds_table
 
     final = {k: 50.0 for k in rounds[0]["evaluation"]}
     table = rounds_table(prov["rounds"], final).splitlines()
@@ -203,7 +203,7 @@ def test_robust_loss_gets_its_label_smoothing(base_dir, sfte, prepared, pairs, t
     """dpo.label_smoothing reaches TRL: robust DPO without it would be plain DPO."""
     from dataclasses import replace
 
-    from posttrain.config import DpoLoss
+    from posttrain.core.config import DpoLoss
 
     model, processor = policy_from_adapter(base_dir, sfte, "cpu")
     params = replace(PARAMS, loss_type=DpoLoss.ROBUST, label_smoothing=0.1)
@@ -231,7 +231,7 @@ def test_dpo_with_batch_size_auto_trains_with_the_resolved_batch_and_records_it(
     import json
     from dataclasses import replace
 
-    from posttrain.config import BatchSize
+    from posttrain.core.config import BatchSize
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     params = replace(PARAMS, batch_size=BatchSize.AUTO, effective_batch=4)
@@ -247,7 +247,7 @@ def test_dpo_with_batch_size_auto_trains_with_the_resolved_batch_and_records_it(
 
 
 def test_heldout_pairs_are_whole_images_never_trained_on():
-    from posttrain.dpo import split_heldout
+    from posttrain.train.dpo import split_heldout
 
     rows = [{"image": f"images/{i % 10}.png", "n": i} for i in range(40)]  # 10 images, 4 pairs each
     train, held = split_heldout(rows, 0.2, seed=0)
@@ -265,7 +265,7 @@ def test_dpo_measures_its_rewards_on_heldout_pairs(base_dir, sfte, prepared, pai
     that learned anything prefers the chosen answers on charts it never saw."""
     from dataclasses import replace
 
-    from posttrain.dpo import split_heldout
+    from posttrain.train.dpo import split_heldout
 
     params = replace(PARAMS, heldout_fraction=0.4, epochs=3.0, batch_size=2)
     train, held = split_heldout(pairs, 0.4, 0)
@@ -287,7 +287,7 @@ def test_heldout_rewards_are_trls_on_one_full_batch_and_count_each_pair_once(
     rewards agree: loss, accuracy, margin. Then on 3 pairs scored in batches of 2 (a short last batch) the
     accuracy is exactly the share of the 3 pairs whose margin is positive, as TRL's mean of batch means is not
     under a short batch or accelerate's padding."""
-    from posttrain.dpo import _dataset, heldout_rewards, reward_summary
+    from posttrain.train.dpo import _dataset, heldout_rewards, reward_summary
 
     train, held = pairs[:4], pairs[4:8]
     model, processor = policy_from_adapter(base_dir, sfte, "cpu")

@@ -7,7 +7,12 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from posttrain.training import SparseDropout, dropped_positions, language_model_regex, sparse_lora_dropout
+from posttrain.train.training import (
+    SparseDropout,
+    dropped_positions,
+    language_model_regex,
+    sparse_lora_dropout,
+)
 
 
 @pytest.mark.parametrize("p", [0.05, 0.1, 0.5])

@@ -8,9 +8,9 @@ import torch
 from conftest import make_adapter
 from peft import PeftModel
 
-from posttrain.config import EnsembleMethod, EnsembleParams
-from posttrain.ensembling import average_delta_error, build_ensemble, combine, members_together
-from posttrain.models import load_base
+from posttrain.core.config import EnsembleMethod, EnsembleParams
+from posttrain.models.loading import load_base
+from posttrain.train.ensemble import average_delta_error, build_ensemble, combine, members_together
 
 
 @pytest.fixture(scope="module")
@@ -64,10 +64,10 @@ def test_linear_is_not_the_average_model(base_dir, members, mean_delta):
 
 
 def test_cat_logits_equal_the_averaged_merged_model(base_dir, members, mean_delta, prepared):
-    from posttrain.data import load_split
-    from posttrain.images import load_pixels
-    from posttrain.models import image_token_count
-    from posttrain.template import encode_prompt
+    from posttrain.data.examples import load_split
+    from posttrain.models.images import load_pixels
+    from posttrain.models.loading import image_token_count
+    from posttrain.models.template import encode_prompt
 
     out = base_dir.parent / "sfte"
     summary = build_ensemble(base_dir, members, EnsembleParams(), out)
@@ -164,7 +164,7 @@ def test_the_ensemble_is_built_in_fp32_on_a_gpu_and_its_error_is_measured(
 
     from safetensors.torch import load_file
 
-    import posttrain.ensembling as ensembling
+    import posttrain.train.ensemble as ensembling
 
     asked = []
 

@@ -3,9 +3,9 @@ import math
 import numpy as np
 import pytest
 
-from posttrain.charts import COLORS
-from posttrain.data import AnswerType, Example
-from posttrain.evaluation import (
+from posttrain.data.charts import COLORS
+from posttrain.data.examples import AnswerType, Example
+from posttrain.evaluate.evaluation import (
     aggregate,
     chance_lines,
     extract_short_answer,
@@ -89,7 +89,7 @@ def test_declined_positive_question_commits_to_no_answer():
 
 
 def test_chance_line_is_the_best_constant_answer_on_the_test_split():
-    from posttrain.compare import answer_spread
+    from posttrain.report.compare import answer_spread
 
     """Test answers 3,3,3,7,1: the best constant, "3", is right 3 of 5 = 60, whatever training held
     (a training majority of "7" would have drawn the line at 20)."""
@@ -163,7 +163,7 @@ def test_decline_discrimination_is_zero_for_a_constant_policy():
 def test_free_text_families_get_no_accuracy():
     """A caption (or an LRV row without a short answer) can be neither matched nor declined: its family gets
     no acc_ row, where it used to read 0% whatever the model said; negatives and short answers keep theirs."""
-    from posttrain.evaluation import scored_families
+    from posttrain.evaluate.evaluation import scored_families
 
     caption = _ex(
         family="describe", short=None, atype=AnswerType.TEXT, answer="A bar chart with 2 bars: red 3, blue 5."
@@ -193,8 +193,8 @@ def test_bootstrap_ci_is_deterministic():
 def test_unparsable_critic_replies_are_kept_counted_and_shown():
     """A critic reply without a score keeps its text in the row, is left out of the mean, and the
     report lists it per model with examples."""
-    from posttrain.critic import parse_score
-    from posttrain.report import unparsable_section
+    from posttrain.evaluate.critic import parse_score
+    from posttrain.report.report import unparsable_section
 
     replies = ["Final Score: 80", "the red bar is 35, but the chart shows 40 and", "Score: 6/10"]
     scores = [parse_score(r) for r in replies]
@@ -211,7 +211,7 @@ def test_unparsable_critic_replies_are_kept_counted_and_shown():
 
 
 def test_report_says_whether_dpo_learned():
-    from posttrain.report import dpo_signal_section
+    from posttrain.report.report import dpo_signal_section
 
     learned = {
         "round": 1,
@@ -266,7 +266,7 @@ def test_proportions_get_wilson_intervals_not_degenerate_bootstraps():
 
 
 def test_family_table_shows_n_chance_line_and_constant_answerers():
-    from posttrain.report import family_table
+    from posttrain.report.report import family_table
 
     metrics = {
         m: {
@@ -288,7 +288,7 @@ def test_family_table_shows_n_chance_line_and_constant_answerers():
 
 
 def test_preference_statistics_read_as_percentages_with_the_judge_named():
-    from posttrain.report import preferences_section
+    from posttrain.report.report import preferences_section
 
     stats = {
         "prompts": 1357,
@@ -337,7 +337,7 @@ def test_an_answer_counts_only_if_it_is_about_what_was_asked(
 ):
     from dataclasses import replace
 
-    from posttrain.critic import reference_score
+    from posttrain.evaluate.critic import reference_score
 
     e = replace(
         _ex(short=short, atype=atype, negative=negative), question=question, elements=("cyan", "blue")
@@ -356,7 +356,7 @@ def test_an_answer_counts_only_if_it_is_about_what_was_asked(
 def test_report_table_shows_what_declining_costs_and_whether_it_reads_the_chart():
     """The report's table puts negative_acc beside declined_answerable and decline_discrimination, each with
     its interval: a model that declines everything reads 100 / 100 / 0 there, not a lone 100."""
-    from posttrain.report import metrics_table
+    from posttrain.report.report import metrics_table
 
     declined = "There is no green bar in the chart."
     items = [_ex(), _ex(short="3"), _negative(), _negative()]
@@ -372,7 +372,7 @@ def test_report_table_shows_what_declining_costs_and_whether_it_reads_the_chart(
 def test_headline_pairs_negative_acc_with_decline_discrimination():
     """`dvc metrics show/diff` rows carry decline_discrimination beside negative_acc, so a diff between two
     runs shows whether a gain in declining follows the chart."""
-    from posttrain.evaluation import headline
+    from posttrain.evaluate.evaluation import headline
 
     declined = "There is no green bar in the chart."
     rows = score_items([_ex(), _negative()], [declined] * 2, [1.0] * 2, [1] * 2, [50.0] * 2)

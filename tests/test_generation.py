@@ -6,11 +6,11 @@ import copy
 import pytest
 import torch
 
-from posttrain.data import load_split
-from posttrain.generation import generate
-from posttrain.images import load_pixels
-from posttrain.models import image_token_count
-from posttrain.template import encode_prompt, pad_batch
+from posttrain.data.examples import load_split
+from posttrain.evaluate.generation import generate
+from posttrain.models.images import load_pixels
+from posttrain.models.loading import image_token_count
+from posttrain.models.template import encode_prompt, pad_batch
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +101,7 @@ def test_throughput_counts_answer_tokens_and_every_decoded_row_position(tiny, pr
     """`throughput` gives two counts: the tokens of each answer up to its EOS, and the positions the batch
     decoded for every row (a row that ended waits for the batch's longest): the cost a projection of answers
     of max_new_tokens needs."""
-    from posttrain import generation
+    from posttrain.evaluate import generation
 
     tok = tiny[1].tokenizer
     ids, pixels = prompts
@@ -158,7 +158,7 @@ def test_a_sampled_answer_is_the_same_at_any_batch_size(model, tiny, prompts):
 def test_seeded_sampling_draws_from_the_warped_distribution():
     """The Gumbel-max pick of `SeededSampling` over 40,000 rows (one key each) matches softmax(scores / T)
     within 0.01 per token, and never draws a token that top-p or top-k removed."""
-    from posttrain.generation import SeededSampling, row_keys
+    from posttrain.evaluate.generation import SeededSampling, row_keys
 
     scores = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, -6.0]])
     rows = 40_000
@@ -183,7 +183,7 @@ def test_seeded_sampling_draws_from_the_warped_distribution():
 
 def test_noise_is_a_function_of_the_key_step_and_token_only():
     """The same key gives the same noise at a step wherever its row sits; other steps and keys differ."""
-    from posttrain.generation import gumbel_noise, row_keys
+    from posttrain.evaluate.generation import gumbel_noise, row_keys
 
     keys = row_keys(0, [0, 1, 2, 3], 2)
     assert len(set(keys.tolist())) == 8, "every (prompt, sample) row has its own key"
@@ -197,7 +197,7 @@ def test_noise_is_a_function_of_the_key_step_and_token_only():
 def test_out_of_memory_halves_the_batch_and_keeps_the_answers(model, tiny, prompts, monkeypatch, capsys):
     """A fake CUDA out-of-memory above 3 prompts a batch: the batch of 12 is decoded again as 6, then 3 (the
     size printed), with the answers of a direct run at batch 3; at one prompt it is an error that says so."""
-    from posttrain import generation
+    from posttrain.evaluate import generation
 
     tok = tiny[1].tokenizer
     ids, pixels = prompts

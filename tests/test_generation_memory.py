@@ -1,4 +1,4 @@
-"""Generation memory estimated before loading (posttrain.memory.estimate_generation) and the batch that
+"""Generation memory estimated before loading (posttrain.models.memory.estimate_generation) and the batch that
 ``batch_size: auto`` takes from it for the preferences and evaluate stages."""
 
 import dataclasses
@@ -7,10 +7,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from posttrain.architectures import load_config
-from posttrain.config import BatchSize, PreferencesParams
-from posttrain.data import load_split
-from posttrain.memory import (
+from posttrain.core.config import BatchSize, PreferencesParams
+from posttrain.data.examples import load_split
+from posttrain.models.architectures import load_config
+from posttrain.models.memory import (
     GB,
     GenerationTooLargeError,
     InferenceEstimate,
@@ -25,9 +25,9 @@ from posttrain.memory import (
 def test_the_kv_cache_term_is_the_cache_transformers_allocates(tiny, prepared, monkeypatch):
     """The static cache `_generate_batch` fills for 3 prompts × 2 samples, measured in bytes on the tiny model
     (fp32 here), equals rows · (prompt + new tokens) · `kv_bytes_per_token`; the estimate adds one layer."""
-    from posttrain import generation
-    from posttrain.models import image_token_count
-    from posttrain.template import encode_prompt
+    from posttrain.evaluate import generation
+    from posttrain.models.loading import image_token_count
+    from posttrain.models.template import encode_prompt
 
     model, processor = tiny
     examples = load_split(prepared, "study_test")[:3]
@@ -77,7 +77,7 @@ def test_llava_7b_by_hand():
 def linear_estimate(monkeypatch):
     """An estimate of 10 GB plus 1 GB a prompt per sample (a 40 GB card's budget, 38 GB, holds 28 prompts of
     one sample, 14 of two)."""
-    import posttrain.memory as memory
+    import posttrain.models.memory as memory
 
     def estimate(config, *, prompts, phase, weights):
         return InferenceEstimate(weights=9.4 * GB, cache=prompts * phase.samples * GB, activations=0.0)
@@ -158,10 +158,10 @@ def test_the_stages_size_their_batches_from_the_base_without_its_weights(
     fails here), take the longest prompt of the data (and with judge: self the longer pairwise prompt)."""
     from transformers import LlavaForConditionalGeneration
 
-    import posttrain.memory as memory
-    from posttrain.config import EvaluateParams, Judge
-    from posttrain.evaluation import evaluation_batch
-    from posttrain.preferences import preference_batch
+    import posttrain.models.memory as memory
+    from posttrain.core.config import EvaluateParams, Judge
+    from posttrain.evaluate.evaluation import evaluation_batch
+    from posttrain.train.preferences import preference_batch
 
     def no_weights(*a, **k):
         raise AssertionError("the batch must be sized before any weight loads")
@@ -198,11 +198,11 @@ def test_max_new_tokens_past_the_context_is_refused_before_any_weight_loads(
     the key and the largest value that fits (512 minus the longest prompt)."""
     from transformers import LlavaForConditionalGeneration
 
-    from posttrain.config import EvaluateParams
-    from posttrain.errors import InputError
-    from posttrain.evaluation import evaluation_batch, evaluation_phases
-    from posttrain.models import base_config_and_processor, image_token_count
-    from posttrain.preferences import preference_batch, preference_phases
+    from posttrain.core.config import EvaluateParams
+    from posttrain.core.errors import InputError
+    from posttrain.evaluate.evaluation import evaluation_batch, evaluation_phases
+    from posttrain.models.loading import base_config_and_processor, image_token_count
+    from posttrain.train.preferences import preference_batch, preference_phases
 
     def no_weights(*a, **k):
         raise AssertionError("the context must be checked before any weight loads")

@@ -1,6 +1,6 @@
-"""Ablation grids across GPU groups (`posttrain.grid`): every combination once, one experiment per group at a
-time, the groups at once, params checked before anything runs, and real DVC experiments that each saw their
-own group's GPUs."""
+"""Ablation grids across GPU groups (`posttrain.experiments.grid`): every combination once, one experiment per
+group at a time, the groups at once, params checked before anything runs, and real DVC experiments that each
+saw their own group's GPUs."""
 
 import json
 import os
@@ -15,8 +15,8 @@ import pytest
 import yaml
 from conftest import ROOT
 
-from posttrain.config import ParamsError
-from posttrain.grid import (
+from posttrain.core.config import ParamsError
+from posttrain.experiments.grid import (
     Experiment,
     check_experiments,
     dvc_command,

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 from transformers import CLIPImageProcessor
 
-from posttrain.images import load_pixels, mean_colour, pad_to_square, process_images
+from posttrain.models.images import load_pixels, mean_colour, pad_to_square, process_images
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "posttrain"
 RED, BLUE = (255, 0, 0), (0, 0, 255)
@@ -68,12 +68,15 @@ def test_wide_chart_keeps_its_edges_only_when_padded():
 
 
 def test_every_policy_stage_reads_images_through_one_function():
-    """Only posttrain.images calls the policy's image processor; training, generation and loss use it."""
+    """Only posttrain.models.images calls the policy's image processor; training, generation and loss use
+    it."""
     callers = sorted(
-        p.name for p in SRC.glob("*.py") if re.search(r"\.image_processor\(", p.read_text(encoding="utf-8"))
+        p.relative_to(SRC).as_posix()
+        for p in SRC.rglob("*.py")
+        if re.search(r"\.image_processor\(", p.read_text(encoding="utf-8"))
     )
-    assert callers == ["images.py"]
-    for module in ("training.py", "evaluation.py", "preferences.py", "dpo.py"):
+    assert callers == ["models/images.py"]
+    for module in ("train/training.py", "evaluate/evaluation.py", "train/preferences.py", "train/dpo.py"):
         assert "load_pixels" in (SRC / module).read_text(encoding="utf-8")
 
 
@@ -93,10 +96,10 @@ def test_load_pixels_pads_the_images_of_a_prepared_folder(tmp_path):
 @pytest.mark.filterwarnings("ignore")
 def test_the_critic_processor_sees_the_whole_chart(tmp_path):
     """LLaVA-OneVision's anyres processor: its first tile is the whole image resized, edges included."""
-    from posttrain.architectures import load_config, shrink
-    from posttrain.convert_critic import write_processor
-    from posttrain.critic import load_onevision_processor, qwen_render
-    from posttrain.standin import QWEN2_SPECIALS, standin_tokenizer
+    from posttrain.evaluate.critic import load_onevision_processor, qwen_render
+    from posttrain.models.architectures import load_config, shrink
+    from posttrain.realscale.convert_critic import write_processor
+    from posttrain.realscale.standin import QWEN2_SPECIALS, standin_tokenizer
 
     tok = standin_tokenizer(["a chart"] * 3, QWEN2_SPECIALS, eos="<|im_end|>", pad="<|endoftext|>")
     write_processor(tmp_path, tok, shrink(load_config("llava-critic-7b")))

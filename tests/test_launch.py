@@ -173,9 +173,9 @@ def test_sft_in_two_processes_trains_the_adapter_of_one(project, tmp_path):
     30% of the largest lora_B entry). As models they agree: the test loss of the two adapters differs by
     less than 5% of what SFT moved it from the base (measured: 1.3%).
     """
-    from posttrain.data import load_split
-    from posttrain.models import load_model
-    from posttrain.training import TeacherForcedCollator, TeacherForcedDataset, answer_loss
+    from posttrain.data.examples import load_split
+    from posttrain.models.loading import load_model
+    from posttrain.train.training import TeacherForcedCollator, TeacherForcedDataset, answer_loss
 
     losses = {}
     for n in (1, 2):
@@ -219,7 +219,7 @@ def test_dpo_in_two_processes_takes_the_steps_of_one(project):
     """
     # pairs by hand: the micro base's samples mostly run to max_new_tokens, which are never pairs; 26 pairs
     # leave a short last batch in training and in the held-out rewards
-    from posttrain.data import load_split
+    from posttrain.data.examples import load_split
 
     rows = [
         {
@@ -273,8 +273,8 @@ def test_base_in_two_processes_trains_the_model_of_one(project):
     """The tiny base trained from scratch (all weights) by 2 processes of 4 rows against 1 of 8, 6 steps: the
     same first-step loss (same rows, same initialisation), and a test loss within 2% of what training moved
     it from the untrained model's (the rest is rounding amplified by AdamW, as in the SFT test)."""
-    from posttrain.config import load_params
-    from posttrain.models import build_tiny_llava, load_base
+    from posttrain.core.config import load_params
+    from posttrain.models.loading import build_tiny_llava, load_base
 
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["base"]["train"].update(max_steps=6, batch_size=8, save_steps=1, warmup_steps=0)  # logs every step
@@ -303,8 +303,8 @@ def curve_at(live: Path, step: int) -> float:
 
 
 def pretrain_test_loss(model, processor, root: Path) -> float:
-    from posttrain.data import load_split
-    from posttrain.training import TeacherForcedCollator, TeacherForcedDataset, answer_loss
+    from posttrain.data.examples import load_split
+    from posttrain.train.training import TeacherForcedCollator, TeacherForcedDataset, answer_loss
 
     data = root / "data" / "prepared"
     ds = TeacherForcedDataset(load_split(data, "pretrain_test"), data, processor)

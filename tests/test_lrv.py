@@ -9,9 +9,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from posttrain import lrv
-from posttrain.data import AnswerType, group_conversations, image_hash, split_by_image
-from posttrain.lrv import check_bad_fraction, flatten_rows, load_lrv_rows
+from posttrain.data import lrv
+from posttrain.data.examples import AnswerType, group_conversations, image_hash, split_by_image
+from posttrain.data.lrv import check_bad_fraction, flatten_rows, load_lrv_rows
 
 SCHEMA = pa.schema(
     [
@@ -383,9 +383,9 @@ def test_more_test_images_than_the_parquet_has_names_the_key_and_the_largest_tha
     tmp_path: Path,
 ) -> None:
     """prepare.lrv.test_images: 200 (the study's split) on a parquet of 40 charts: fails before writing."""
-    from posttrain.config import parse_params
-    from posttrain.errors import DataError
-    from posttrain.preparation import prepare_data
+    from posttrain.core.config import parse_params
+    from posttrain.core.errors import DataError
+    from posttrain.data.prepare import prepare_data
 
     rows = [
         row(

@@ -1,4 +1,5 @@
-"""Training memory estimated before loading (posttrain.memory), against the peaks measured on an H100."""
+"""Training memory estimated before loading (posttrain.models.memory), against the peaks measured on an
+H100."""
 
 import json
 from pathlib import Path
@@ -6,10 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from posttrain.architectures import load_config
-from posttrain.config import BatchSize
-from posttrain.data import load_split
-from posttrain.memory import (
+from posttrain.core.config import BatchSize
+from posttrain.data.examples import load_split
+from posttrain.models.architectures import load_config
+from posttrain.models.memory import (
     GB,
     BatchTooLargeError,
     MemoryEstimate,
@@ -17,7 +18,7 @@ from posttrain.memory import (
     choose_micro_batch,
     estimate_training,
 )
-from posttrain.training import check_training_memory, language_model_regex
+from posttrain.train.training import check_training_memory, language_model_regex
 
 ROOT = Path(__file__).resolve().parents[1]
 LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -127,7 +128,7 @@ def test_check_training_memory_reads_the_base_without_its_weights(base_dir, prep
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: SimpleNamespace(total_memory=10**6))
     loaded = []
-    import posttrain.models as models
+    import posttrain.models.loading as models
 
     monkeypatch.setattr(models, "load_base", lambda *a, **k: loaded.append(a))
     texts = [(e.history, e.question, e.answer) for e in load_split(prepared, "study_train")]
@@ -150,7 +151,7 @@ def test_check_training_memory_reads_the_base_without_its_weights(base_dir, prep
 
 
 def _conversations(prepared) -> list:
-    from posttrain.data import group_conversations
+    from posttrain.data.examples import group_conversations
 
     return [(c.turns[:-1], *c.turns[-1]) for c in group_conversations(load_split(prepared, "study_train"))]
 
@@ -234,7 +235,7 @@ def card_of_40_gb(monkeypatch):
     """CUDA faked: a 40 GB card (budget 38 GB), and a step of 10 GB fixed plus 5 GB per sequence."""
     from types import SimpleNamespace
 
-    import posttrain.memory as memory
+    import posttrain.models.memory as memory
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
@@ -268,7 +269,7 @@ def test_auto_on_cuda_picks_the_largest_divisor_whose_step_fits(base_dir, prepar
 def test_auto_on_cuda_fails_with_the_knobs_when_one_row_cannot_fit(base_dir, prepared, monkeypatch):
     from types import SimpleNamespace
 
-    import posttrain.memory as memory
+    import posttrain.models.memory as memory
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)

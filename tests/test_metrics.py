@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import sacrebleu
 
-from posttrain.metrics import (
+from posttrain.evaluate.metrics import (
     BLEU_COLUMNS,
     ItemStats,
     bleu_from_stats,
@@ -298,7 +298,7 @@ def test_holm_adjust_by_hand():
     """p = (0.01, 0.04, 0.03, 0.005), m = 4. Sorted: 0.005, 0.01, 0.03, 0.04 ->
     4*0.005 = 0.02; 3*0.01 = 0.03; 2*0.03 = 0.06; max(0.06, 1*0.04) = 0.06 (monotone).
     Back in input order: 0.03, 0.06, 0.06, 0.02. Raw 0.04 and 0.03 were "significant" at 5%; not after."""
-    from posttrain.metrics import holm_adjust
+    from posttrain.evaluate.metrics import holm_adjust
 
     adjusted = holm_adjust([0.01, 0.04, 0.03, 0.005])
     assert adjusted == pytest.approx([0.03, 0.06, 0.06, 0.02])
@@ -313,7 +313,7 @@ def test_wilson_interval_by_hand():
     -> [0, 0.203883]: not the bootstrap's [0, 0]. 15 of 15 mirrors it: [0.796117, 1].
     8 of 10: d = 1.384146; centre (0.8 + 0.192073)/d = 0.716740; half z·sqrt(0.016 + 0.0096037)/d = 0.226578
     -> [0.490162, 0.943318]."""
-    from posttrain.metrics import wilson_interval
+    from posttrain.evaluate.metrics import wilson_interval
 
     assert wilson_interval(0, 15) == pytest.approx((0.0, 0.20390), abs=1e-4)
     assert wilson_interval(15, 15) == pytest.approx((0.79610, 1.0), abs=1e-4)
@@ -326,7 +326,7 @@ def test_newcombe_interval_matches_newcombe_1998():
     17:873-890, Table II, method 10 (the hybrid score interval, from the two Wilson intervals):
     (a) 56/70 - 48/80 = 0.2: [0.0524, 0.3339]; (e) 5/56 - 0/29: [-0.0381, 0.1926]; (f) 0/10 - 0/20:
     [-0.1611, 0.2775]. Swapping the groups negates and swaps the bounds."""
-    from posttrain.metrics import newcombe_interval
+    from posttrain.evaluate.metrics import newcombe_interval
 
     assert newcombe_interval(56, 70, 48, 80) == pytest.approx((0.0524, 0.3339), abs=1e-4)
     assert newcombe_interval(5, 56, 0, 29) == pytest.approx((-0.0381, 0.1926), abs=1e-4)

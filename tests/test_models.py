@@ -2,9 +2,14 @@
 
 import torch
 
-from posttrain.data import load_split
-from posttrain.models import count_params, load_base, write_provenance
-from posttrain.training import TeacherForcedCollator, TeacherForcedDataset, run_trainer, training_arguments
+from posttrain.data.examples import load_split
+from posttrain.models.loading import count_params, load_base, write_provenance
+from posttrain.train.training import (
+    TeacherForcedCollator,
+    TeacherForcedDataset,
+    run_trainer,
+    training_arguments,
+)
 
 
 def test_tiny_model_is_small_and_complete(tiny):
@@ -50,8 +55,8 @@ def test_training_steps_change_the_weights_and_save_reloads_bit_identical(tiny, 
 
 def test_a_quantized_base_loads_on_the_processes_own_gpu(base_dir, monkeypatch):
     """QLoRA under DDP (TRL's recipe): each process puts its nf4 base on its own GPU, the current device that
-    `posttrain.distributed.init` set from LOCAL_RANK, not on whatever "cuda" would resolve to."""
-    import posttrain.models as models
+    `posttrain.core.distributed.init` set from LOCAL_RANK, not on whatever "cuda" would resolve to."""
+    import posttrain.models.loading as models
 
     seen = {}
 

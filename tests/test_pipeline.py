@@ -18,17 +18,18 @@ def _imports(path: Path) -> set[str]:
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("posttrain"):
             found.add(node.module)
-            for alias in node.names:  # `from posttrain import config`
-                if (SRC / f"{alias.name}.py").exists() and node.module == "posttrain":
-                    found.add(f"posttrain.{alias.name}")
+            for alias in node.names:  # `from posttrain.evaluate import generation`
+                if _path(f"{node.module}.{alias.name}").exists():
+                    found.add(f"{node.module}.{alias.name}")
         elif isinstance(node, ast.Import):
             found |= {a.name for a in node.names if a.name.startswith("posttrain")}
     return found
 
 
 def _path(module: str) -> Path:
-    """The file of a posttrain module; the package itself is its __init__.py (it runs on any import)."""
-    return SRC / ("__init__.py" if module == "posttrain" else f"{module.split('.', 1)[1]}.py")
+    """The file of a posttrain module; a package is its __init__.py (it runs on any import below it)."""
+    path = SRC.joinpath(*module.split(".")[1:])
+    return path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
 
 
 def _closure(script: Path) -> set[str]:
@@ -38,6 +39,8 @@ def _closure(script: Path) -> set[str]:
         if mod in seen:
             continue
         seen.add(mod)
+        parts = mod.split(".")
+        todo += [".".join(parts[:i]) for i in range(1, len(parts))]  # importing a module runs its packages
         todo += _imports(_path(mod))
     return {str(_path(m).relative_to(ROOT)) for m in seen}
 

@@ -1,8 +1,8 @@
 import pytest
 
-from posttrain.config import CriticParams, Judge, PairKeep, PreferencesParams
-from posttrain.data import AnswerType, Example, load_split
-from posttrain.preferences import (
+from posttrain.core.config import CriticParams, Judge, PairKeep, PreferencesParams
+from posttrain.data.examples import AnswerType, Example, load_split
+from posttrain.train.preferences import (
     VERDICTS,
     Candidate,
     NoPairsError,
@@ -102,7 +102,7 @@ def test_keep_correctness_keeps_only_correct_over_wrong_pairs():
 
 
 def test_keep_correctness_needs_the_reference_judge():
-    from posttrain.config import ParamsError, parse_params
+    from posttrain.core.config import ParamsError, parse_params
 
     with pytest.raises(ParamsError, match=r"preferences\.keep: 'correctness'.*judge: self"):
         parse_params({"preferences": {"judge": "self", "keep": "correctness"}})
@@ -110,8 +110,8 @@ def test_keep_correctness_needs_the_reference_judge():
 
 
 def test_self_judge_returns_a_verdict_per_order(tiny, prepared):
-    from posttrain.images import load_pixels
-    from posttrain.models import image_token_count
+    from posttrain.models.images import load_pixels
+    from posttrain.models.loading import image_token_count
 
     model, processor = tiny
     examples = load_split(prepared, "study_train")[:3]
@@ -132,12 +132,12 @@ def test_continuation_nll_equals_scoring_each_whole_sequence(tiny, prepared):
     """The self-judge's prompt-once scoring gives what teacher-forcing every prompt + sentence gives:
     prompts of different lengths (left padding), two batches, each sentence's tokens and EOS. Comparing the
     verdict *chosen* would hide a wrong sum that keeps the order; the sums themselves must agree."""
-    from posttrain.critic import PAIRWISE
-    from posttrain.generation import answer_nll, continuation_nll
-    from posttrain.images import load_pixels
-    from posttrain.models import image_token_count
-    from posttrain.preferences import verdict_continuations
-    from posttrain.template import encode_conversation, encode_prompt
+    from posttrain.evaluate.critic import PAIRWISE
+    from posttrain.evaluate.generation import answer_nll, continuation_nll
+    from posttrain.models.images import load_pixels
+    from posttrain.models.loading import image_token_count
+    from posttrain.models.template import encode_conversation, encode_prompt
+    from posttrain.train.preferences import verdict_continuations
 
     model, processor = tiny
     tok, n_img = processor.tokenizer, image_token_count(processor)
@@ -203,7 +203,7 @@ def test_self_judge_builds_pairs_when_its_verdicts_are_consistent(tiny, prepared
 
     import torch
 
-    import posttrain.preferences as prefs
+    import posttrain.train.preferences as prefs
 
     model, processor = tiny
     tok = processor.tokenizer

@@ -26,9 +26,9 @@ from conftest import (
     write_params,
 )
 
-from posttrain.checkpoints import claim_checkpoints
-from posttrain.data import load_split
-from posttrain.io import atomic_dir
+from posttrain.core.io import atomic_dir
+from posttrain.data.examples import load_split
+from posttrain.train.checkpoints import claim_checkpoints
 
 pytestmark = pytest.mark.slow
 

@@ -8,12 +8,12 @@ import sys
 import pytest
 from conftest import ROOT
 
-from posttrain.runtime import CPU_NUMERICS
+from posttrain.core.runtime import CPU_NUMERICS
 
 
 def test_setup_pins_the_cpu_float_paths_before_torch_loads():
     probe = (
-        "import os; from posttrain.runtime import CPU_NUMERICS, setup; setup(1); import torch; "
+        "import os; from posttrain.core.runtime import CPU_NUMERICS, setup; setup(1); import torch; "
         "print(torch.backends.cpu.get_cpu_capability(), *(os.environ[k] for k in sorted(CPU_NUMERICS)))"
     )
     env = {k: v for k, v in os.environ.items() if k not in CPU_NUMERICS}
@@ -67,7 +67,7 @@ def _probe(code: str) -> str:
     ).stdout
 
 
-@pytest.mark.parametrize("module", ["posttrain.training", "posttrain.checkpoints"])
+@pytest.mark.parametrize("module", ["posttrain.train.training", "posttrain.train.checkpoints"])
 def test_without_cuda_the_training_modules_leave_bitsandbytes_unimported_before_setup(module):
     """The e2e runner and the benchmarks import these before `setup`: transformers' Trainer would import
     bitsandbytes, whose CPU backend prints a kernels-community warning on a CPU with AVX512-BF16 (seen on an
@@ -85,7 +85,7 @@ def test_without_cuda_peft_loads_and_adapts_without_importing_bitsandbytes():
     pytest.importorskip("bitsandbytes")
     out = _probe(
         "import sys, torch; torch.cuda.is_available = lambda: False\n"
-        "from posttrain.runtime import setup; setup(1)\n"
+        "from posttrain.core.runtime import setup; setup(1)\n"
         "import peft\n"
         "m = torch.nn.Sequential(torch.nn.Linear(4, 4))\n"
         "p = peft.get_peft_model(m, peft.LoraConfig(r=2, target_modules=['0']))\n"
@@ -99,7 +99,7 @@ def test_with_cuda_bitsandbytes_stays_importable():
     pytest.importorskip("bitsandbytes")
     out = _probe(
         "import sys, torch; torch.cuda.is_available = lambda: True\n"
-        "from posttrain.runtime import setup; setup(1)\n"
+        "from posttrain.core.runtime import setup; setup(1)\n"
         "print('bitsandbytes' in sys.modules)"  # not blocked (its CUDA backend cannot load under the fake)
     )
     assert out.split() == ["False"]

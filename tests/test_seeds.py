@@ -7,7 +7,7 @@ import subprocess
 import pytest
 import yaml
 
-from posttrain.seeds import format_markdown, seed_results, seeds_table, verdict
+from posttrain.experiments.seeds import format_markdown, seed_results, seeds_table, verdict
 
 ENV = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
        "GIT_COMMITTER_EMAIL": "t@t"}  # fmt: skip
@@ -39,7 +39,7 @@ def exp_ref(baseline: str, name: str) -> str:
 
 def commit(repo, seed: int, report: dict, ref: str | None = None, code="v1", lr=0.1) -> None:
     (repo / "params.yaml").write_text(yaml.safe_dump({"base": {"seed": seed}, "dpo": {"learning_rate": lr}}))
-    lock = {"stages": {"sft": {"deps": [{"path": "src/posttrain/training.py", "md5": code}]}}}
+    lock = {"stages": {"sft": {"deps": [{"path": "src/posttrain/train/training.py", "md5": code}]}}}
     (repo / "dvc.lock").write_text(yaml.safe_dump(lock))
     (repo / "metrics").mkdir(exist_ok=True)
     (repo / "metrics/report_compare.json").write_text(json.dumps(report))

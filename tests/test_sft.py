@@ -14,11 +14,11 @@ import torch
 from conftest import ROOT, run_stage
 from peft import LoraConfig, get_peft_model
 
-from posttrain.config import Quantization
-from posttrain.data import load_split
-from posttrain.errors import InputError
-from posttrain.template import answer_start
-from posttrain.training import (
+from posttrain.core.config import Quantization
+from posttrain.core.errors import InputError
+from posttrain.data.examples import load_split
+from posttrain.models.template import answer_start
+from posttrain.train.training import (
     TeacherForcedCollator,
     TeacherForcedDataset,
     answer_loss,
@@ -157,7 +157,7 @@ def test_killed_sft_resumes_from_its_checkpoint(project):
 
 
 def test_liger_without_cuda_fails_before_loading():
-    from posttrain.training import require_liger
+    from posttrain.train.training import require_liger
 
     if torch.cuda.is_available():
         pytest.skip("has CUDA")
@@ -169,8 +169,8 @@ def test_sft_with_batch_size_auto_trains_with_the_resolved_batch_and_records_it(
     base_dir, prepared, tmp_path, monkeypatch, capsys
 ):
     """On the CPU auto takes the whole effective batch: Trainer, fingerprint and provenance all say 6 × 1."""
-    import posttrain.training as training
-    from posttrain.config import parse_params
+    import posttrain.train.training as training
+    from posttrain.core.config import parse_params
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     arguments = []
@@ -228,8 +228,8 @@ def test_sft_with_batch_size_auto_trains_with_the_resolved_batch_and_records_it(
 def test_replay_mixes_whole_pretrain_conversations_at_the_asked_share(prepared):
     """`sft.common.replay_fraction` draws whole pretrain conversations, seeded, so they are that share of
     the SFT conversations; 0 draws none; a share the pool cannot fill names the key."""
-    from posttrain.data import group_conversations, load_split
-    from posttrain.training import replay_examples
+    from posttrain.data.examples import group_conversations, load_split
+    from posttrain.train.training import replay_examples
 
     study = load_split(prepared, "study_train")
     pretrain = load_split(prepared, "pretrain_train")
@@ -252,7 +252,7 @@ def test_replay_mixes_whole_pretrain_conversations_at_the_asked_share(prepared):
 
 
 def test_replay_fraction_is_validated():
-    from posttrain.config import ParamsError, parse_params
+    from posttrain.core.config import ParamsError, parse_params
 
     with pytest.raises(ParamsError, match=r"sft.common.replay_fraction: 0.95 is not in \[0, 0.9\]"):
         parse_params({"sft": {"common": {"replay_fraction": 0.95}}})
@@ -264,8 +264,8 @@ def test_replay_fraction_is_validated():
 def test_target_modules_the_model_lacks_are_refused_before_training(base_dir, prepared, tmp_path):
     """A layer name the language model lacks would adapt nothing: refused from the base's config (built on
     the meta device) before any data or weight loads, naming the layers that exist."""
-    from posttrain.config import SftCommon, SftVariant
-    from posttrain.training import train_sft_variant
+    from posttrain.core.config import SftCommon, SftVariant
+    from posttrain.train.training import train_sft_variant
 
     common = SftCommon(target_modules=("q_proj", "nonexistent_proj"), max_steps=2, batch_size=4)
     out, checkpoints, live = tmp_path / "sft1", tmp_path / "checkpoints", tmp_path / "live"

@@ -7,7 +7,7 @@ import time
 import pytest
 from conftest import BILLION_LAUGHS, ROOT, run_stage
 
-from posttrain.evaluation import CORE_METRICS, HEADLINE
+from posttrain.evaluate.evaluation import CORE_METRICS, HEADLINE
 
 
 @pytest.fixture(scope="module")

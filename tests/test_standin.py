@@ -1,4 +1,5 @@
-"""Stand-in hub files (posttrain.standin) and the real-scale path end to end on them (posttrain.e2e)."""
+"""Stand-in hub files (posttrain.realscale.standin) and the real-scale path end to end on them
+(posttrain.realscale.e2e)."""
 
 import json
 from pathlib import Path
@@ -7,9 +8,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from posttrain.architectures import load_config, shrink
-from posttrain.lrv import flatten_rows, load_lrv_rows
-from posttrain.standin import (
+from posttrain.data.lrv import flatten_rows, load_lrv_rows
+from posttrain.models.architectures import load_config, shrink
+from posttrain.realscale.standin import (
     LLAVA_SPECIALS,
     QWEN2_SPECIALS,
     emphasise_learned_tokens,
@@ -51,7 +52,7 @@ def test_lrv_parquet_has_the_dataset_schema_and_loads(tmp_path):
 
 def test_lrv_parquet_has_followups_duplicates_and_lrv_declines(tmp_path):
     """The stand-in is shaped like the hub data: conversations with follow-ups, LRV declines, repeats."""
-    from posttrain.standin import LRV_DECLINES
+    from posttrain.realscale.standin import LRV_DECLINES
 
     path = write_lrv_parquet(tmp_path / "lrv.parquet", images=24, size=112, duplicates=3)
     rows = list(load_lrv_rows(str(path), "h", "lrv_chart", "", "train"))
@@ -89,7 +90,7 @@ def test_emphasised_rows_are_sampled(tmp_path):
 @pytest.fixture(scope="module")
 def e2e_run(tmp_path_factory):
     """The study preset's stages on shrunk stand-ins on the CPU: `python -m posttrain e2e WORK --shrink`."""
-    from posttrain.e2e import main
+    from posttrain.realscale.e2e import main
 
     work = tmp_path_factory.mktemp("e2e")
     assert main([str(work), "--shrink"]) == 0
@@ -138,7 +139,7 @@ def test_e2e_runs_every_stage_of_the_study_preset_on_standins(e2e_run):
 
 @pytest.mark.slow
 def test_e2e_rerun_skips_finished_stages(e2e_run, capsys):
-    from posttrain.e2e import main
+    from posttrain.realscale.e2e import main
 
     (e2e_run / "metrics" / "report.md").unlink()
     assert main([str(e2e_run), "--shrink"]) == 0
@@ -150,7 +151,7 @@ def test_e2e_rerun_skips_finished_stages(e2e_run, capsys):
 def test_e2e_under_two_processes_runs_every_stage(tmp_path):
     """`e2e --shrink --processes 2`: the sharded stages under torchrun (gloo), the command the multi-GPU
     measurement runs; the stages' own options (``--logs``) reach them."""
-    from posttrain.e2e import main
+    from posttrain.realscale.e2e import main
 
     assert main([str(tmp_path), "--shrink", "--processes", "2"]) == 0
     summary = json.loads((tmp_path / "summary.json").read_text())
@@ -162,8 +163,8 @@ def test_e2e_under_two_processes_runs_every_stage(tmp_path):
 
 @pytest.mark.parametrize("cuda", [False, True])
 def test_the_smoke_params_keep_batch_size_auto_and_validate(tmp_path, cuda):
-    from posttrain.config import BatchSize, load_params
-    from posttrain.e2e import write_params
+    from posttrain.core.config import BatchSize, load_params
+    from posttrain.realscale.e2e import write_params
 
     (tmp_path / "hub" / "llava-1.5-7b").mkdir(parents=True)  # a local base folder needs no revision
     p = load_params(write_params(tmp_path, cuda))
@@ -176,8 +177,8 @@ def test_the_measure_params_keep_the_presets_batches_and_answer_lengths(tmp_path
     """`e2e --measure` changes sizes of work, never what sets a rate: batches, answer lengths, nf4, Liger."""
     import yaml
 
-    from posttrain.config import Quantization, load_params
-    from posttrain.e2e import MEASURE_PROMPTS, MEASURE_SFT_STEPS, PRESET, write_params
+    from posttrain.core.config import Quantization, load_params
+    from posttrain.realscale.e2e import MEASURE_PROMPTS, MEASURE_SFT_STEPS, PRESET, write_params
 
     (tmp_path / "hub" / "llava-1.5-7b").mkdir(parents=True)
     measured = load_params(write_params(tmp_path, cuda=True, measure=True))
@@ -192,7 +193,7 @@ def test_the_measure_params_keep_the_presets_batches_and_answer_lengths(tmp_path
 
 
 def test_e2e_stage_rates_read_the_stages_logs(tmp_path):
-    from posttrain.e2e import stage_rates
+    from posttrain.realscale.e2e import stage_rates
 
     logs = tmp_path / "logs"
     logs.mkdir()
@@ -237,7 +238,7 @@ def test_the_projection_costs_self_judging_at_the_stage_measured_rate():
 
 
 def test_e2e_refuses_full_size_without_cuda(tmp_path, capsys):
-    from posttrain.e2e import main
+    from posttrain.realscale.e2e import main
 
     if torch.cuda.is_available():
         pytest.skip("has CUDA")

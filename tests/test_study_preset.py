@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from posttrain.__main__ import main as cli
-from posttrain.config import (
+from posttrain.core.config import (
     BatchSize,
     CriticKind,
     DataSource,
@@ -17,7 +17,7 @@ from posttrain.config import (
     Quantization,
     load_params,
 )
-from posttrain.pinning import COMMIT, hub_sources, main, pin_file
+from posttrain.realscale.pin import COMMIT, hub_sources, main, pin_file
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESET = ROOT / "configs" / "study.yaml"

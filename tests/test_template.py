@@ -3,10 +3,10 @@
 import torch
 from PIL import Image
 
-from posttrain.data import group_conversations, load_split
-from posttrain.images import load_pixels
-from posttrain.models import image_token_count
-from posttrain.template import (
+from posttrain.data.examples import group_conversations, load_split
+from posttrain.models.images import load_pixels
+from posttrain.models.loading import image_token_count
+from posttrain.models.template import (
     IGNORE_INDEX,
     IMAGE_TOKEN,
     conversation_text,
@@ -14,7 +14,7 @@ from posttrain.template import (
     encode_conversation,
     encode_prompt,
 )
-from posttrain.training import TeacherForcedCollator, TeacherForcedDataset
+from posttrain.train.training import TeacherForcedCollator, TeacherForcedDataset
 
 THREE_TURNS = (
     ("What is the value of the red bar?", "The red bar has a value of 7."),
@@ -123,7 +123,7 @@ def test_collated_batch_holds_one_sequence_per_conversation(tiny, prepared):
 
 def test_model_loss_equals_mean_nll_of_answer_tokens(tiny, prepared):
     """The loss LLaVA computes from our labels is the mean NLL of the answer tokens computed by hand."""
-    from posttrain.generation import answer_nll
+    from posttrain.evaluate.generation import answer_nll
 
     model, processor = tiny
     tok = processor.tokenizer

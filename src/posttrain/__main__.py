@@ -1,12 +1,14 @@
 """Command line: ``python -m posttrain <command> ...``.
 
 Commands:
-    compare          Compare models' response JSONL files (see `posttrain.compare`).
-    convert-critic   Convert LLaVA-Critic to transformers' format (see `posttrain.convert_critic`).
-    pin              Pin a params file's hub revisions to commits (see `posttrain.pinning`).
-    e2e              The study preset end to end on stand-in hub files (see `posttrain.e2e`).
-    seeds            The study under several seeds, and the table of its conclusions (see `posttrain.seeds`).
-    grid             An ablation grid of DVC experiments, each on its own GPU group (see `posttrain.grid`).
+    compare          Compare models' response JSONL files (see `posttrain.report.compare`).
+    convert-critic   Convert LLaVA-Critic to transformers' format (see `posttrain.realscale.convert_critic`).
+    pin              Pin a params file's hub revisions to commits (see `posttrain.realscale.pin`).
+    e2e              The study preset end to end on stand-in hub files (see `posttrain.realscale.e2e`).
+    seeds            The study under several seeds, and the table of its conclusions
+                     (see `posttrain.experiments.seeds`).
+    grid             An ablation grid of DVC experiments, each on its own GPU group
+                     (see `posttrain.experiments.grid`).
 """
 
 from __future__ import annotations
@@ -16,10 +18,10 @@ import json
 import sys
 from pathlib import Path
 
-from posttrain.compare import CompareError, check_rows, compare, format_markdown, load_responses
-from posttrain.errors import InputError
-from posttrain.io import write_text_atomic
-from posttrain.runtime import exit_status
+from posttrain.core.errors import InputError
+from posttrain.core.io import write_text_atomic
+from posttrain.core.runtime import exit_status
+from posttrain.report.compare import CompareError, check_rows, compare, format_markdown, load_responses
 
 HELP = "Commands of the posttrain project besides its DVC stages (dvc repro runs those)."
 COMPARE_EPILOG = """\
@@ -91,8 +93,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; return the exit code.
 
-    A bad params or data file (`posttrain.errors.InputError`) prints its message alone and gives 1; a usage
-    error gives argparse's 2.
+    A bad params or data file (`posttrain.core.errors.InputError`) prints its message alone and gives 1; a
+    usage error gives argparse's 2.
 
     Args:
         argv: Arguments without the program name; None reads `sys.argv`.
@@ -107,23 +109,24 @@ def main(argv: list[str] | None = None) -> int:
 def _run(argv: list[str]) -> int:
     """Dispatch to the command `argv` names."""
     if argv[:1] == ["convert-critic"]:  # its own argparse: LLaVA-NeXT layout -> transformers OneVision
-        from posttrain.convert_critic import main as convert_critic
+        from posttrain.realscale.convert_critic import main as convert_critic
 
         return convert_critic(argv[1:])
-    if argv[:1] == ["pin"]:  # resolve open hub revisions of a params file (posttrain.pinning)
-        from posttrain.pinning import main as pin
+    if argv[:1] == ["pin"]:  # resolve open hub revisions of a params file (posttrain.realscale.pin)
+        from posttrain.realscale.pin import main as pin
 
         return pin(argv[1:])
-    if argv[:1] == ["e2e"]:  # the real-scale path on stand-ins of the hub files (posttrain.e2e)
-        from posttrain.e2e import main as e2e
+    if argv[:1] == ["e2e"]:  # the real-scale path on stand-ins of the hub files (posttrain.realscale.e2e)
+        from posttrain.realscale.e2e import main as e2e
 
         return e2e(argv[1:])
-    if argv[:1] == ["seeds"]:  # dvc experiments per seed and the table of conclusions (posttrain.seeds)
-        from posttrain.seeds import main as seeds
+    # dvc experiments per seed and the table of conclusions (posttrain.experiments.seeds)
+    if argv[:1] == ["seeds"]:
+        from posttrain.experiments.seeds import main as seeds
 
         return seeds(argv[1:])
-    if argv[:1] == ["grid"]:  # dvc experiments over GPU groups (posttrain.grid)
-        from posttrain.grid import main as grid
+    if argv[:1] == ["grid"]:  # dvc experiments over GPU groups (posttrain.experiments.grid)
+        from posttrain.experiments.grid import main as grid
 
         return grid(argv[1:])
     parser = _build_parser()

@@ -12,8 +12,8 @@ launcher called in this process with the stage's arguments handed over as they a
 them, so a stage option such as ``--logs`` is not taken for an abbreviation of its ``--logs-specs``): the
 training stages (base, SFT, DPO) data-parallel (the Trainer's and TRL's DDP, each process a 1/N share of the
 recipe's micro-batch), evaluation, preference sampling and DPO's later rounds with their prompts split over
-the processes and gathered in order (`posttrain.distributed`). The others (prepare, ensemble, report: seconds
-of CPU work) run in one process and say so.
+the processes and gathered in order (`posttrain.core.distributed`). The others (prepare, ensemble, report:
+seconds of CPU work) run in one process and say so.
 """
 
 from __future__ import annotations
@@ -68,8 +68,8 @@ def params_path(args: Sequence[str]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m posttrain.launch SCRIPT [ARGS...]``: exec the stage as `launch.processes` says."""
-    from posttrain.config import load_params
-    from posttrain.runtime import exit_status
+    from posttrain.core.config import load_params
+    from posttrain.core.runtime import exit_status
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):

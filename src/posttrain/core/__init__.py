@@ -1,0 +1,1 @@
+"""Core layer: parameters, errors, atomic file I/O, process set-up and distributed helpers."""

@@ -1,0 +1,1 @@
+"""Evaluate layer: generation, metrics, evaluating a model and the LLaVA-Critic judge."""

@@ -1,0 +1,1 @@
+"""Experiments layer: grids of `dvc exp run` experiments and seed studies."""

@@ -1,0 +1,1 @@
+"""Models layer: loading and fingerprinting bases, the chat template, images, architectures, memory."""

@@ -1,0 +1,1 @@
+"""Report layer: the report and the paired comparison of two models' responses."""

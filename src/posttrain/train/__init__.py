@@ -1,0 +1,1 @@
+"""Train layer: SFT training, checkpoints, adapter ensembles, preference pairs and DPO."""
