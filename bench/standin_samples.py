@@ -2,12 +2,12 @@
 
     python bench/standin_samples.py --out bench/results/standin_samples_h100.json
 
-The e2e smoke needs pairs: two samples of a prompt that differ and both end within max_new_tokens. This
-builds the 7B stand-in as `posttrain.standin.write_llava` does (learned tokens ×3, not saved), then for
-each EOS factor and temperature samples `--prompts` prompts (BOS, 576 image tokens, 40 learned text tokens,
-random pixels) twice through `posttrain.generation.generate` at top-p 0.9 and reports the share of prompts
-whose two samples are identical, of samples that ended, and of prompts that could be a pair (differ, both
-ended).
+The e2e smoke needs pairs: two samples of a prompt that differ and both end within max_new_tokens.
+This builds the 7B stand-in as `posttrain.realscale.standin.write_llava` does (learned tokens ×3, not
+saved), then for each EOS factor and temperature samples `--prompts` prompts (BOS, 576 image tokens, 40
+learned text tokens, random pixels) twice through `posttrain.evaluate.generation.generate` at top-p 0.9 and
+reports the share of prompts whose two samples are identical, of samples that ended, and of prompts that
+could be a pair (differ, both ended).
 """
 
 import argparse
@@ -17,9 +17,9 @@ from pathlib import Path
 
 import torch
 
-from posttrain.architectures import build_random, load_config
-from posttrain.generation import generate
-from posttrain.standin import (
+from posttrain.evaluate.generation import generate
+from posttrain.models.architectures import build_random, load_config
+from posttrain.realscale.standin import (
     LLAVA_SPECIALS,
     emphasise_learned_tokens,
     learned_token_ids,

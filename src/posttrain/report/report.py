@@ -354,9 +354,9 @@ def unparsable_section(items: dict[str, list[dict]], n_examples: int = 2) -> lis
     lines = [
         "## Critic replies without a score",
         "",
-        # report text: the pre-layers module name (posttrain.evaluate.critic), kept byte-identical
-        "A reply counts only where the critic states a score (`posttrain.critic.parse_score`); these items "
-        "are left out of the model's critic mean and of its paired critic tests (n is shown there).",
+        "A reply counts only where the critic states a score (`posttrain.evaluate.critic.parse_score`); "
+        "these items are left out of the model's critic mean and of its paired critic tests "
+        "(n is shown there).",
         "",
         "| model | unparsable | examples |",
         "|---|---:|---|",
@@ -458,10 +458,10 @@ def build_report(
         "0–100, `loss` is NLL per answer token.",
         critic_note,
         (
-            # report text: the pre-layers module name (posttrain.data.declines), kept byte-identical
-            "Correctness on LRV: a response counts as a decline by its wording (`posttrain.declines`), but "
-            "the asked element of an LRV question is not known, so the check cannot see whether a decline or "
-            "an answer is about the element asked (on synthetic data it must name the asked colour)."
+            "Correctness on LRV: a response counts as a decline by its wording (`posttrain.data.declines`), "
+            "but the asked element of an LRV question is not known, so the check cannot see whether a "
+            "decline or an answer is about the element asked (on synthetic data it must name the asked "
+            "colour)."
             if data_report.get("source") == "lrv_chart"
             else "A correct answer or decline must name the element the question asks about (its colour)."
         ),
@@ -507,8 +507,7 @@ def build_report(
             + (
                 "the exact average of the SFT models (concatenated ranks, weights 1/N)."
                 if exact
-                # report text: the pre-layers module name (posttrain.train.ensemble), kept byte-identical
-                else "NOT the exact average model (see `posttrain.ensembling`); compare with `cat`."
+                else "NOT the exact average model (see `posttrain.train.ensemble`); compare with `cat`."
                 if ensemble_method == "linear"
                 else "an approximation of the average model."
             ),
