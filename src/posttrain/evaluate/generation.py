@@ -567,13 +567,12 @@ def generation_batch(
         prompts: how many prompts the stage answers.
     """
     from posttrain.core.distributed import rank_and_size
-    from posttrain.models.memory import choose_generation_batch, inference_weight_bytes
+    from posttrain.models.memory import choose_generation_batch, gpu_capacity, inference_weight_bytes
 
     check_context(section, phases, config)
-    cuda = torch.cuda.is_available()
-    if not cuda and isinstance(batch_size, int):
+    capacity = gpu_capacity()
+    if capacity is None and isinstance(batch_size, int):
         return batch_size
-    capacity = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory if cuda else None
     batch, line = choose_generation_batch(
         section,
         batch_size,

@@ -293,13 +293,17 @@ def build_random(
     return model.eval()
 
 
-def param_count(config: PretrainedConfig) -> int:
-    """Number of parameters of the model of `config` (tied weights once), built on the meta device."""
+def meta_model(config: PretrainedConfig):
+    """The model of `config` on the meta device: its modules and shapes, no memory allocated."""
     import torch
 
     with torch.device("meta"):
-        model = model_class(config)(config)
-    return sum(p.numel() for p in model.parameters())
+        return model_class(config)(config)
+
+
+def param_count(config: PretrainedConfig) -> int:
+    """Number of parameters of the model of `config` (tied weights once), built on the meta device."""
+    return sum(p.numel() for p in meta_model(config).parameters())
 
 
 def image_tokens_per_tile(config: PretrainedConfig) -> int:

@@ -87,10 +87,9 @@ def weight_and_adapter_bytes(config, target_regex: str, rank: int, quantized: bo
 
     import torch
 
-    from posttrain.models.architectures import model_class
+    from posttrain.models.architectures import meta_model
 
-    with torch.device("meta"):
-        model = model_class(config)(config)
+    model = meta_model(config)
     pattern = re.compile(target_regex)
     weights = adapter = 0.0
     linear_ids = set()
@@ -253,13 +252,18 @@ def inference_weight_bytes(config, adapter_bytes: float = 0.0) -> float:
 
     Counted on the meta device: nothing is allocated.
     """
+    from posttrain.models.architectures import param_count
+
+    return 2.0 * param_count(config) + adapter_bytes
+
+
+def gpu_capacity() -> float | None:
+    """The current CUDA device's memory in bytes; None on the CPU, where there is no card to size against."""
     import torch
 
-    from posttrain.models.architectures import model_class
-
-    with torch.device("meta"):
-        model = model_class(config)(config)
-    return 2.0 * sum(p.numel() for p in model.parameters()) + adapter_bytes
+    if not torch.cuda.is_available():
+        return None
+    return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
 
 
 def kv_bytes_per_token(config, dtype_bytes: int = 2) -> int:

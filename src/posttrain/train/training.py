@@ -24,7 +24,7 @@ from posttrain.core.errors import InputError
 from posttrain.data.examples import Example, group_conversations
 from posttrain.models.images import load_pixels
 from posttrain.models.loading import image_token_count, quantization_config
-from posttrain.models.memory import MemoryEstimate
+from posttrain.models.memory import MemoryEstimate, gpu_capacity
 from posttrain.models.template import (
     IGNORE_INDEX,
     answer_start,
@@ -341,12 +341,11 @@ def check_target_modules(
     Raises:
         TargetModulesError: naming the names that match nothing and the layer names there are.
     """
-    from posttrain.models.architectures import model_class
+    from posttrain.models.architectures import meta_model
     from posttrain.models.loading import base_config_and_processor
 
     config, _ = base_config_and_processor(base_dir)
-    with torch.device("meta"):
-        model = model_class(config)(config)
+    model = meta_model(config)
     linear = [name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
     leaf = {name: name.rsplit(".", 1)[-1] for name in linear}  # q_proj of ...layers.0.self_attn.q_proj
     present = sorted({leaf[n] for n in linear if re.fullmatch(language_model_regex((leaf[n],)), n)})
@@ -357,13 +356,6 @@ def check_target_modules(
             f"{section}.target_modules: {', '.join(map(repr, missing))} {verb} no linear layer of the base's "
             f"language model; name some of {', '.join(present)}"
         )
-
-
-def gpu_capacity() -> float | None:
-    """The current CUDA device's memory in bytes; None on the CPU, where there is no card to size against."""
-    if not torch.cuda.is_available():
-        return None
-    return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
 
 
 def sequence_memory(base_dir: Path, sequences: list, **estimate_kwargs) -> tuple[MemoryEstimate, int]:
