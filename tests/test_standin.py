@@ -16,6 +16,7 @@ from posttrain.realscale.standin import (
     emphasise_learned_tokens,
     learned_token_ids,
     standin_tokenizer,
+    teach_eos,
     write_llava,
     write_lrv_parquet,
 )
@@ -85,6 +86,42 @@ def test_emphasised_rows_are_sampled(tmp_path):
     before = head[learned].clone()
     emphasise_learned_tokens(model, learned, factor=2.0)
     assert torch.allclose(head[learned], 2 * before)
+
+
+def test_taught_eos_follows_sentence_ends_and_never_the_prompt_end():
+    """A random EOS row made EOS near-certain after some contexts, among them the prompts' shared end:
+    66% of an H100 smoke run's prompts gave two identical (empty) samples. The taught row ends answers
+    after ``.``/``?``/``!`` and not right after ``ASSISTANT:``."""
+    from posttrain.models.architectures import build_random
+
+    texts = [f"USER: ASSISTANT: What is bar {i}? The bar {i} has a value of {7 * i}. Is it red!" for i in range(40)]
+    tok = standin_tokenizer(texts, LLAVA_SPECIALS, bos="<s>", eos="</s>", pad="<pad>", unk="<unk>")
+    model = build_random(shrink(load_config("llava-1.5-7b")), dtype=torch.float32, device="cpu", seed=0)
+    emphasise_learned_tokens(model, learned_token_ids(tok))
+    before = model.get_output_embeddings().weight[tok.eos_token_id].clone()
+    end = tok.encode(" ASSISTANT:", add_special_tokens=False)
+    p = teach_eos(model, tok, end)
+    assert not torch.equal(model.get_output_embeddings().weight[tok.eos_token_id], before)
+    assert p["p_eos_after_end"] > 0.3 and p["p_eos_after_other"] < 0.05 and p["p_eos_at_prompt_end"] < 0.01
+    # what generation sees: samples of varying length, ended within 24 tokens, none empty
+    prompts = [tok.encode(f"USER: What is bar {i}? ASSISTANT:") for i in range(16)]
+    torch.manual_seed(0)
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=torch.tensor(prompts),
+            do_sample=True,
+            temperature=0.7,
+            top_p=0.9,
+            max_new_tokens=24,
+            num_return_sequences=2,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+        )[:, len(prompts[0]) :].tolist()
+    ends = [s.index(tok.eos_token_id) if tok.eos_token_id in s else None for s in out]
+    assert all(e != 0 for e in ends)  # no empty answer
+    assert sum(e is not None for e in ends) >= 0.5 * len(out)
+    assert len({e for e in ends if e is not None}) >= 5  # lengths vary
+    assert sum(out[2 * k] != out[2 * k + 1] for k in range(16)) >= 12
 
 
 @pytest.fixture(scope="module")

@@ -32,7 +32,7 @@ STAGES = ROOT / "stages"
 PRESET = ROOT / "configs" / "study.yaml"
 VARIANTS = ("sft1", "sft2")
 EVALUATED = ("base", "sfte", "sfte_dpo")
-IMAGES = 24  # charts in the parquet (~60 questions); 6 of them form the test split
+IMAGES = 40  # charts in the parquet (~100 questions); 6 of them form the test split
 # --measure: enough data for the stages' own rates at the preset's batches and answer lengths
 # (the first version, 200 charts, 24 steps and 64 prompts, timed one or two generation batches: a rate that
 # is mostly the first batch's warm-up, which a study of 1,000 prompts pays once)

@@ -15,8 +15,9 @@ lrv_chart`, `evaluate.critic.kind: llava_critic`) is exercised on local folders 
 
 The stand-in LLaVA's output layer favours the learned tokens (`emphasise_learned_tokens`): random weights
 would otherwise sample filler tokens almost always, and two samples of filler text tie under every judge,
-leaving no preference pair to train DPO on. It favours EOS more (`eos_factor`), so that samples end after a
-varying number of tokens, as a trained model's do: a sample cut at max_new_tokens is never a pair.
+leaving no preference pair to train DPO on. Its EOS row is taught to follow sentence ends (`teach_eos`), so
+that samples end after a varying number of tokens, as a trained model's do: a sample cut at max_new_tokens
+is never a pair, and one that ends at once is empty and ties with its twin.
 """
 
 from __future__ import annotations
@@ -117,19 +118,6 @@ def learned_token_ids(tokenizer: PreTrainedTokenizerFast) -> list[int]:
     )
 
 
-def eos_factor(config) -> float:
-    """How much to scale the EOS row of the output layer: its random logit's std twice the learned rows' (×3)
-    and at least 2.0.
-
-    LLaVA-1.5-7B (std 0.02·√4096 = 1.28): ×6, EOS sampled at ~6% of positions at temperature 0.7, top-p 0.9
-    (simulated with Gaussian logits), so ~3 in 4 samples end within 24 tokens. The shrunk towers (hidden 64,
-    std 0.16): ×12.5, where ×12 measured 6 of 16 prompts with both samples ended within 24 tokens.
-    """
-    text = config.text_config
-    std = text.initializer_range * text.hidden_size**0.5
-    return max(2 * 3.0, 2.0 / std)
-
-
 @torch.no_grad()
 def emphasise_learned_tokens(model, ids: list[int], factor: float = 3.0) -> None:
     """Scale the output-layer rows of `ids` by `factor`, so random weights sample mostly those tokens.
@@ -139,6 +127,76 @@ def emphasise_learned_tokens(model, ids: list[int], factor: float = 3.0) -> None
     """
     head = model.get_output_embeddings().weight  # (vocab, hidden)
     head[torch.tensor(ids, device=head.device)] *= factor
+
+
+SENTENCE_END = re.compile(r"[.?!]\s*$")
+
+
+@torch.no_grad()
+def teach_eos(
+    model, tokenizer: PreTrainedTokenizerFast, prompt_end: list[int], *, seed: int = 0, length: int = 512
+) -> dict[str, float]:
+    """Set the output layer's EOS row so that the model ends its answers after sentence-final tokens.
+
+    A random EOS row gives each context a fixed random EOS logit of std s·√d·factor: EOS is then either
+    almost certain or almost impossible, and where the prompts' shared last token (``ASSISTANT:``) happens
+    to be of the first kind every sample is empty (an H100 smoke run found 66% of prompts with two
+    identical samples). Instead, one forward pass over `length` random learned tokens, a sixth of them
+    sentence ends (learned tokens whose text ends in ``.``, ``?`` or ``!``), gives the final hidden states
+    after an end (mean direction u) and after any other token (v). The EOS row is the direction u − v with
+    the prompt end's own hidden state projected out, scaled so that after an end EOS is as likely as every
+    other token together (median over the ends; temperature 1).
+
+    Args:
+        model: a LLaVA whose learned rows are already emphasised (`emphasise_learned_tokens`).
+        tokenizer: its stand-in tokenizer.
+        prompt_end: the ids a generation prompt ends with (e.g. those of ``ASSISTANT:``).
+        seed: draws the token sequence.
+        length: tokens in the sequence.
+
+    Returns:
+        EOS's mean probability (temperature 1) after an end, after other tokens, and at the prompt end.
+    """
+    learned = learned_token_ids(tokenizer)
+    ends = [i for i in learned if SENTENCE_END.search(tokenizer.decode([i]))]
+    if not ends:
+        raise ValueError("the stand-in tokenizer learned no sentence-final token (text ending in . ? !)")
+    end_set = set(ends)
+    others = [i for i in learned if i not in end_set]
+    g = torch.Generator().manual_seed(seed)
+    is_end = torch.rand(length, generator=g) < 1 / 6
+    body = [
+        (ends if e else others)[int(torch.randint(len(ends if e else others), (1,), generator=g))]
+        for e in is_end.tolist()
+    ]
+    ids = [tokenizer.bos_token_id, *body, *prompt_end] if tokenizer.bos_token_id is not None else body
+    head = model.get_output_embeddings().weight
+    was_training = model.training
+    model.eval()
+    hidden = model.get_decoder()(input_ids=torch.tensor([ids], device=head.device)).last_hidden_state[0]
+    model.train(was_training)
+    hidden = hidden.float()
+    offset = len(ids) - len(body) - len(prompt_end)
+    at_end = torch.zeros(len(ids), dtype=torch.bool, device=hidden.device)
+    at_end[offset : offset + length] = is_end.to(hidden.device)
+    at_other = torch.zeros_like(at_end)
+    at_other[offset : offset + length] = ~is_end.to(hidden.device)
+    unit = torch.nn.functional.normalize(hidden, dim=-1)
+    w = unit[at_end].mean(0) - unit[at_other].mean(0)
+    last = unit[-1]
+    w = w - (w @ last) * last  # no EOS right after the prompt
+    logits = hidden[at_end] @ head.float().T
+    logits[:, tokenizer.eos_token_id] = -float("inf")
+    target = logits.logsumexp(-1).median()  # EOS as likely as all other tokens together
+    w = w * (target / (hidden[at_end] @ w).median())
+    head[tokenizer.eos_token_id] = w.to(head.dtype)
+    logits = hidden @ head.float().T
+    p_eos = logits.softmax(-1)[:, tokenizer.eos_token_id]
+    return {
+        "p_eos_after_end": round(float(p_eos[at_end].mean()), 3),
+        "p_eos_after_other": round(float(p_eos[at_other].mean()), 3),
+        "p_eos_at_prompt_end": round(float(p_eos[-1]), 3),
+    }
 
 
 def write_llava(
@@ -181,7 +239,8 @@ def write_llava(
     )
     model = build_random(config, dtype=dtype, device=device, seed=seed)
     emphasise_learned_tokens(model, learned_token_ids(tokenizer))
-    emphasise_learned_tokens(model, [tokenizer.eos_token_id], eos_factor(config))
+    eos = teach_eos(model, tokenizer, tokenizer.encode(" ASSISTANT:", add_special_tokens=False))
+    print(f"stand-in EOS: {eos}", flush=True)
     generation = model.generation_config
     generation.bos_token_id = tokenizer.bos_token_id
     generation.eos_token_id = tokenizer.eos_token_id
