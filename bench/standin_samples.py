@@ -4,8 +4,9 @@
     python bench/standin_samples.py --out /tmp/s.json --shrink                        # 2-layer towers (CPU)
 
 The e2e smoke needs preference pairs: two samples of a prompt that differ and both end within
-max_new_tokens. This builds the stand-in as `posttrain.realscale.standin.write_llava` does (learned tokens
-×3, EOS taught to follow sentence ends: `teach_eos`; not saved), then samples `--prompts` generation prompts
+max_new_tokens. This builds the stand-in as `posttrain.realscale.standin.write_llava` does (`build_llava`: the
+tower led by the current token, learned tokens ×3, ends sampled at a set rate and EOS taught to follow them;
+not saved), then samples `--prompts` generation prompts
 of the e2e's parquet (the real template, 576 image tokens, random pixels) twice through
 `posttrain.evaluate.generation.generate` at each temperature with top-p 0.9, and reports the share of
 prompts whose two samples are identical, of samples that ended or are empty, of prompts that could be a
@@ -21,16 +22,9 @@ import torch
 
 from posttrain.evaluate.generation import generate
 from posttrain.evaluate.metrics import rouge_l
-from posttrain.models.architectures import build_random, load_config, shrink
+from posttrain.models.architectures import load_config, shrink
 from posttrain.models.template import encode_prompt
-from posttrain.realscale.standin import (
-    LLAVA_SPECIALS,
-    emphasise_learned_tokens,
-    learned_token_ids,
-    standin_tokenizer,
-    teach_eos,
-    write_lrv_parquet,
-)
+from posttrain.realscale.standin import build_llava, write_lrv_parquet
 
 
 def main() -> None:
@@ -47,14 +41,12 @@ def main() -> None:
     parquet = write_lrv_parquet(Path("/tmp/standin_samples.parquet"), 40, size=336)
     conversations = pq.read_table(parquet).column("conversations").to_pylist()
     texts = ["USER: ASSISTANT: " + " ".join(t["value"] for t in row) for row in conversations]
-    tok = standin_tokenizer(texts, LLAVA_SPECIALS, bos="<s>", eos="</s>", pad="<pad>", unk="<unk>")
     config = load_config("llava-1.5-7b")
     if args.shrink:
         config = shrink(config)
     dtype = torch.float32 if args.shrink else torch.bfloat16
-    model = build_random(config, dtype=dtype, device=device, seed=0).eval()
-    emphasise_learned_tokens(model, learned_token_ids(tok))
-    eos = teach_eos(model, tok, tok.encode(" ASSISTANT:", add_special_tokens=False))
+    model, tok, eos = build_llava(config, texts, device=device, dtype=dtype)
+    model.eval()
     print(f"teach_eos: {eos}", flush=True)
     turns = [(row[0]["value"].split("\n", 1)[1], row[1]["value"]) for row in conversations]
     turns = (turns * (args.prompts // len(turns) + 1))[: args.prompts]
@@ -79,9 +71,7 @@ def main() -> None:
             with_ends=True,
         )
         identical = sum(a == b for (a, _), (b, _) in pairs)
-        pairable = [
-            (i, a, b) for i, ((a, ea), (b, eb)) in enumerate(pairs) if a != b and ea and eb
-        ]
+        pairable = [(i, a, b) for i, ((a, ea), (b, eb)) in enumerate(pairs) if a != b and ea and eb]
         untied = sum(rouge_l(a, turns[i][1]) != rouge_l(b, turns[i][1]) for i, a, b in pairable)
         lengths = [len(tok.encode(t, add_special_tokens=False)) for pair in pairs for t, _ in pair]
         row = {

@@ -13,10 +13,10 @@ from posttrain.models.architectures import load_config, shrink
 from posttrain.realscale.standin import (
     LLAVA_SPECIALS,
     QWEN2_SPECIALS,
+    build_llava,
     emphasise_learned_tokens,
     learned_token_ids,
     standin_tokenizer,
-    teach_eos,
     write_llava,
     write_lrv_parquet,
 )
@@ -88,40 +88,45 @@ def test_emphasised_rows_are_sampled(tmp_path):
     assert torch.allclose(head[learned], 2 * before)
 
 
-def test_taught_eos_follows_sentence_ends_and_never_the_prompt_end():
-    """A random EOS row made EOS near-certain after some contexts, among them the prompts' shared end:
-    66% of an H100 smoke run's prompts gave two identical (empty) samples. The taught row ends answers
-    after ``.``/``?``/``!`` and not right after ``ASSISTANT:``."""
-    from posttrain.models.architectures import build_random
+def test_a_wide_standin_ends_varied_answers_on_generation_prompts():
+    """At 7B width a random tower's hidden states are chaotic and its samples few byte tokens: 96 H100
+    samples held no sentence end, so nothing stopped and no preference pair formed. At hidden size 1024 the
+    CPU shows the same. The stand-in (`build_llava`: led by the current token, ends sampled at a set rate,
+    EOS taught after them) must end varied, non-empty answers on prompts it was not taught on."""
+    from posttrain.evaluate.generation import generate
+    from posttrain.models.template import encode_prompt
 
-    texts = [f"USER: ASSISTANT: What is bar {i}? The bar {i} has a value of {7 * i}. Is it red!" for i in range(40)]
-    tok = standin_tokenizer(texts, LLAVA_SPECIALS, bos="<s>", eos="</s>", pad="<pad>", unk="<unk>")
-    model = build_random(shrink(load_config("llava-1.5-7b")), dtype=torch.float32, device="cpu", seed=0)
-    emphasise_learned_tokens(model, learned_token_ids(tok))
-    before = model.get_output_embeddings().weight[tok.eos_token_id].clone()
-    end = tok.encode(" ASSISTANT:", add_special_tokens=False)
-    p = teach_eos(model, tok, end)
-    assert not torch.equal(model.get_output_embeddings().weight[tok.eos_token_id], before)
-    assert p["p_eos_after_end"] > 0.3 and p["p_eos_after_other"] < 0.05 and p["p_eos_at_prompt_end"] < 0.01
-    # what generation sees: samples of varying length, ended within 24 tokens, none empty
-    prompts = [tok.encode(f"USER: What is bar {i}? ASSISTANT:") for i in range(16)]
-    torch.manual_seed(0)
-    with torch.no_grad():
-        out = model.generate(
-            input_ids=torch.tensor(prompts),
-            do_sample=True,
-            temperature=0.7,
-            top_p=0.9,
-            max_new_tokens=24,
-            num_return_sequences=2,
-            eos_token_id=tok.eos_token_id,
-            pad_token_id=tok.pad_token_id,
-        )[:, len(prompts[0]) :].tolist()
-    ends = [s.index(tok.eos_token_id) if tok.eos_token_id in s else None for s in out]
-    assert all(e != 0 for e in ends)  # no empty answer
-    assert sum(e is not None for e in ends) >= 0.5 * len(out)
-    assert len({e for e in ends if e is not None}) >= 5  # lengths vary
-    assert sum(out[2 * k] != out[2 * k + 1] for k in range(16)) >= 12
+    texts = [
+        f"USER: ASSISTANT: What is bar {i}? The bar {i} has a value of {7 * i}. Is it red! No."
+        for i in range(40)
+    ]
+    wide = dict(text_hidden_size=1024, text_intermediate_size=2048, text_num_attention_heads=16)
+    config = shrink(load_config("llava-1.5-7b"), vision_image_size=56, **wide)
+    model, tok, eos = build_llava(config, texts, dtype=torch.float32)
+    assert eos["p_end_at_prompt_end"] < 0.01 and eos["p_eos_at_prompt_end"] < 0.01
+    assert abs(eos["p_end_after_other"] - 0.1) < 0.03 and eos["p_eos_after_end"] > 0.3
+    prompts = [encode_prompt(tok, [], f"How tall is the bar {i} and what colour?", 16) for i in range(16)]
+    g = torch.Generator().manual_seed(5)
+    pixels = [torch.randn(3, 56, 56, generator=g) for _ in prompts]
+    pairs = generate(
+        model.eval(),
+        tok,
+        pixels,
+        prompts,
+        batch_size=16,
+        max_new_tokens=24,
+        do_sample=True,
+        temperature=0.7,
+        top_p=0.9,
+        samples=2,
+        with_ends=True,
+    )
+    samples = [s for pair in pairs for s in pair]
+    assert all(text for text, _ in samples)  # none empty
+    ended = [len(tok.encode(text, add_special_tokens=False)) for text, stopped in samples if stopped]
+    assert len(ended) >= 0.75 * len(samples)
+    assert len(set(ended)) >= 8  # lengths vary
+    assert sum(a != b for (a, _), (b, _) in pairs) >= 14
 
 
 @pytest.fixture(scope="module")

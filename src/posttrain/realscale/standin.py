@@ -15,9 +15,10 @@ lrv_chart`, `evaluate.critic.kind: llava_critic`) is exercised on local folders 
 
 The stand-in LLaVA's output layer favours the learned tokens (`emphasise_learned_tokens`): random weights
 would otherwise sample filler tokens almost always, and two samples of filler text tie under every judge,
-leaving no preference pair to train DPO on. Its EOS row is taught to follow sentence ends (`teach_eos`), so
-that samples end after a varying number of tokens, as a trained model's do: a sample cut at max_new_tokens
-is never a pair, and one that ends at once is empty and ties with its twin.
+leaving no preference pair to train DPO on. Its sentence ends are sampled at a set rate and its EOS row is
+taught to follow them (`teach_eos`), so that samples end after a varying number of tokens, as a trained
+model's do: a sample cut at max_new_tokens is never a pair, and one that ends at once is empty and ties with
+its twin.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import CLIPImageProcessorPil, LlavaProcessor, PreTrainedTokenizerFast
 
 from posttrain.models.architectures import build_random
-from posttrain.models.template import CHAT_TEMPLATE, IMAGE_TOKEN
+from posttrain.models.template import CHAT_TEMPLATE, IMAGE_TOKEN, encode_prompt
 
 FILLER = "<standin_{}>"
 FILLER_PATTERN = re.compile(r"<standin_\d+>")
@@ -129,33 +130,97 @@ def emphasise_learned_tokens(model, ids: list[int], factor: float = 3.0) -> None
     head[torch.tensor(ids, device=head.device)] *= factor
 
 
+@torch.no_grad()
+def lead_with_the_current_token(model, embed_factor: float = 50.0, layer_share: float = 0.3) -> float:
+    """Scale the text tower so that its last hidden state is led by the current token's embedding.
+
+    In a random pre-norm tower every layer adds an output of norm ~σ²·d^1.5 (σ the init std, d the hidden
+    size) to an embedding of norm σ·√d: at 7B, 32 layers of ~105 on 1.3, and the last hidden state is a
+    chaotic function of the whole context that no output row can steer (the taught EOS and sentence ends
+    did not carry over from one sequence to the next). Here the input embeddings are ×`embed_factor` and
+    each layer's output projections (attention ``o_proj``, MLP ``down_proj``) are scaled so that the 2L
+    layer outputs together are about `layer_share` of the embedding's norm: the stand-in then samples
+    nearly as a bigram model whose rows `teach_eos` can set, while the prompt and the image still move it.
+
+    Returns:
+        The output projections' scale.
+    """
+    text = model.config.text_config
+    d, layers, std = text.hidden_size, text.num_hidden_layers, text.initializer_range
+    scale = layer_share * embed_factor / (std * d * (2 * layers) ** 0.5)
+    model.get_input_embeddings().weight.mul_(embed_factor)
+    for name, weight in model.get_decoder().named_parameters():
+        if name.endswith(("o_proj.weight", "down_proj.weight")):
+            weight.mul_(scale)
+    return scale
+
+
 SENTENCE_END = re.compile(r"[.?!]\s*$")
+
+
+def _end_mass(logits: torch.Tensor, ends: torch.Tensor, shift: torch.Tensor, temperature: float) -> float:
+    """Mean probability, at `temperature`, of sampling one of `ends` with their logits raised by `shift`."""
+    shifted = logits.clone()
+    shifted[:, ends] += shift[:, None]
+    return float((shifted / temperature).softmax(-1)[:, ends].sum(-1).mean())
+
+
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.normalize(x, dim=-1)
+
+
+def _without(x: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
+    """`x` with its component along the unit vector `direction` removed."""
+    return x - (x @ direction) * direction
 
 
 @torch.no_grad()
 def teach_eos(
-    model, tokenizer: PreTrainedTokenizerFast, prompt_end: list[int], *, seed: int = 0, length: int = 512
+    model,
+    tokenizer: PreTrainedTokenizerFast,
+    questions: list[str],
+    *,
+    seed: int = 0,
+    answer_tokens: int = 24,
+    end_mass: float = 0.1,
+    temperature: float = 0.7,
 ) -> dict[str, float]:
-    """Set the output layer's EOS row so that the model ends its answers after sentence-final tokens.
+    """Make the model end its answers after sentence-final tokens, which it samples at a set rate.
 
     A random EOS row gives each context a fixed random EOS logit of std s·√d·factor: EOS is then either
     almost certain or almost impossible, and where the prompts' shared last token (``ASSISTANT:``) happens
     to be of the first kind every sample is empty (an H100 smoke run found 66% of prompts with two
-    identical samples). Instead, one forward pass over `length` random learned tokens, a sixth of them
-    sentence ends (learned tokens whose text ends in ``.``, ``?`` or ``!``), gives the final hidden states
-    after an end (mean direction u) and after any other token (v). The EOS row is the direction u − v with
-    the prompt end's own hidden state projected out, scaled so that after an end EOS is as likely as every
-    other token together (median over the ends; temperature 1).
+    identical samples). And a 7B-wide random tower samples a few byte tokens over and over: 96 H100
+    samples of 24 tokens held no sentence end at all, so none stopped and no preference pair formed.
+
+    So the output layer is set from the hidden states of contexts like the generation's: each of
+    `questions` as a generation prompt (the real template, the image tokens, random pixels) followed by
+    `answer_tokens` random learned tokens, a sixth of them sentence ends (learned tokens whose text ends in
+    ``.``, ``?`` or ``!``). (Random hidden states differ more between sequences than within one: the common
+    direction of one long sequence did not carry over to prompts.)
+
+    1. The sentence ends' rows gain the answers' common hidden direction, so that after other tokens the
+       model samples an end with probability `end_mass` at `temperature`: a raise shared by the contexts
+       (scaling the rows instead made an end certain in some contexts and impossible in others).
+    2. The EOS row is the mean direction after an end minus that after other tokens, scaled so that after
+       an end EOS is as likely as every other token together (median over the ends; temperature 1).
+
+    Both have the prompt ends' mean hidden direction projected out: answers neither open with an end nor
+    are empty. Each step then ends an answer with probability about `end_mass` × ½.
 
     Args:
         model: a LLaVA whose learned rows are already emphasised (`emphasise_learned_tokens`).
         tokenizer: its stand-in tokenizer.
-        prompt_end: the ids a generation prompt ends with (e.g. those of ``ASSISTANT:``).
-        seed: draws the token sequence.
-        length: tokens in the sequence.
+        questions: the prompts' questions (any text; the template wraps it).
+        seed: draws the pixels and the answers' tokens.
+        answer_tokens: random tokens after each prompt.
+        end_mass: the probability of sampling a sentence end after another token.
+        temperature: the sampling temperature `end_mass` holds at (preferences.temperature).
 
     Returns:
-        EOS's mean probability (temperature 1) after an end, after other tokens, and at the prompt end.
+        The end rows' raise (median context, logits); at `temperature`, the probability of sampling an end
+        after other tokens and at the prompt end; EOS's mean probability (temperature 1) after an end,
+        after other tokens, and at the prompt end.
     """
     learned = learned_token_ids(tokenizer)
     ends = [i for i in learned if SENTENCE_END.search(tokenizer.decode([i]))]
@@ -163,40 +228,88 @@ def teach_eos(
         raise ValueError("the stand-in tokenizer learned no sentence-final token (text ending in . ? !)")
     end_set = set(ends)
     others = [i for i in learned if i not in end_set]
+    vision = model.config.vision_config
+    n_image = (vision.image_size // vision.patch_size) ** 2
     g = torch.Generator().manual_seed(seed)
-    is_end = torch.rand(length, generator=g) < 1 / 6
-    body = [
-        (ends if e else others)[int(torch.randint(len(ends if e else others), (1,), generator=g))]
-        for e in is_end.tolist()
-    ]
-    ids = [tokenizer.bos_token_id, *body, *prompt_end] if tokenizer.bos_token_id is not None else body
+    rows, kinds = [], []  # kinds: 0 prompt, 1 prompt end, 2 after an end, 3 after another token
+    for q in questions:
+        prompt = encode_prompt(tokenizer, [], q, n_image)
+        is_end = (torch.rand(answer_tokens, generator=g) < 1 / 6).tolist()
+        answer = [
+            (ends if e else others)[int(torch.randint(len(ends if e else others), (1,), generator=g))]
+            for e in is_end
+        ]
+        rows.append(prompt + answer)
+        kinds.append([0] * (len(prompt) - 1) + [1] + [2 if e else 3 for e in is_end])
+    width = max(map(len, rows))
     head = model.get_output_embeddings().weight
+    device = head.device
+    ids = torch.tensor([r + [tokenizer.pad_token_id] * (width - len(r)) for r in rows], device=device)
+    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=device)
+    kind = torch.tensor([k + [-1] * (width - len(k)) for k in kinds], device=device)
+    size = vision.image_size
+    pixels = torch.randn(len(rows), 3, size, size, generator=g).to(device=device, dtype=head.dtype)
     was_training = model.training
     model.eval()
-    hidden = model.get_decoder()(input_ids=torch.tensor([ids], device=head.device)).last_hidden_state[0]
+    hidden = model.model(input_ids=ids, pixel_values=pixels, attention_mask=mask).last_hidden_state
     model.train(was_training)
-    hidden = hidden.float()
-    offset = len(ids) - len(body) - len(prompt_end)
-    at_end = torch.zeros(len(ids), dtype=torch.bool, device=hidden.device)
-    at_end[offset : offset + length] = is_end.to(hidden.device)
-    at_other = torch.zeros_like(at_end)
-    at_other[offset : offset + length] = ~is_end.to(hidden.device)
-    unit = torch.nn.functional.normalize(hidden, dim=-1)
-    w = unit[at_end].mean(0) - unit[at_other].mean(0)
-    last = unit[-1]
-    w = w - (w @ last) * last  # no EOS right after the prompt
+    hidden = hidden.float()[kind >= 1]
+    kind = kind[kind >= 1]
+    at_start, at_end, at_other = kind == 1, kind == 2, kind == 3
+    unit = _unit(hidden)
+    start = _unit(unit[at_start].mean(0))
+
+    end_ids = torch.tensor(ends, device=device)
+    common = _unit(_without(unit[at_other].mean(0), start))
+    along = hidden[at_other] @ common  # each context's share of the common direction
+    logits = hidden[at_other] @ head.float().T
+    logits[:, tokenizer.eos_token_id] = -float("inf")
+    unit_along = along / along.median()
+    shift = min(
+        torch.linspace(0, 40, 161).tolist(),  # the median context's raise, in logits
+        key=lambda c: abs(_end_mass(logits, end_ids, c * unit_along, temperature) - end_mass),
+    )
+    head[end_ids] += (shift / float(along.median())) * common.to(head.dtype)
+
+    w = _without(unit[at_end].mean(0) - unit[at_other].mean(0), start)
     logits = hidden[at_end] @ head.float().T
     logits[:, tokenizer.eos_token_id] = -float("inf")
     target = logits.logsumexp(-1).median()  # EOS as likely as all other tokens together
     w = w * (target / (hidden[at_end] @ w).median())
     head[tokenizer.eos_token_id] = w.to(head.dtype)
+
     logits = hidden @ head.float().T
     p_eos = logits.softmax(-1)[:, tokenizer.eos_token_id]
+    p_end = (logits / temperature).softmax(-1)[:, end_ids].sum(-1)
     return {
+        "end_shift": round(shift, 2),
+        "p_end_after_other": round(float(p_end[at_other].mean()), 3),
+        "p_end_at_prompt_end": round(float(p_end[at_start].mean()), 3),
         "p_eos_after_end": round(float(p_eos[at_end].mean()), 3),
         "p_eos_after_other": round(float(p_eos[at_other].mean()), 3),
-        "p_eos_at_prompt_end": round(float(p_eos[-1]), 3),
+        "p_eos_at_prompt_end": round(float(p_eos[at_start].mean()), 3),
     }
+
+
+def build_llava(
+    config, texts: list[str], *, device: str = "cpu", dtype: torch.dtype | None = None, seed: int = 0
+) -> tuple[Any, PreTrainedTokenizerFast, dict[str, float]]:
+    """The stand-in LLaVA in memory: random weights of `config`, its tokenizer, what `teach_eos` measured.
+
+    The tokenizer is learned on `texts`; the tower is led by the current token
+    (`lead_with_the_current_token`), the learned rows are emphasised and the EOS is taught on the first 16 of
+    `texts` as questions (`teach_eos`).
+    """
+    tokenizer = standin_tokenizer(texts, LLAVA_SPECIALS, bos="<s>", eos="</s>", pad="<pad>", unk="<unk>")
+    model = build_random(config, dtype=dtype, device=device, seed=seed)
+    lead_with_the_current_token(model)
+    emphasise_learned_tokens(model, learned_token_ids(tokenizer))
+    eos = teach_eos(model, tokenizer, [t.replace(IMAGE_TOKEN, "")[:200] for t in texts[:16]], seed=seed)
+    generation = model.generation_config
+    generation.bos_token_id = tokenizer.bos_token_id
+    generation.eos_token_id = tokenizer.eos_token_id
+    generation.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer, eos
 
 
 def write_llava(
@@ -213,7 +326,7 @@ def write_llava(
     Args:
         folder: the output folder (hub layout: config, safetensors, tokenizer, processor files).
         config: a `LlavaConfig` (`posttrain.models.architectures.load_config("llava-1.5-7b")`, maybe shrunk).
-        texts: prompts and answers the stand-in tokenizer learns from.
+        texts: prompts and answers the stand-in tokenizer learns from (`build_llava`).
         device: where the random weights are built (a GPU builds a 7B model in seconds).
         dtype: their dtype; None: bfloat16 on CUDA, float32 elsewhere.
         seed: the initialisation seed.
@@ -222,7 +335,8 @@ def write_llava(
         The folder.
     """
     folder = Path(folder)
-    tokenizer = standin_tokenizer(texts, LLAVA_SPECIALS, bos="<s>", eos="</s>", pad="<pad>", unk="<unk>")
+    model, tokenizer, eos = build_llava(config, texts, device=device, dtype=dtype, seed=seed)
+    print(f"stand-in EOS: {eos}", flush=True)
     vision = config.vision_config
     image_processor = CLIPImageProcessorPil(
         size={"shortest_edge": vision.image_size},
@@ -237,14 +351,6 @@ def write_llava(
         num_additional_image_tokens=1,  # CLIP's CLS, dropped by the "default" strategy
         chat_template=CHAT_TEMPLATE,
     )
-    model = build_random(config, dtype=dtype, device=device, seed=seed)
-    emphasise_learned_tokens(model, learned_token_ids(tokenizer))
-    eos = teach_eos(model, tokenizer, tokenizer.encode(" ASSISTANT:", add_special_tokens=False))
-    print(f"stand-in EOS: {eos}", flush=True)
-    generation = model.generation_config
-    generation.bos_token_id = tokenizer.bos_token_id
-    generation.eos_token_id = tokenizer.eos_token_id
-    generation.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     return folder
