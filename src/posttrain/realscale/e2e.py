@@ -97,7 +97,7 @@ def smoke_overrides(work: Path, cuda: bool) -> dict:
         },
         "preferences": {
             "judge": "reference",  # random weights cannot judge; the reference judge ranks their samples
-            # every train prompt (~85): the stand-in's samples end after sentence ends (teach_eos), but
+            # every train prompt (~85): the stand-in's samples end after sentence ends (build_llava), but
             # random text rarely shares a word with the reference, so most pairs tie and are dropped
             "max_prompts": 0,
             "max_new_tokens": 24,
