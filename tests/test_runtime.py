@@ -8,7 +8,7 @@ import sys
 import pytest
 from conftest import ROOT
 
-from posttrain.core.runtime import CPU_NUMERICS
+from posttrain.core.runtime import CPU_NUMERICS, exit_status
 
 
 def test_setup_pins_the_cpu_float_paths_before_torch_loads():
@@ -103,3 +103,17 @@ def test_with_cuda_bitsandbytes_stays_importable():
         "print('bitsandbytes' in sys.modules)"  # not blocked (its CUDA backend cannot load under the fake)
     )
     assert out.split() == ["False"]
+
+
+def test_a_command_leaves_its_process_group_before_the_interpreter_exits(tmp_path):
+    """A worker that exits with its gloo group alive can abort at exit ("terminate called without an active
+    exception", CI of stop 37): `exit_status` waits for the others and leaves the group after `main`."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        assert exit_status(lambda: None) == 0
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -28,6 +28,22 @@ def init() -> None:
         dist.init_process_group("gloo")
 
 
+def leave() -> None:
+    """Wait for every process, then leave the process group (nothing outside one).
+
+    A worker whose gloo or NCCL group is still alive when the interpreter exits can abort there ("terminate
+    called without an active exception": the group's threads are destroyed while joinable), and torchrun then
+    fails the stage although its work is done. Called once a command's `main` has returned.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if dist.get_world_size() > 1:
+        dist.barrier()
+    dist.destroy_process_group()
+
+
 def die_with_launcher() -> None:
     """Have the kernel SIGKILL this worker when the torchrun that started it dies (Linux).
 

@@ -84,6 +84,9 @@ def setup(threads: int) -> str:
 def exit_status(main: Callable[[], int | None]) -> int:
     """Run a command's `main` and return its exit status; an `InputError` is printed alone and gives 1.
 
+    Once `main` has returned, a process started as one of several leaves its process group
+    (`posttrain.core.distributed.leave`) so that it exits cleanly.
+
     A typo in params.yaml or a bad data file is for the user to fix, not a bug: its message names the key or
     row and the fix, and a traceback would bury it. Every other exception keeps its traceback.
 
@@ -94,10 +97,15 @@ def exit_status(main: Callable[[], int | None]) -> int:
         The exit status.
     """
     try:
-        return main() or 0
+        status = main() or 0
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    if "torch" in sys.modules:  # a command that never imported torch joined no group
+        from posttrain.core.distributed import leave
+
+        leave()
+    return status
 
 
 def run_command(main: Callable[[], int | None]) -> NoReturn:
