@@ -9,6 +9,8 @@ Commands:
                      (see `posttrain.experiments.seeds`).
     grid             An ablation grid of DVC experiments, each on its own GPU group
                      (see `posttrain.experiments.grid`).
+    table            What DVC experiments changed and what their models learnt per study family
+                     (see `posttrain.experiments.table`).
 """
 
 from __future__ import annotations
@@ -48,6 +50,9 @@ def _build_parser() -> argparse.ArgumentParser:
     sub.add_parser("seeds", help="run the study under other seeds (run --seeds 1 2); their table (table)")
     sub.add_parser(
         "grid", help="an ablation grid of DVC experiments over GPU groups (-S KEY=V1,V2 --gpus 0,1)"
+    )
+    sub.add_parser(
+        "table", help="DVC experiments' changed params and per-family accuracy vs the chance line ([NAME])"
     )
     sub.add_parser(
         "convert-critic", help="convert LLaVA-Critic from LLaVA-NeXT's layout to transformers' (SRC DST)"
@@ -129,6 +134,10 @@ def _run(argv: list[str]) -> int:
         from posttrain.experiments.grid import main as grid
 
         return grid(argv[1:])
+    if argv[:1] == ["table"]:  # dvc experiments read back per study family (posttrain.experiments.table)
+        from posttrain.experiments.table import main as table
+
+        return table(argv[1:])
     parser = _build_parser()
     try:
         args = parser.parse_args(argv)

@@ -2,21 +2,26 @@
 
     python -m posttrain grid -S sft.variants.sft1.alpha=4,8,16,32 --gpus 0,1 --gpus 2,3
     python -m posttrain grid -S dpo.beta=0.05,0.1 -S dpo.learning_rate=1e-5,2e-5 --gpus 0 --gpus 1
+    python -m posttrain grid -S sft.common.max_steps=400,800 --target evaluate@sft1   # only what it needs
 
 DVC's own queue does not do this: the workers of ``dvc queue start -j N`` share one environment, so no GPU
 of their own, and race each other (treeverse/dvc#10673). Here each experiment of the grid (every combination
 of the ``-S`` values) runs as
 
-    CUDA_VISIBLE_DEVICES=<group> dvc --wait-for-lock exp run --temp -n NAME -S ... -S launch.processes=<size>
+    CUDA_VISIBLE_DEVICES=<group> dvc --wait-for-lock exp run --temp -n NAME -S ... \
+        -S launch.processes=<size> [TARGET ...]
 
 in a temporary copy of the workspace, sharing the DVC cache and run cache. DVC holds its repo lock only for
 the bookkeeping at an experiment's start and end; ``--wait-for-lock`` makes concurrent experiments take it in
 turn (without it they fail with "Unable to acquire lock"). One worker per group takes the next experiment
-when its last one ends. Every experiment's params are validated before any starts. Each experiment's output
+when its last one ends. With ``--target`` stages (e.g. ``evaluate@sft1``) each experiment reproduces only
+those and what they depend on, as ``dvc exp run TARGET`` does. Every experiment's params are validated before
+any starts. Each experiment's output
 goes to ``logs/grid/NAME.log``; a line per experiment says where it ran, how long it took, whether it failed.
 
 The results are ordinary DVC experiments: ``dvc exp show``, ``dvc metrics diff``, ``dvc exp apply`` and
-``dvc exp branch`` work on them as on any other.
+``dvc exp branch`` work on them as on any other, and ``python -m posttrain table`` reads them back per study
+family (`posttrain.experiments.table`).
 """
 
 from __future__ import annotations
@@ -131,14 +136,16 @@ def check_experiments(params_file: Path, experiments: list[Experiment]) -> None:
         raise ParamsError(sorted(set(problems), key=problems.index), str(params_file))
 
 
-def dvc_command(e: Experiment, processes: int | None) -> list[str]:
-    """The `dvc exp run` of one experiment; `processes`: its group's GPUs as ``launch.processes``."""
+def dvc_command(e: Experiment, processes: int | None, targets: Sequence[str] = ()) -> list[str]:
+    """The `dvc exp run` of one experiment; `processes`: its group's GPUs as ``launch.processes``; `targets`:
+    the stages to reproduce (none: the whole pipeline).
+    """
     cmd = [sys.executable, "-m", "dvc", "--wait-for-lock", "exp", "run", "--temp", "-n", e.name]
     for k, v in e.overrides.items():
         cmd += ["-S", f"{k}={v}"]
     if processes is not None and "launch.processes" not in e.overrides:
         cmd += ["-S", f"launch.processes={processes}"]
-    return cmd
+    return cmd + list(targets)
 
 
 def run_grid(
@@ -189,7 +196,7 @@ def run_grid(
     return [outcomes[e.name] for e in experiments]
 
 
-def dvc_runner(repo: Path, log_dir: Path) -> Callable[[Experiment, str], tuple]:
+def dvc_runner(repo: Path, log_dir: Path, targets: Sequence[str] = ()) -> Callable[[Experiment, str], tuple]:
     """`run_grid`'s runner through `dvc_command`, the group in CUDA_VISIBLE_DEVICES, output to a log file."""
 
     def run_one(e: Experiment, group: str) -> tuple[int, Path]:
@@ -201,7 +208,7 @@ def dvc_runner(repo: Path, log_dir: Path) -> Callable[[Experiment, str], tuple]:
         log.parent.mkdir(parents=True, exist_ok=True)
         with open(log, "w") as f:
             return subprocess.run(
-                dvc_command(e, processes), cwd=repo, env=env, stdout=f, stderr=f
+                dvc_command(e, processes, targets), cwd=repo, env=env, stdout=f, stderr=f
             ).returncode, log
 
     return run_one
@@ -234,7 +241,12 @@ def gpu_groups(specs: Sequence[str] | None) -> list[str]:
 
 
 def run_experiments(
-    experiments: list[Experiment], groups: list[str], repo: Path, params_file: Path, dry_run: bool = False
+    experiments: list[Experiment],
+    groups: list[str],
+    repo: Path,
+    params_file: Path,
+    dry_run: bool = False,
+    targets: Sequence[str] = (),
 ) -> int:
     """Validate, then run `experiments` over `groups` through DVC; exit status 1 if any failed."""
     check_experiments(params_file, experiments)
@@ -246,15 +258,15 @@ def run_experiments(
             group = groups[i % len(groups)]
             processes = len(group.split(",")) if group else None
             prefix = f"CUDA_VISIBLE_DEVICES={group} " if group else ""
-            print(prefix + " ".join(dvc_command(e, processes)[2:]))
+            print(prefix + " ".join(dvc_command(e, processes, targets)[2:]))
         return 0
     print(f"[grid] {len(experiments)} experiments on {len(groups)} GPU group(s)", flush=True)
-    outcomes = run_grid(experiments, groups, dvc_runner(repo, repo / "logs" / "grid"))
+    outcomes = run_grid(experiments, groups, dvc_runner(repo, repo / "logs" / "grid", targets))
     failed = [o for o in outcomes if o.returncode]
     print(
         f"[grid] {len(outcomes) - len(failed)} of {len(outcomes)} done"
         + (f"; failed: {', '.join(o.name for o in failed)}" if failed else "")
-        + "; compare them with `dvc exp show` or `dvc metrics diff`",
+        + "; compare them with `python -m posttrain table`, `dvc exp show` or `dvc metrics diff`",
         flush=True,
     )
     return 1 if failed else 0
@@ -285,10 +297,18 @@ def main(argv: list[str]) -> int:
         help="a GPU group (repeat for more groups; each experiment runs on one group with launch.processes = "
         "its size); none: one experiment at a time on the environment's devices",
     )
+    ap.add_argument(
+        "--target",
+        action="append",
+        default=[],
+        metavar="STAGE",
+        help="a stage to reproduce, e.g. evaluate@sft1 (repeat); none: the whole pipeline",
+    )
     ap.add_argument("--name", default="grid", help="prefix of the experiment names (default grid)")
     ap.add_argument("--params", default="params.yaml", type=Path, help="the params file to validate against")
     ap.add_argument("--dry-run", action="store_true", help="validate and print the commands only")
     args = ap.parse_args(argv)
     grid = parse_settings(args.settings)
     experiments = [Experiment(n, o) for n, o in zip(experiment_names(args.name, grid), grid)]
-    return run_experiments(experiments, gpu_groups(args.gpus), Path.cwd(), args.params, args.dry_run)
+    groups = gpu_groups(args.gpus)
+    return run_experiments(experiments, groups, Path.cwd(), args.params, args.dry_run, args.target)

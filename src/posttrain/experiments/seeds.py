@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -29,6 +30,29 @@ REPORT_COMPARE = "metrics/report_compare.json"
 
 def git(*args: str, cwd: Path) -> str:
     return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, check=True).stdout
+
+
+@dataclass(frozen=True)
+class ExperimentRef:
+    name: str
+    rev: str  # the experiment's commit
+    baseline: str  # the commit DVC filed it under (the workspace's HEAD when it ran)
+
+
+def experiment_refs(repo: Path) -> list[ExperimentRef]:
+    """Every DVC experiment of the repo, oldest first, as DVC stores a named one:
+    ``refs/exps/<baseline[:2]>/<baseline[2:]>/<name>``.
+    """
+    refs = git(
+        "for-each-ref", "--sort=committerdate", "--format=%(refname) %(objectname)", "refs/exps", cwd=repo
+    )
+    found = []
+    for line in filter(None, refs.split("\n")):
+        ref, rev = line.split()
+        parts = ref.split("/")  # refs, exps, sha[:2], sha[2:], name
+        if len(parts) == 5:  # not DVC's own bookkeeping refs (refs/exps/exec/..., refs/exps/celery/...)
+            found.append(ExperimentRef(parts[4], rev, parts[2] + parts[3]))
+    return found
 
 
 def recipe(repo: Path, rev: str) -> tuple[int, tuple[dict, dict]]:
@@ -62,12 +86,9 @@ def seed_results(repo: Path) -> tuple[dict[int, dict], list[str]]:
     """
     _, here = recipe(repo, "HEAD")
     revs = [("HEAD", "HEAD")]
-    refs = git("for-each-ref", "--format=%(refname) %(objectname)", "refs/exps", cwd=repo).split("\n")
-    for line in filter(None, refs):
-        ref, rev = line.split()
-        parts = ref.split("/")  # refs, exps, sha[:2], sha[2:], name
-        if parts[-1].startswith("seed"):
-            revs.append((rev, f"{parts[-1]} of {''.join(parts[2:4])[:7]}"))
+    for e in experiment_refs(repo):
+        if e.name.startswith("seed"):
+            revs.append((e.rev, f"{e.name} of {e.baseline[:7]}"))
     found = {}
     stale = []
     for rev, label in revs:
