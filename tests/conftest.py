@@ -16,6 +16,17 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(2)
 
 
+def pytest_collection_modifyitems(config, items):
+    """Invariance checks (`@pytest.mark.invariance`, tests/test_invariance.py) run only when a ``-m``
+    expression names them (``-m invariance``): minutes each, they are not part of the suite."""
+    if "invariance" in (config.getoption("markexpr") or ""):
+        return
+    skip = pytest.mark.skip(reason="an invariance check: opt in with -m invariance")
+    for item in items:
+        if "invariance" in item.keywords:
+            item.add_marker(skip)
+
+
 def micro_params() -> dict:
     """The shipped params.yaml shrunk to seconds of work (same keys, same code paths)."""
     p = yaml.safe_load((ROOT / "params.yaml").read_text())
