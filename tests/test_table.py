@@ -160,3 +160,9 @@ def test_the_table_reads_each_experiment_s_own_params_and_metrics(tmp_path):
         text=True,
     )
     assert bad.returncode == 1 and "no DVC experiment named nope" in bad.stdout
+
+    # without the DVC cache (a fresh clone before `dvc pull`): the headline from git, no families
+    shutil.rmtree(repo / ".dvc" / "cache")
+    sft1 = read_runs(repo, models=["sft1", "sfte_dpo"])[0]["models"]
+    assert sft1["sft1"]["detailed"] is False and sft1["sft1"]["relaxed_acc"] == 20.0
+    assert sft1["sft1"]["families"]["bar_shortest"]["acc"] is None and sft1["sfte_dpo"]["dpo_heldout"] is None

@@ -119,6 +119,7 @@ def read_revision(repo: Path, rev: str, models: list[str] | None, baseline_lock:
     """Params, changed-model flags and every model's `family_row` at one commit (`read_runs`' rows)."""
     from dvc.api import DVCFileSystem
     from dvc.exceptions import DvcException
+    from dvc_data.index import DataIndexError
 
     def from_git(path: str) -> str | None:
         try:
@@ -131,7 +132,7 @@ def read_revision(repo: Path, rev: str, models: list[str] | None, baseline_lock:
     def from_dvc(path: str) -> dict | None:
         try:
             return json.loads(fs.read_text(path))
-        except (FileNotFoundError, DvcException):  # not an output at this commit, or not in the cache
+        except (FileNotFoundError, DvcException, DataIndexError):  # not an output there, or not in the cache
             return None
 
     params = yaml.safe_load(from_git("params.yaml") or "{}") or {}
@@ -199,8 +200,9 @@ def read_runs(repo: Path, names: list[str] = (), every: bool = False, models: li
 
 
 def _headline_cells(r: dict) -> str:
+    beaten = f"{r['beats_chance']}/{len(r['families'])}" if r.get("detailed", True) else "—"
     cells = [
-        f"beats {r['beats_chance']}/{len(r['families'])}",
+        f"beats {beaten}",
         f"rel {num(r['relaxed_acc'], 1)}",
         f"neg {num(r['negative_acc'], 1)}",
         f"retain {num(r['retain_relaxed_acc'], 1)}",
@@ -227,7 +229,11 @@ def format_text(runs: list[dict]) -> str:
             if r["as_baseline"]:
                 out.append(f"  {model:<8} as baseline")
                 continue
-            cells = "  ".join(family_cells(r["families"])) if r["detailed"] else "(no detailed metrics)"
+            cells = (
+                "  ".join(family_cells(r["families"]))
+                if r["detailed"]
+                else f"(no {DETAILED.format(model=model)} in the DVC cache: `dvc pull` it)"
+            )
             out.append(f"  {model:<8} {cells}  {_headline_cells(r)}")
     return "\n".join(out)
 
@@ -271,7 +277,7 @@ def format_markdown(runs: list[dict]) -> str:
                 cells.append(cell)
             h = r.get("dpo_heldout") or {}
             cells += [
-                f"{r['beats_chance']}/{len(r['families'])}",
+                f"{r['beats_chance']}/{len(r['families'])}" if r["detailed"] else "—",
                 num(r["relaxed_acc"], 1),
                 num(r["negative_acc"], 1),
                 num(r["retain_relaxed_acc"], 1),
