@@ -225,6 +225,25 @@ def test_sft_with_batch_size_auto_trains_with_the_resolved_batch_and_records_it(
     assert "left by a run with other inputs (its batch changed); starting over" in capsys.readouterr().out
 
 
+def test_a_run_shorter_than_the_log_interval_records_its_final_loss(base_dir, prepared, tmp_path, capsys):
+    """The GPU e2e's 2-step SFT printed "final loss nan": the loss was logged every 10 steps and a 2-step run
+    never logged one, which read as a diverged run. The last step is now always logged."""
+    import math
+
+    from posttrain.core.config import parse_params
+    from posttrain.train.training import train_sft_variant
+
+    common = {"rank": 4, "max_steps": 3, "warmup_steps": 0, "save_steps": 0, "batch_size": 4}
+    p = parse_params({"sft": {"common": common}})
+    out = tmp_path / "sft1"
+    train_sft_variant(
+        "sft1", p.sft.common, p.sft.variants["sft1"], 0, base_dir, prepared, out, tmp_path / "ck", None
+    )
+    final = json.loads((out / "provenance.json").read_text())["training"]["final_loss"]
+    assert math.isfinite(final) and final > 0
+    assert "final loss nan" not in capsys.readouterr().out
+
+
 def test_replay_mixes_whole_pretrain_conversations_at_the_asked_share(prepared):
     """`sft.common.replay_fraction` draws whole pretrain conversations, seeded, so they are that share of
     the SFT conversations; 0 draws none; a share the pool cannot fill names the key."""

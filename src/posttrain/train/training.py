@@ -132,10 +132,12 @@ def training_arguments(
 
     The loss is logged every `logging_steps` or a divisor of `save_steps`, whichever divides it: a logged loss
     averages the steps since the last log, so a run resumed from a checkpoint logs the same curve as one that
-    was never killed only if every checkpoint falls on a log.
+    was never killed only if every checkpoint falls on a log. A run shorter than that logs its last step, so
+    that it has a final loss.
     """
     if save_steps > 0:
         logging_steps = math.gcd(logging_steps, save_steps)
+    logging_steps = min(logging_steps, max_steps)
     return TrainingArguments(
         output_dir=str(output_dir),
         max_steps=max_steps,
