@@ -7,7 +7,8 @@ import time
 import pytest
 from conftest import BILLION_LAUGHS, ROOT, run_stage
 
-from posttrain.evaluate.evaluation import CORE_METRICS, HEADLINE
+from posttrain.evaluate.evaluation import HEADLINE
+from posttrain.evaluate.metrics import CORE_METRICS
 
 
 @pytest.fixture(scope="module")

@@ -23,6 +23,7 @@ from posttrain.data.declines import is_decline
 from posttrain.data.examples import AnswerType, Example, load_split
 from posttrain.evaluate.generation import answer_nll, generate
 from posttrain.evaluate.metrics import (
+    CORE_METRICS,
     ItemStats,
     bleu_item_stats,
     bootstrap_ci,
@@ -38,17 +39,6 @@ from posttrain.models.template import IGNORE_INDEX, encode_conversation
 
 # (evaluation split, metric prefix): the study test split, and the retention test of the pretrain families.
 EVAL_SPLITS = (("study_test", ""), ("pretrain_test", "retain_"))
-CORE_METRICS = (
-    "loss",
-    "perplexity",
-    "bleu",
-    "rouge_l",
-    "critic",
-    "relaxed_acc",
-    "negative_acc",
-    "declined_answerable",
-    "decline_discrimination",
-)
 # what `dvc metrics show` puts in its table: one row per model that fits a terminal. The rest (CIs, n,
 # per-family accuracy, chance lines, retention detail) is in the details file the report reads.
 HEADLINE = (

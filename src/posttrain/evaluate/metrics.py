@@ -22,6 +22,20 @@ from sacrebleu.metrics.bleu import BLEU
 
 from posttrain.data.answers import _NUMBER, YEAR
 
+# The metrics every evaluation computes on each split, with a bootstrap CI (`evaluation`), and the columns of
+# the report's table (`posttrain.report.report`)
+CORE_METRICS = (
+    "loss",
+    "perplexity",
+    "bleu",
+    "rouge_l",
+    "critic",
+    "relaxed_acc",
+    "negative_acc",
+    "declined_answerable",
+    "decline_discrimination",
+)
+
 # A string that is a number and nothing else (units allowed: "$", "%", trailing period).
 _WHOLE_NUMBER = re.compile(r"\s*\$?[-\u2212\u2013]?\$?[\d.,]+\s*%?\s*\.?\s*")
 

@@ -106,22 +106,30 @@ def build_tiny_llava(tokenizer: PreTrainedTokenizerFast, arch: TinyParams, seed:
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.bos_token_id = tokenizer.bos_token_id
+    return model, llava_processor(tokenizer, arch.image_size, arch.patch_size)
+
+
+def llava_processor(tokenizer: PreTrainedTokenizerFast, image_size: int, patch_size: int) -> LlavaProcessor:
+    """LLaVA-1.5's processor over `tokenizer`: CLIP's resize and centre crop to `image_size`, one
+    ``<image>`` token a patch (the "default" strategy drops CLIP's CLS), and the chat template.
+
+    The tiny base and the real-scale stand-in share it, so both expand images exactly as llava-1.5 does.
+    """
     # the PIL backend by name: in transformers 5 `CLIPImageProcessor` is the torchvision one, which falls back
     # to this class (with a warning in every process) when torchvision is not installed
     image_processor = CLIPImageProcessorPil(
-        size={"shortest_edge": arch.image_size},
-        crop_size={"height": arch.image_size, "width": arch.image_size},
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
         do_convert_rgb=True,
     )
-    processor = LlavaProcessor(
+    return LlavaProcessor(
         image_processor=image_processor,
         tokenizer=tokenizer,
-        patch_size=arch.patch_size,
+        patch_size=patch_size,
         vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,
+        num_additional_image_tokens=1,  # CLIP's CLS, dropped by the "default" strategy
         chat_template=CHAT_TEMPLATE,
     )
-    return model, processor
 
 
 def count_params(model: torch.nn.Module, trainable_only: bool = False) -> int:

@@ -30,10 +30,11 @@ from typing import Any
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import CLIPImageProcessorPil, LlavaProcessor, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast
 
 from posttrain.models.architectures import build_random
-from posttrain.models.template import CHAT_TEMPLATE, IMAGE_TOKEN, encode_prompt
+from posttrain.models.loading import llava_processor
+from posttrain.models.template import IMAGE_TOKEN, encode_prompt
 
 FILLER = "<standin_{}>"
 FILLER_PATTERN = re.compile(r"<standin_\d+>")
@@ -334,25 +335,15 @@ def write_llava(
     Returns:
         The folder.
     """
+    strategy = config.vision_feature_select_strategy
+    if strategy != "default":  # what `llava_processor` expands images for
+        raise ValueError(f"a LLaVA-1.5 config selects image features by 'default', not {strategy!r}")
     folder = Path(folder)
     model, tokenizer, eos = build_llava(config, texts, device=device, dtype=dtype, seed=seed)
     print(f"stand-in EOS: {eos}", flush=True)
     vision = config.vision_config
-    image_processor = CLIPImageProcessorPil(
-        size={"shortest_edge": vision.image_size},
-        crop_size={"height": vision.image_size, "width": vision.image_size},
-        do_convert_rgb=True,
-    )
-    processor = LlavaProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        patch_size=vision.patch_size,
-        vision_feature_select_strategy=config.vision_feature_select_strategy,
-        num_additional_image_tokens=1,  # CLIP's CLS, dropped by the "default" strategy
-        chat_template=CHAT_TEMPLATE,
-    )
     model.save_pretrained(folder)
-    processor.save_pretrained(folder)
+    llava_processor(tokenizer, vision.image_size, vision.patch_size).save_pretrained(folder)
     return folder
 
 
@@ -367,16 +358,9 @@ def write_critic(
 ) -> Path:
     """Write a stand-in LLaVA-Critic folder in transformers' OneVision format (what `convert-critic` writes).
 
-    Args:
-        folder: the output folder.
-        config: a `LlavaOnevisionConfig` (`load_config("llava-critic-7b")`, maybe shrunk).
-        texts: text the stand-in Qwen2 tokenizer learns from (the critic prompts).
-        device: where the random weights are built (a GPU builds a 7B model in seconds).
-        dtype: their dtype; None: bfloat16 on CUDA, float32 elsewhere.
-        seed: the initialisation seed.
-
-    Returns:
-        The folder.
+    The arguments are `write_llava`'s, with `config` a `LlavaOnevisionConfig`
+    (`load_config("llava-critic-7b")`, maybe shrunk) and `texts` what the stand-in Qwen2 tokenizer learns
+    from (the critic prompts).
     """
     from posttrain.realscale.convert_critic import write_processor
 

@@ -14,19 +14,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from posttrain.core.io import read_json, read_jsonl, write_text_atomic  # noqa: E402
+from posttrain.evaluate.metrics import CORE_METRICS  # noqa: E402
 from posttrain.report.compare import answer_spread, compare, format_markdown, format_p  # noqa: E402
 
 PLOTTED = ("relaxed_acc", "negative_acc", "critic", "rouge_l", "bleu")
-TABLE = (
-    "loss",
-    "bleu",
-    "rouge_l",
-    "critic",
-    "relaxed_acc",
-    "negative_acc",
-    "declined_answerable",
-    "decline_discrimination",
-)
+TABLE = tuple(m for m in CORE_METRICS if m != "perplexity")  # exp(loss): the loss column says it
 SIGNIFICANCE = 0.05
 
 
