@@ -117,3 +117,20 @@ def test_a_command_leaves_its_process_group_before_the_interpreter_exits(tmp_pat
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def test_setup_asks_the_cuda_allocator_for_expandable_segments_before_torch_loads():
+    """Issue 33: sampling at 64 prompts × 2 ran out of memory on an 80 GB H100 with 11.15 GiB reserved but
+    unallocated, the caching allocator's fragments; expandable segments let it grow blocks instead. A value
+    the user set is kept."""
+    probe = (
+        "import os; from posttrain.core.runtime import setup; setup(1); "
+        "print(os.environ['PYTORCH_CUDA_ALLOC_CONF'])"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTORCH_CUDA_ALLOC_CONF"}
+    env["PYTHONPATH"] = str(ROOT / "src")
+    run = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
+    assert run.stdout.split()[-1] == "expandable_segments:True"
+    mine = {**env, "PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:512"}
+    run = subprocess.run([sys.executable, "-c", probe], env=mine, capture_output=True, text=True, check=True)
+    assert run.stdout.split()[-1] == "max_split_size_mb:512"

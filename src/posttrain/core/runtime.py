@@ -22,13 +22,18 @@ DEPRECATED_CHECKPOINTING = (
 # The CPU float paths, pinned to one instruction set so that machines of other makes (AVX-512 or not, Intel or
 # AMD) run the same kernels: ATen's vectorized ops, oneDNN's JIT kernels, MKL's BLAS (conditional numerical
 # reproducibility). They act only if set before torch is imported; a value the user set is kept, and
-# POSTTRAIN_CPU_NUMERICS=native leaves every path to the libraries (bench/cpu_repro.py compares the two).
+# POSTTRAIN_CPU_NUMERICS=native leaves every path to the libraries (tests/test_invariance.py, opt-in with
+# `pytest -m invariance`, compares the two).
 CPU_NUMERICS = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_CBWR": "AVX2"}
 # numpy's OpenBLAS (built for every x86 CPU, picking at load) likewise: on an AVX-512 CPU it takes its
 # SkylakeX kernels, whose matrix products round otherwise in the last digit (the report's bootstrap CIs).
 # Haswell's are the AVX2 set that AMD's Zen picks too. Read when numpy loads: `posttrain/__init__.py` sets
 # it, since every entry point imports the package before numpy.
 BLAS_NUMERICS = {"OPENBLAS_CORETYPE": "Haswell"}
+# CUDA's caching allocator keeps freed blocks for reuse; a generation batch whose KV cache grows token by
+# token left 11 GiB of them reserved but unusable on an 80 GB H100 (issue 33). Expandable segments grow a
+# block in place instead. Read at the first CUDA allocation; a value the user set is kept.
+CUDA_ALLOCATOR = {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
 
 
 def pin_blas_numerics() -> None:
@@ -56,13 +61,15 @@ def hide_bitsandbytes_without_cuda() -> None:
 
 
 def setup(threads: int) -> str:
-    """Pin the CPU float paths, set torch's CPU threads (0 keeps torch's default), silence library noise,
-    and without a CUDA GPU keep PEFT from importing bitsandbytes.
+    """Pin the CPU float paths, set torch's CPU threads (0 keeps torch's default), ask CUDA's allocator for
+    expandable segments, silence library noise, and without a CUDA GPU keep PEFT from importing bitsandbytes.
 
     Returns:
         The device name, ``cuda`` or ``cpu``.
     """
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    for key, value in CUDA_ALLOCATOR.items():
+        os.environ.setdefault(key, value)
     if "torch" not in sys.modules and os.environ.get("POSTTRAIN_CPU_NUMERICS") != "native":
         for key, value in CPU_NUMERICS.items():
             os.environ.setdefault(key, value)
