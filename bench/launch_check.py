@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-COMPARED = ("data/eval/**/*.jsonl", "data/preferences/*.jsonl", "models/*/adapter_model.safetensors")
+COMPARED = ("data/eval/**/*.jsonl", "data/preferences/*.jsonl", "models/**/adapter_model.safetensors")
 
 
 def digests(work: Path) -> dict[str, str]:

@@ -1,7 +1,8 @@
 """Evaluate one model on the study test split and the retention split.
 
     dvc repro evaluate@base          # one model
-    dvc repro evaluate               # all of them
+    dvc repro evaluate_sft@sft1      # one SFT variant
+    dvc repro evaluate evaluate_sft  # all of them
 
 Writes per-item rows to data/eval/{study_test,pretrain_test}/<model>.jsonl, every metric (each with its 95%
 CI and n, per-family accuracy, chance lines) to data/eval/metrics/<model>.json, and the headline metrics, the
@@ -19,7 +20,7 @@ from posttrain.core.runtime import run_command, setup
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument(
-        "--model", required=True, help="model name: base, or an adapter folder's name under models/"
+        "--model", required=True, help="model name: base, sfte, sfte_dpo or a key of sft.variants"
     )
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--data", default="data/prepared")

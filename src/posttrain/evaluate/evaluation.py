@@ -17,6 +17,7 @@ import numpy as np
 from posttrain.core.config import EvaluateParams
 from posttrain.core.distributed import is_main
 from posttrain.core.io import write_json_atomic, write_jsonl
+from posttrain.core.layout import model_dir
 from posttrain.data.answers import extract, names
 from posttrain.data.charts import COLORS
 from posttrain.data.declines import is_decline
@@ -338,7 +339,7 @@ def evaluation_batch(params: EvaluateParams, models_dir: Path, name: str, merge:
     phases = evaluation_phases(processor.tokenizer, Path(data_dir), image_token_count(processor), params)
     if not phases:
         return params.batch_size if isinstance(params.batch_size, int) else 1
-    adapter = 0.0 if merge or name == "base" else adapter_layer_bytes(Path(models_dir) / name)
+    adapter = 0.0 if merge or name == "base" else adapter_layer_bytes(model_dir(name, models_dir))
     items = max(len(load_split(data_dir, split)) for split, _ in EVAL_SPLITS)
     return generation_batch(
         "evaluate", params.batch_size, phases, config=config, adapter_bytes=adapter, prompts=items

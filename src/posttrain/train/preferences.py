@@ -20,6 +20,7 @@ import torch
 
 from posttrain.core.config import PairKeep
 from posttrain.core.errors import InputError
+from posttrain.core.layout import model_dir
 from posttrain.data.declines import is_decline
 from posttrain.data.examples import Example
 from posttrain.evaluate.critic import PAIRWISE, combine_orders
@@ -308,7 +309,7 @@ def preference_phases(tokenizer, examples: list[Example], n_image_tokens: int, p
 
 
 def preference_batch(params, models_dir, policy: str, merge: bool, examples: list[Example]) -> int:
-    """``preferences.batch_size`` for sampling from `policy` (a folder under `models_dir`), resolved before
+    """``preferences.batch_size`` for sampling from `policy` (a model under `models_dir`), resolved before
     the model loads (`posttrain.evaluate.generation.generation_batch`): only the base's config and processor
     are read.
     """
@@ -320,7 +321,7 @@ def preference_batch(params, models_dir, policy: str, merge: bool, examples: lis
     models_dir = Path(models_dir)
     config, processor = base_config_and_processor(models_dir / "base")
     phases = preference_phases(processor.tokenizer, examples, image_token_count(processor), params)
-    adapter = 0.0 if merge or policy == "base" else adapter_layer_bytes(models_dir / policy)
+    adapter = 0.0 if merge or policy == "base" else adapter_layer_bytes(model_dir(policy, models_dir))
     return generation_batch(
         "preferences", params.batch_size, phases, config=config, adapter_bytes=adapter, prompts=len(examples)
     )
