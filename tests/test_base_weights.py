@@ -80,7 +80,7 @@ def test_an_adapter_without_the_record_says_to_rerun_its_stage(models):
 
 def test_every_stage_that_loads_adapters_reruns_when_the_base_weights_change():
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
-    for name in ("preferences", "dpo", "evaluate"):
+    for name in ("preferences", "dpo", "evaluate", "evaluate_sft"):
         params = stages[name].get("do", stages[name])["params"]
         assert "adapters" in params and "sft.common.quantization" in params, name
     for name in ("base", "ensemble"):  # they do not load adapters onto a held base
