@@ -55,9 +55,10 @@ def test_dvc_yaml_writes_and_evaluates_every_model_where_the_layout_says(tmp_pat
         assert Path(f"metrics/{name}.json") in {
             p.relative_to(tmp_path) for p in steps[evaluating_stage(name)].outputs
         }
-    assert live_dir("sft5") / "plots" in {p.relative_to(tmp_path) for p in steps["sft@sft5"].outputs}
     assert "--members" not in steps["ensemble"].cmd and "--models" not in steps["report"].cmd
     spec = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    key = "${key}"  # the sft foreach's outputs are the layout's folders
+    assert spec["sft"]["do"]["outs"] == [str(model_dir(key)), str(live_dir(key) / "plots")]
     assert "models/sft" in spec["ensemble"]["deps"] and "sft.variants" in spec["ensemble"]["params"]
     assert {"data/eval/metrics", "data/eval/study_test", "data/eval/pretrain_test", "dvclive/sft"} <= set(
         spec["report"]["deps"]

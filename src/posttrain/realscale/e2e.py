@@ -200,6 +200,8 @@ def _paths(entries: list) -> list[str]:
 def plan(work: Path) -> list[Step]:
     """Every stage of `dvc.yaml`, rendered with WORKDIR/params.yaml (``foreach`` over its variants), in the
     file's order, which is the pipeline's; the commands run in WORKDIR, so their default paths are WORKDIR's.
+    A stage's outputs mark it done, its training curves (``dvclive/``) aside: the preset's hub base trains
+    nothing and draws none.
     """
     from dvc.parsing import DataResolver
     from dvc.repo import Repo
@@ -210,7 +212,11 @@ def plan(work: Path) -> list[Step]:
         Step(
             name,
             tuple(shlex.split(stage["cmd"])),
-            tuple(work / p for p in _paths(stage.get("outs", [])) + _paths(stage.get("metrics", []))),
+            tuple(
+                work / p
+                for p in _paths(stage.get("outs", [])) + _paths(stage.get("metrics", []))
+                if not p.startswith("dvclive/")
+            ),
         )
         for name, stage in rendered.items()
     ]
