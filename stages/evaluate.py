@@ -14,6 +14,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from posttrain.core.config import downstream_quantization, load_params
+from posttrain.core.layout import model_dir
 from posttrain.core.runtime import run_command, setup
 
 
@@ -40,8 +41,9 @@ def main() -> None:
     from posttrain.models.loading import load_model
 
     # before any weight loads: batch_size auto sized to the GPU, an integer checked against it
+    adapter = None if args.model == "base" else model_dir(args.model, args.models)
     batch = evaluation_batch(
-        params.evaluate, Path(args.models), args.model, params.adapters.merge, Path(args.data)
+        params.evaluate, model_dir("base", args.models), adapter, params.adapters.merge, Path(args.data)
     )
     model, processor = load_model(
         args.model, Path(args.models), device, downstream_quantization(params), merge=params.adapters.merge
