@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from posttrain.core.config import Quantization, load_params
+from posttrain.core.layout import model_dir
 from posttrain.data.examples import load_split
 from posttrain.evaluate.evaluation import evaluate_model
 from posttrain.models.images import load_pixels
@@ -126,7 +127,7 @@ def main() -> None:
     logits = {}
     for name, hold in HOLDS.items():
         model, processor = base_with(models, hold)
-        model = PeftModel.from_pretrained(model, str(models / args.members[0])).eval()
+        model = PeftModel.from_pretrained(model, str(model_dir(args.members[0], models))).eval()
         logits[name] = answer_logits(model, processor, data, examples)
         del model
     targets = answer_targets(processor, examples)
@@ -134,7 +135,7 @@ def main() -> None:
     print("sft1 bf16 vs nf4:", result["one_adapter"], flush=True)
 
     # 2. SFTe against its members active together, on each base
-    member_dirs = {m: models / m for m in args.members}
+    member_dirs = {m: model_dir(m, models) for m in args.members}
     result["ensemble"] = {}
     for name, hold in HOLDS.items():
         model, processor = base_with(models, hold)
@@ -164,7 +165,7 @@ def main() -> None:
             for name, hold in HOLDS.items():
                 # by hand: load_model refuses nf4 for these adapters, which trained on the fp32 tiny base
                 model, processor = base_with(models, hold)
-                model = PeftModel.from_pretrained(model, str(models / model_name)).eval()
+                model = PeftModel.from_pretrained(model, str(model_dir(model_name, models))).eval()
                 items, metrics_file = Path(tmp) / name, Path(tmp) / "m.json"
                 m = evaluate_model(model_name, model, processor, data, params.evaluate, items, metrics_file)
                 result["metrics"].setdefault(model_name, {})[name] = {

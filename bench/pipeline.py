@@ -17,6 +17,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from posttrain.core.layout import model_dir
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -48,7 +50,7 @@ def training_speed(clone: Path) -> dict:
     training = {}
     for log in sorted((clone / "logs").glob("*.json")):
         summary = json.loads(log.read_text())
-        prov_path = clone / "models" / log.stem / "provenance.json"
+        prov_path = model_dir(log.stem, clone / "models") / "provenance.json"
         if not summary.get("train_seconds") or not prov_path.exists():
             continue
         params = json.loads(prov_path.read_text()).get("params", {})

@@ -2,24 +2,23 @@
 
     dvc repro ensemble
 
-`ensemble.method: cat` (default) is exactly the average of the variant models; `linear` is the study's naive
-A/B averaging, kept for the ablation. Writes models/sfte/ as a single adapter that reloads as `default`.
+Combines every variant of `sft.variants`, in params order, from models/sft/<variant>/. `ensemble.method: cat`
+(default) is exactly the average of the variant models; `linear` is the study's naive A/B averaging, kept for
+the ablation. Writes models/sfte/ as a single adapter that reloads as `default`.
 """
 
 import argparse
 from pathlib import Path
 
 from posttrain.core.config import load_params
+from posttrain.core.layout import model_dir
 from posttrain.core.runtime import run_command, setup
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument(
-        "--members", nargs="+", required=True, help="the variants to combine (dvc.yaml lists them)"
-    )
     ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--models", default="models")
+    ap.add_argument("--models", default="models", help="the models root: base/ and sft/<variant>/")
     ap.add_argument("--out", default="models/sfte")
     args = ap.parse_args()
 
@@ -28,9 +27,8 @@ def main() -> None:
     # only now that the params are valid: torch and transformers take seconds to import
     from posttrain.train.ensemble import build_ensemble
 
-    models = Path(args.models)
-    members = {name: models / name for name in args.members}
-    summary = build_ensemble(models / "base", members, params.ensemble, Path(args.out))
+    members = {name: model_dir(name, args.models) for name in params.sft.variants}
+    summary = build_ensemble(model_dir("base", args.models), members, params.ensemble, Path(args.out))
     note = (
         "exact average of the members" if summary["exact_average"] else "NOT the average model (approximate)"
     )

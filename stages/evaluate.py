@@ -1,7 +1,8 @@
 """Evaluate one model on the study test split and the retention split.
 
     dvc repro evaluate@base          # one model
-    dvc repro evaluate               # all of them
+    dvc repro evaluate_sft@sft1      # one SFT variant
+    dvc repro evaluate evaluate_sft  # all of them
 
 Writes per-item rows to data/eval/{study_test,pretrain_test}/<model>.jsonl, every metric (each with its 95%
 CI and n, per-family accuracy, chance lines) to data/eval/metrics/<model>.json, and the headline metrics, the
@@ -13,13 +14,14 @@ from dataclasses import replace
 from pathlib import Path
 
 from posttrain.core.config import downstream_quantization, load_params
+from posttrain.core.layout import model_dir
 from posttrain.core.runtime import run_command, setup
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument(
-        "--model", required=True, help="model name: base, or an adapter folder's name under models/"
+        "--model", required=True, help="model name: base, sfte, sfte_dpo or a key of sft.variants"
     )
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--data", default="data/prepared")
@@ -39,8 +41,9 @@ def main() -> None:
     from posttrain.models.loading import load_model
 
     # before any weight loads: batch_size auto sized to the GPU, an integer checked against it
+    adapter = None if args.model == "base" else model_dir(args.model, args.models)
     batch = evaluation_batch(
-        params.evaluate, Path(args.models), args.model, params.adapters.merge, Path(args.data)
+        params.evaluate, model_dir("base", args.models), adapter, params.adapters.merge, Path(args.data)
     )
     model, processor = load_model(
         args.model, Path(args.models), device, downstream_quantization(params), merge=params.adapters.merge

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from posttrain.core.config import downstream_quantization, load_params
 from posttrain.core.io import atomic_dir, write_json_atomic, write_jsonl
+from posttrain.core.layout import model_dir
 from posttrain.core.runtime import run_command, setup
 from posttrain.data.examples import load_split
 
@@ -40,7 +41,10 @@ def main() -> None:
     if params.preferences.max_prompts:
         examples = examples[: params.preferences.max_prompts]
     # before any weight loads: batch_size auto sized to the GPU, an integer checked against it
-    batch = preference_batch(params.preferences, args.models, args.policy, params.adapters.merge, examples)
+    policy = None if args.policy == "base" else model_dir(args.policy, args.models)
+    batch = preference_batch(
+        params.preferences, model_dir("base", args.models), policy, params.adapters.merge, examples
+    )
     model, processor = load_model(
         args.policy, Path(args.models), device, downstream_quantization(params), merge=params.adapters.merge
     )

@@ -1,6 +1,9 @@
 """The comparison of every evaluated model: metrics/report.md, report.png, curves.png and examples.html.
 
-dvc repro report
+    dvc repro report
+
+The models, in table order, are the pipeline's (`posttrain.core.layout.pipeline_models`): base, every key of
+`sft.variants` in params order, sfte and sfte_dpo.
 """
 
 import argparse
@@ -8,12 +11,12 @@ import json
 from pathlib import Path
 
 from posttrain.core.config import load_params
+from posttrain.core.layout import model_dir, pipeline_models
 from posttrain.core.runtime import run_command
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", nargs="+", required=True, help="model names in table order")
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--data", default="data/prepared")
     ap.add_argument("--items", default="data/eval")
@@ -27,11 +30,12 @@ def main() -> None:
     params = load_params(args.params)
     from posttrain.report.report import build_report  # only now that the params are valid: matplotlib is slow
 
+    models = pipeline_models(params)
     r = params.report
     prefs = Path(args.metrics) / "preferences.json"
-    dpo_prov = Path(args.models_dir) / "sfte_dpo" / "provenance.json"
+    dpo_prov = model_dir("sfte_dpo", args.models_dir) / "provenance.json"
     build_report(
-        args.models,
+        models,
         Path(args.metrics),
         Path(args.items),
         Path(args.data),
@@ -40,13 +44,13 @@ def main() -> None:
         r.resamples,
         r.seed,
         critic_is_model=params.evaluate.critic.kind.needs_model,
-        ensemble_method=params.ensemble.method.value if "sfte" in args.models else None,
+        ensemble_method=params.ensemble.method.value,
         preferences=json.loads(prefs.read_text()) if prefs.exists() else None,
         dpo_rounds=json.loads(dpo_prov.read_text()).get("rounds") if dpo_prov.exists() else None,
         judge=params.preferences.judge.value,
         live_dir=Path(args.live) if args.live else None,
     )
-    print(f"wrote {args.metrics}/report.md, report.png, examples.html for {', '.join(args.models)}")
+    print(f"wrote {args.metrics}/report.md, report.png, examples.html for {', '.join(models)}")
 
 
 if __name__ == "__main__":

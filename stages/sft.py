@@ -3,8 +3,8 @@
     dvc repro sft@sft1        # one variant
     dvc repro sft             # all of them
 
-Reads `sft.common` and `sft.variants.<name>`; writes the adapter to models/<name>/ (adapter_config.json,
-adapter_model.safetensors, provenance.json) and the curves to dvclive/<name>/. A run killed mid-training
+Reads `sft.common` and `sft.variants.<name>`; writes the adapter to models/sft/<name>/ (adapter_config.json,
+adapter_model.safetensors, provenance.json) and the curves to dvclive/sft/<name>/. A run killed mid-training
 resumes from checkpoints/<name>/ when rerun.
 """
 
@@ -14,6 +14,7 @@ from pathlib import Path
 
 from posttrain.core.config import ParamsError, load_params
 from posttrain.core.io import write_json_atomic
+from posttrain.core.layout import live_dir, model_dir
 from posttrain.core.runtime import run_command, setup
 
 
@@ -22,7 +23,7 @@ def main() -> None:
     ap.add_argument("--variant", required=True, help="a key of sft.variants, e.g. sft1")
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--data", default="data/prepared")
-    ap.add_argument("--models", default="models")
+    ap.add_argument("--models", default="models", help="the models root: reads base/, writes sft/<variant>/")
     ap.add_argument("--checkpoints", default="checkpoints")
     ap.add_argument("--live", default="dvclive", help="DVCLive root; empty: no curves")
     ap.add_argument("--logs", default="logs", help="wall times and resumes (not a DVC output)")
@@ -38,6 +39,7 @@ def main() -> None:
     from posttrain.train.training import train_sft_variant
 
     checkpoints = Path(args.checkpoints) / args.variant
+    out = model_dir(args.variant, args.models)
     summary = train_sft_variant(
         args.variant,
         params.sft.common,
@@ -45,9 +47,9 @@ def main() -> None:
         params.base.seed,
         Path(args.models) / "base",
         Path(args.data),
-        Path(args.models) / args.variant,
+        out,
         checkpoints,
-        Path(args.live) / args.variant if args.live else None,
+        live_dir(args.variant, args.live) if args.live else None,
     )
     if not is_main():  # several processes (launch.processes): one cleans up and writes
         return
@@ -55,7 +57,7 @@ def main() -> None:
     write_json_atomic(Path(args.logs) / f"{args.variant}.json", summary)  # timings: outside every DVC output
     print(
         f"{args.variant}: {summary['steps']} steps in {summary['train_seconds']:.0f}s, "
-        f"final loss {summary['final_loss']:.4f} -> {args.models}/{args.variant}"
+        f"final loss {summary['final_loss']:.4f} -> {out}"
     )
 
 

@@ -36,7 +36,7 @@ def another_base(adapter, stage: str) -> str:
 
 
 def test_evaluate_refuses_a_pickled_adapter(models):
-    adapter = pickled(make_adapter(models / "base", models / "sft1", alpha=16))
+    adapter = pickled(make_adapter(models / "base", models / "sft" / "sft1", alpha=16))
     with pytest.raises(ValueError, match=no_pickle(adapter, "sft@sft1")):
         load_model("sft1", models)
 
@@ -45,14 +45,14 @@ def test_evaluate_refuses_an_adapter_trained_on_another_base(models):
     adapter = make_adapter(models / "base", models / "sfte", alpha=16, fingerprint="sha256:other")
     with pytest.raises(ValueError, match=another_base(adapter, "ensemble")):
         load_model("sfte", models)
-    make_adapter(models / "base", models / "sft2", alpha=16)  # the same base: loads
+    make_adapter(models / "base", models / "sft" / "sft2", alpha=16)  # the same base: loads
     model, _ = load_model("sft2", models)
     assert not model.training
 
 
 def test_the_ensemble_refuses_a_pickled_member(models, tmp_path):
-    good = make_adapter(models / "base", models / "sft1", alpha=16)
-    bad = pickled(make_adapter(models / "base", models / "sft2", alpha=16, seed=1))
+    good = make_adapter(models / "base", models / "sft" / "sft1", alpha=16)
+    bad = pickled(make_adapter(models / "base", models / "sft" / "sft2", alpha=16, seed=1))
     with pytest.raises(ValueError, match=no_pickle(bad, "sft@sft2")):
         build_ensemble(models / "base", {"sft1": good, "sft2": bad}, EnsembleParams(), tmp_path / "out")
     assert not (tmp_path / "out").exists()

@@ -53,7 +53,7 @@ def test_a_bad_base_weights_value_is_named():
 
 
 def test_an_nf4_trained_adapter_is_loaded_on_the_nf4_base(models):
-    make_adapter(models / "base", models / "sft1", alpha=16, base_quantization="nf4")
+    make_adapter(models / "base", models / "sft" / "sft1", alpha=16, base_quantization="nf4")
     if torch.cuda.is_available():
         pytest.skip("on CUDA the nf4 base loads; bench/nf4.py measures it")
     # On the CPU, asking for nf4 reaches bitsandbytes' requirement: it is what the load tries to do.
@@ -70,7 +70,7 @@ def test_an_adapter_trained_on_the_full_precision_base_is_not_put_on_nf4(models)
 
 
 def test_an_adapter_without_the_record_says_to_rerun_its_stage(models):
-    adapter = make_adapter(models / "base", models / "sft2", alpha=16)
+    adapter = make_adapter(models / "base", models / "sft" / "sft2", alpha=16)
     prov = json.loads((adapter / "provenance.json").read_text())
     del prov["base_quantization"]
     (adapter / "provenance.json").write_text(json.dumps(prov))
@@ -80,7 +80,7 @@ def test_an_adapter_without_the_record_says_to_rerun_its_stage(models):
 
 def test_every_stage_that_loads_adapters_reruns_when_the_base_weights_change():
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
-    for name in ("preferences", "dpo", "evaluate"):
+    for name in ("preferences", "dpo", "evaluate", "evaluate_sft"):
         params = stages[name].get("do", stages[name])["params"]
         assert "adapters" in params and "sft.common.quantization" in params, name
     for name in ("base", "ensemble"):  # they do not load adapters onto a held base
@@ -141,7 +141,7 @@ def test_dequantized_nf4_layers_compute_what_the_nf4_layers_compute(tiny, prepar
 def test_a_merged_adapter_answers_as_the_adapter_does(models):
     """`load_model(..., merge=True)`: the adapter folded into the weights gives the unmerged model's logits
     (fp32 on the CPU), with no adapter layer left."""
-    make_adapter(models / "base", models / "sft1", alpha=16.0)
+    make_adapter(models / "base", models / "sft" / "sft1", alpha=16.0)
     unmerged, processor = load_model("sft1", models, "cpu", Quantization.NONE)
     merged, _ = load_model("sft1", models, "cpu", Quantization.NONE, merge=True)
     base, _ = load_model("base", models, "cpu", Quantization.NONE, merge=True)
@@ -163,7 +163,7 @@ def test_by_default_the_adapter_stays_a_layer_as_it_trained(models):
     from posttrain.core.config import load_params
 
     assert load_params(ROOT / "params.yaml").adapters.merge is False
-    make_adapter(models / "base", models / "sft1", alpha=16.0)
+    make_adapter(models / "base", models / "sft" / "sft1", alpha=16.0)
     model, _ = load_model("sft1", models, "cpu", Quantization.NONE)
     lora = {p.dtype for n, p in model.named_parameters() if "lora_" in n}
     assert lora == {torch.float32}

@@ -18,7 +18,7 @@ def test_the_png_overlays_what_exists_and_nothing_is_written_without_curves(tmp_
     out = tmp_path / "curves.png"
     assert not plot_curves(live, ["sft1", "sft2"], out) and not out.exists()
     for name in ("sft1", "sft2"):
-        write_tsv(live / name / "plots/metrics/loss.tsv", "loss", [(5, 3.0), (10, 2.0)])
+        write_tsv(live / "sft" / name / "plots/metrics/loss.tsv", "loss", [(5, 3.0), (10, 2.0)])
     write_tsv(live / "sfte_dpo/plots/metrics/rewards/margins.tsv", "margins", [(1, 0.0), (2, 0.1)])
     assert plot_curves(live, ["sft1", "sft2", "sft3"], out)  # sft3 has no curve: left out
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 1000

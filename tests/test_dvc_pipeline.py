@@ -4,6 +4,7 @@ results travel to a fresh clone through an S3 remote.
 Slow (a few minutes): every stage runs as a subprocess, as `dvc repro` runs it.
 """
 
+import json
 import os
 import re
 import shutil
@@ -14,6 +15,10 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import ROOT, micro_params
+
+from posttrain.core.config import load_params
+from posttrain.core.layout import model_dir, pipeline_models
+from posttrain.evaluate.evaluation import HEADLINE
 
 pytestmark = pytest.mark.slow
 
@@ -52,11 +57,22 @@ def repo(tmp_path_factory):
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     sh("git", "init", "-q", cwd=root)
     sh(sys.executable, "-m", "dvc", "init", "-q", cwd=root)
+    shutil.copy(ROOT / ".dvcignore", root / ".dvcignore")  # what the plot over dvclive/sft leaves out
     sh(sys.executable, "-m", "dvc", "config", "core.analytics", "false", cwd=root)
     sh("git", "add", "-A", cwd=root)
     sh("git", "commit", "-qm", "init", cwd=root)
     out = sh(sys.executable, "-m", "dvc", "repro", cwd=root)
-    assert {"prepare", "base", "sft@sft1", "sft@sft4", "ensemble", "evaluate@sfte", "report"} <= ran(out)
+    stages = {
+        "prepare",
+        "base",
+        "sft@sft1",
+        "sft@sft4",
+        "ensemble",
+        "evaluate@sfte",
+        "evaluate_sft@sft1",
+        "report",
+    }
+    assert stages <= ran(out)
     sh("git", "add", "-A", cwd=root)
     sh("git", "commit", "-qm", "repro", cwd=root)
     return root
@@ -114,8 +130,21 @@ def test_a_clone_pulls_the_results_from_an_s3_remote_and_has_nothing_to_rerun(re
     out = dvc("repro", cwd=clone)
     assert ran(out) == set(), out
     for adapter in ("sft1", "sfte", "sfte_dpo"):
-        name = f"models/{adapter}/adapter_model.safetensors"
+        name = model_dir(adapter) / "adapter_model.safetensors"
         assert (clone / name).read_bytes() == (repo / name).read_bytes()
+
+
+def plots_json(repo: Path) -> dict:
+    """`dvc plots show --json`: every plot's renders by name, and the errors."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "dvc", "plots", "show", "--json"],
+        cwd=repo,
+        env=ENV,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
 
 
 def downstream_of(root: Path, stage: str) -> set[str]:
@@ -139,12 +168,13 @@ def test_changing_one_variant_reruns_only_what_it_affects(repo):
 
     status = sh(sys.executable, "-m", "dvc", "status", cwd=repo)
     changed = set(re.findall(r"^([\w@.-]+):\s*$", status, flags=re.M))
-    assert changed == {"sft@sft2"}, status
+    # ensemble and report list sft.variants (their members and rows): its change shows there too
+    assert changed == {"sft@sft2", "ensemble", "report"}, status
 
     out = sh(sys.executable, "-m", "dvc", "repro", cwd=repo)
-    expected = {"sft@sft2", "evaluate@sft2", "ensemble", "report"} | downstream_of(repo, "ensemble")
+    expected = {"sft@sft2", "evaluate_sft@sft2", "ensemble", "report"} | downstream_of(repo, "ensemble")
     assert ran(out) == expected, out
-    assert {"sft@sft1", "sft@sft3", "sft@sft4", "evaluate@sft1", "evaluate@base"}.isdisjoint(ran(out))
+    assert {"sft@sft1", "sft@sft3", "sft@sft4", "evaluate_sft@sft1", "evaluate@base"}.isdisjoint(ran(out))
 
 
 def test_experiment_with_set_param_runs_and_is_listed(repo):
@@ -196,9 +226,6 @@ def test_a_typo_costs_no_result(repo):
     assert not status.stdout.strip(), status.stdout
 
 
-MODELS = ("base", "sft1", "sft2", "sft3", "sft4", "sfte", "sfte_dpo")
-
-
 def test_the_metrics_table_is_one_row_per_model_and_fits_a_terminal(repo):
     out = sh(sys.executable, "-m", "dvc", "metrics", "show", "--md", cwd=repo)
     rows = [line for line in out.splitlines() if line.startswith("|")]
@@ -206,15 +233,39 @@ def test_the_metrics_table_is_one_row_per_model_and_fits_a_terminal(repo):
     assert len(columns) <= 10, columns
     assert columns[0] == "Path" and "relaxed_acc" in columns and "retain_relaxed_acc" in columns
     paths = [r.strip("|").split("|")[0].strip() for r in rows[2:]]
-    assert sorted(paths) == sorted(f"metrics/{m}.json" for m in MODELS), "no preferences or report rows"
+    models = pipeline_models(load_params(repo / "params.yaml"))
+    assert sorted(paths) == sorted(f"metrics/{m}.json" for m in models), "no preferences or report rows"
 
 
-def test_dvc_plots_are_the_overlaid_curves(repo, tmp_path):
+def test_dvc_plots_are_the_curves_of_every_variant(repo, tmp_path):
     sh(sys.executable, "-m", "dvc", "plots", "show", "-o", str(tmp_path / "plots"), cwd=repo)
     page = (tmp_path / "plots" / "index.html").read_text()
-    for plot in ("sft_loss", "base_loss", "dpo"):
+    for plot in ("base_loss", "dpo"):
         assert f"vegaEmbed('#{plot}'" in page
-    assert "SFT variants: training loss" in page
-    assert "grad_norm" not in page, "one plot per TSV file: the curves are declared as outs, not plots"
+    shown = plots_json(repo)
+    assert not shown.get("errors"), shown["errors"]
+    plots = {name for name, renders in shown["data"].items() if renders}
+    variants = load_params(repo / "params.yaml").sft.variants
+    # the folder dvclive/sft: each variant's files, every metric of it its own plot
+    assert {f"dvclive/sft/{v}/plots/metrics/loss.tsv" for v in variants} <= plots
+    assert not {p for p in plots if p.startswith(("dvclive/base", "dvclive/sfte_dpo"))}, "outs, not plots"
     assert (repo / "metrics/curves.png").stat().st_size > 1000
     assert "![curves](curves.png)" in (repo / "metrics/report.md").read_text()
+
+
+def test_a_variant_added_by_set_param_is_trained_ensembled_evaluated_and_reported(repo):
+    """`dvc exp run -S '+sft.variants.sft5=...'` (``+``: a key params.yaml does not have): dvc.yaml names no
+    variant, so sft5 is trained, combined into sfte, evaluated and reported with nothing else changed.
+    Last in the module: the workspace keeps the experiment's params."""
+    committed(repo)
+    variant = "+sft.variants.sft5={alpha: 12.0, dropout: 0.0}"
+    out = sh(sys.executable, "-m", "dvc", "exp", "run", "-n", "sft5", "-S", variant, cwd=repo)
+    assert {"sft@sft5", "ensemble", "evaluate_sft@sft5", "report"} <= ran(out), out
+    assert {"prepare", "base", "sft@sft1", "evaluate_sft@sft1", "evaluate@base"}.isdisjoint(ran(out)), out
+    assert (repo / "models/sft/sft5/adapter_model.safetensors").is_file()
+    ensemble = json.loads((repo / "models/sfte/provenance.json").read_text())["ensemble"]
+    assert ensemble["members"] == ["sft1", "sft2", "sft3", "sft4", "sft5"] and ensemble["exact_average"]
+    assert set(json.loads((repo / "metrics/sft5.json").read_text())) == set(HEADLINE)
+    assert "| sft5 |" in (repo / "metrics/report.md").read_text()
+    curves = plots_json(repo)
+    assert curves["data"].get("dvclive/sft/sft5/plots/metrics/loss.tsv") and not curves.get("errors")

@@ -177,7 +177,7 @@ def test_the_stages_size_their_batches_from_the_base_without_its_weights(
     monkeypatch.setattr(memory, "estimate_generation", spy)
     examples = load_split(prepared, "study_train")
     params = PreferencesParams(batch_size=BatchSize.AUTO, judge=Judge.SELF, max_new_tokens=20)
-    batch = preference_batch(params, models, "base", False, examples)
+    batch = preference_batch(params, models / "base", None, False, examples)
     assert batch == -(-len(examples) // -(-len(examples) // 128))  # the tiny model fits any batch
     assert "preferences.batch_size auto:" in capsys.readouterr().out
     sampling = next(p for p in asked if p.name == "sampling")
@@ -185,7 +185,7 @@ def test_the_stages_size_their_batches_from_the_base_without_its_weights(
     assert (sampling.samples, sampling.new_tokens) == (2, 20)
     assert judge.prompt_tokens > sampling.prompt_tokens + 2 * 20 and judge.scored_tokens > 0
     asked.clear()
-    assert evaluation_batch(EvaluateParams(batch_size=48), models, "base", False, prepared) == 48
+    assert evaluation_batch(EvaluateParams(batch_size=48), models / "base", None, False, prepared) == 48
     assert {p.name for p in asked} == {"answers", "scoring"}
     assert "evaluate.batch_size 48: ~" in capsys.readouterr().out
 
@@ -215,11 +215,11 @@ def test_max_new_tokens_past_the_context_is_refused_before_any_weight_loads(
         params = EvaluateParams(max_new_tokens=1_000_000)
         (answers, _) = evaluation_phases(processor.tokenizer, prepared, n_image, params)
         longest = answers.prompt_tokens
-        run = lambda p: evaluation_batch(p, models, "base", False, prepared)  # noqa: E731
+        run = lambda p: evaluation_batch(p, models / "base", None, False, prepared)  # noqa: E731
     else:
         params = PreferencesParams(max_new_tokens=1_000_000)
         longest = preference_phases(processor.tokenizer, examples, n_image, params)[0].prompt_tokens
-        run = lambda p: preference_batch(p, models, "base", False, examples)  # noqa: E731
+        run = lambda p: preference_batch(p, models / "base", None, False, examples)  # noqa: E731
     positions = config.text_config.max_position_embeddings
     assert positions == 512 and 0 < longest < positions
     with pytest.raises(InputError) as e:

@@ -191,18 +191,18 @@ def test_a_grid_of_real_dvc_experiments_on_two_gpu_groups(tmp_path):
 
 
 def test_targets_follow_the_overrides_and_reach_the_dry_run(tmp_path, capsys):
-    """--target evaluate@sft1: each experiment reproduces that stage and what it depends on only."""
+    """--target evaluate_sft@sft1: each experiment reproduces that stage and what it depends on only."""
     from posttrain.experiments.grid import main
 
-    cmd = dvc_command(Experiment("c", {"sft.common.max_steps": "800"}), None, ["evaluate@sft1"])
-    assert cmd[-3:] == ["-S", "sft.common.max_steps=800", "evaluate@sft1"]
+    cmd = dvc_command(Experiment("c", {"sft.common.max_steps": "800"}), None, ["evaluate_sft@sft1"])
+    assert cmd[-3:] == ["-S", "sft.common.max_steps=800", "evaluate_sft@sft1"]
     params = tmp_path / "params.yaml"
     shutil.copy(ROOT / "params.yaml", params)
     argv = ["-S", "sft.common.max_steps=400,800", "--name", "cal", "--params", str(params), "--dry-run"]
-    assert main([*argv, "--target", "evaluate@sft1", "--target", "evaluate@sft2"]) == 0
+    assert main([*argv, "--target", "evaluate_sft@sft1", "--target", "evaluate_sft@sft2"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines == [
         f"dvc --wait-for-lock exp run --temp -n cal-max_steps{s} -S sft.common.max_steps={s} "
-        "evaluate@sft1 evaluate@sft2"
+        "evaluate_sft@sft1 evaluate_sft@sft2"
         for s in (400, 800)
     ]

@@ -32,7 +32,7 @@ from conftest import ROOT
 
 pytestmark = pytest.mark.invariance
 
-COMPARED = ("data/eval/**/*.jsonl", "data/preferences/*.jsonl", "models/*/adapter_model.safetensors")
+COMPARED = ("data/eval/**/*.jsonl", "data/preferences/*.jsonl", "models/**/adapter_model.safetensors")
 PINNED_ENV = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_CBWR")
 
 

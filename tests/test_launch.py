@@ -180,7 +180,7 @@ def test_sft_in_two_processes_trains_the_adapter_of_one(project, tmp_path):
     losses = {}
     for n in (1, 2):
         sft_params(project, n)
-        shutil.rmtree(project / "models" / "sft1", ignore_errors=True)
+        shutil.rmtree(project / "models" / "sft" / "sft1", ignore_errors=True)
         log = launch("sft.py", "--variant", "sft1", cwd=project)
         assert "6 steps" in log
         models = tmp_path / f"models{n}"
@@ -347,14 +347,14 @@ def test_sft_killed_under_two_processes_resumes_to_the_uninterrupted_result(proj
                 time.sleep(0.1)
             assert not running(str(models)), "the workers must die with torchrun, or finish the run unseen"
             assert step < 6
-            assert not (models / "sft3").exists()
+            assert not (models / "sft" / "sft3").exists()
         log = launch("sft.py", *args, cwd=project)
         if kind == "killed":
             resumed = ckpts / "sft3" / f"checkpoint-{step}"
             assert f"resuming from {resumed}" in log and log.count("resumed") >= 2, log
         runs[kind] = {
-            **{f"m/{p.name}": p.read_bytes() for p in (models / "sft3").iterdir()},
-            **{f"l/{p.name}": p.read_bytes() for p in (live / "sft3").rglob("*.tsv")},
+            **{f"m/{p.name}": p.read_bytes() for p in (models / "sft" / "sft3").iterdir()},
+            **{f"l/{p.name}": p.read_bytes() for p in (live / "sft" / "sft3").rglob("*.tsv")},
         }
         assert not (ckpts / "sft3").exists()
     assert runs["killed"] == runs["whole"]

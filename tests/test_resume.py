@@ -111,7 +111,7 @@ def test_a_checkpoint_from_other_params_is_not_resumed(prepared_project, tmp_pat
     out = run_stage("sft.py", "--variant", "sft2", cwd=project)
     assert "left by a run with other inputs (its params changed); starting over" in out
     assert "resuming from" not in out
-    prov = json.loads((project / "models/sft2/provenance.json").read_text())
+    prov = json.loads((project / "models/sft/sft2/provenance.json").read_text())
     assert prov["params"]["variant"]["alpha"] == 4.0 and prov["training"]["steps"] == 20
 
 

@@ -139,7 +139,7 @@ def test_killed_sft_resumes_from_its_checkpoint(project):
     time.sleep(0.5)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert not (project / "models/sft2").exists(), "a killed run must leave no adapter for DVC to cache"
+    assert not (project / "models/sft/sft2").exists(), "a killed run must leave no adapter for DVC to cache"
     done = max(
         int(p.name.split("-")[1]) for p in ckpts.glob("checkpoint-*") if (p / "trainer_state.json").exists()
     )
@@ -147,13 +147,13 @@ def test_killed_sft_resumes_from_its_checkpoint(project):
 
     out = run_stage("sft.py", "--variant", "sft2", cwd=project)
     assert "resuming from" in out
-    prov = json.loads((project / "models/sft2/provenance.json").read_text())
+    prov = json.loads((project / "models/sft/sft2/provenance.json").read_text())
     assert prov["training"]["steps"] == 40
     assert "resumed_from" not in prov["training"], "outputs hold nothing that differs between identical runs"
     assert json.loads((project / "logs/sft2.json").read_text())["resumed_from"].endswith(f"checkpoint-{done}")
-    assert (project / "models/sft2/adapter_model.safetensors").exists()
+    assert (project / "models/sft/sft2/adapter_model.safetensors").exists()
     assert not ckpts.exists()
-    shutil.rmtree(project / "models/sft2")
+    shutil.rmtree(project / "models/sft/sft2")
 
 
 def test_liger_without_cuda_fails_before_loading():

@@ -7,6 +7,8 @@ import time
 import pytest
 from conftest import BILLION_LAUGHS, ROOT, run_stage
 
+from posttrain.core.config import load_params
+from posttrain.core.layout import pipeline_models
 from posttrain.evaluate.evaluation import HEADLINE
 from posttrain.evaluate.metrics import CORE_METRICS
 
@@ -68,9 +70,17 @@ def test_base_evaluate_report(project):
     rows = [json.loads(x) for x in (project / "data/eval/study_test/base.jsonl").read_text().splitlines()]
     assert {"id", "prompt", "reference", "response", "critic_score", "image"} <= set(rows[0])
 
-    run_stage("report.py", "--models", "base", cwd=project)
+    # the report takes every model of params: the others' evaluations stand in as copies of the base's
+    others = pipeline_models(load_params(project / "params.yaml"))[1:]
+    for name in others:
+        for folder, suffix in (("study_test", "jsonl"), ("pretrain_test", "jsonl"), ("metrics", "json")):
+            shutil.copy(
+                project / f"data/eval/{folder}/base.{suffix}", project / f"data/eval/{folder}/{name}.{suffix}"
+            )
+    run_stage("report.py", cwd=project)
     report = (project / "metrics/report.md").read_text()
     assert "| base |" in report and "percentile bootstrap for means, Wilson for proportions" in report
+    assert all(f"| {name} |" in report for name in others)
     assert (project / "metrics/report.png").stat().st_size > 1000
     assert "<img src='data:image/png;base64," in (project / "metrics/examples.html").read_text()
 
@@ -105,11 +115,11 @@ STAGE_ARGS = {
     "prepare.py": [],
     "base.py": [],
     "sft.py": ["--variant", "sft1"],
-    "ensemble.py": ["--members", "sft1", "sft2"],
+    "ensemble.py": [],
     "preferences.py": [],
     "dpo.py": [],
     "evaluate.py": ["--model", "base"],
-    "report.py": ["--models", "base"],
+    "report.py": [],
 }
 
 

@@ -153,6 +153,8 @@ def test_e2e_runs_every_stage_of_the_study_preset_on_standins(e2e_run):
         "evaluate@base",
         "evaluate@sfte",
         "evaluate@sfte_dpo",
+        "evaluate_sft@sft1",
+        "evaluate_sft@sft2",
         "report",
     }
     checks = summary["checks"]
@@ -186,7 +188,7 @@ def test_e2e_rerun_skips_finished_stages(e2e_run, capsys):
     (e2e_run / "metrics" / "report.md").unlink()
     assert main([str(e2e_run), "--shrink"]) == 0
     out = capsys.readouterr().out
-    assert out.count("done before, skipped") == 10 and "[e2e] report: python" in out
+    assert out.count("done before, skipped") == 12 and "[e2e] report: " in out
 
 
 @pytest.mark.slow
@@ -201,6 +203,38 @@ def test_e2e_under_two_processes_runs_every_stage(tmp_path):
     log = (tmp_path / "e2e.log").read_text()
     assert "ambiguous option" not in log
     assert (tmp_path / "logs" / "sft1.json").is_file(), "the stage's --logs must have reached it"
+
+
+def test_the_plan_is_dvc_yaml_rendered_with_the_smoke_params(tmp_path):
+    """Every stage of dvc.yaml, in its order, for the smoke run's two variants; commands run this checkout's
+    scripts with this interpreter, through the launcher unless --direct."""
+    import sys
+
+    from posttrain.realscale.e2e import ROOT, command, plan, write_params
+
+    (tmp_path / "hub" / "llava-1.5-7b").mkdir(parents=True)
+    write_params(tmp_path, cuda=False)
+    steps = plan(tmp_path)
+    assert [s.name for s in steps] == [
+        "prepare",
+        "base",
+        "sft@sft1",
+        "sft@sft2",
+        "ensemble",
+        "preferences",
+        "dpo",
+        "evaluate@base",
+        "evaluate@sfte",
+        "evaluate@sfte_dpo",
+        "evaluate_sft@sft1",
+        "evaluate_sft@sft2",
+        "report",
+    ]
+    sft2 = steps[3]
+    assert tmp_path / "models" / "sft" / "sft2" in sft2.outputs
+    script = str(ROOT / "stages" / "sft.py")
+    assert command(sft2) == [sys.executable, "-m", "posttrain.launch", script, "--variant", "sft2"]
+    assert command(sft2, direct=True) == [sys.executable, script, "--variant", "sft2"]
 
 
 @pytest.mark.parametrize("cuda", [False, True])

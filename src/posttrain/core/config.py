@@ -22,6 +22,7 @@ from typing import Any
 import yaml
 
 from posttrain.core.errors import InputError
+from posttrain.core.layout import ROLES, pipeline_models
 
 
 class ParamsError(InputError, ValueError):
@@ -680,12 +681,11 @@ def _check(p: Params, problems: list[str]) -> None:
         problems.append(
             "sft.variants: empty; define at least one variant (e.g. sft1: {alpha: 16, dropout: 0.05})"
         )
-    reserved = {"base", "sfte", "sfte_dpo"}
     for name, v in (p.sft.variants or {}).items():
-        if not re.fullmatch(r"[a-z][a-z0-9_]*", name) or name in reserved:
+        if not re.fullmatch(r"[a-z][a-z0-9_]*", name) or name in ROLES:
             problems.append(
                 f"sft.variants.{name}: variant names must match [a-z][a-z0-9_]* (no dots: PEFT adapter "
-                f"names) and not be one of {sorted(reserved)}"
+                f"names) and not be one of {sorted(ROLES)}"
             )
         positive(f"sft.variants.{name}.alpha", v.alpha)
         within(f"sft.variants.{name}.dropout", v.dropout, 0, 1, "[)")
@@ -747,8 +747,8 @@ def _check(p: Params, problems: list[str]) -> None:
             "(or use evaluate.critic.kind: reference)"
         )
     positive("launch.processes", p.launch.processes)
-    # the report compares the models the pipeline evaluates (dvc.yaml's evaluate stage)
-    evaluated = ["base", *p.sft.variants, "sfte", "sfte_dpo"] if p.sft.variants is not None else None
+    # the report compares the models the pipeline evaluates (dvc.yaml's evaluate stages)
+    evaluated = pipeline_models(p) if p.sft.variants is not None else None
     if evaluated and p.report.baseline is not None and p.report.baseline not in evaluated:
         problems.append(
             f"report.baseline: {_shown(p.report.baseline)} is not a model the pipeline evaluates "

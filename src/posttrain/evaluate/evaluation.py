@@ -317,21 +317,24 @@ def evaluation_phases(tokenizer, data_dir: Path, n_image_tokens: int, params: Ev
     ]
 
 
-def evaluation_batch(params: EvaluateParams, models_dir: Path, name: str, merge: bool, data_dir: Path) -> int:
-    """``evaluate.batch_size`` for model `name`, resolved before it loads
-    (`posttrain.evaluate.generation.generation_batch`): only the base's config and processor are read.
+def evaluation_batch(
+    params: EvaluateParams, base_dir: Path, adapter: Path | None, merge: bool, data_dir: Path
+) -> int:
+    """``evaluate.batch_size`` for the base in `base_dir` with the adapter folder `adapter` (None: the base
+    alone), resolved before it loads (`posttrain.evaluate.generation.generation_batch`): only the base's
+    config and processor and the adapter's safetensors header are read.
     """
     from posttrain.evaluate.generation import generation_batch
     from posttrain.models.loading import adapter_layer_bytes, base_config_and_processor
 
-    config, processor = base_config_and_processor(Path(models_dir) / "base")
+    config, processor = base_config_and_processor(base_dir)
     phases = evaluation_phases(processor.tokenizer, Path(data_dir), image_token_count(processor), params)
     if not phases:
         return params.batch_size if isinstance(params.batch_size, int) else 1
-    adapter = 0.0 if merge or name == "base" else adapter_layer_bytes(Path(models_dir) / name)
+    adapter_bytes = 0.0 if merge or adapter is None else adapter_layer_bytes(adapter)
     items = max(len(load_split(data_dir, split)) for split, _ in EVAL_SPLITS)
     return generation_batch(
-        "evaluate", params.batch_size, phases, config=config, adapter_bytes=adapter, prompts=items
+        "evaluate", params.batch_size, phases, config=config, adapter_bytes=adapter_bytes, prompts=items
     )
 
 

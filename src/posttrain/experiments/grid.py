@@ -2,7 +2,7 @@
 
     python -m posttrain grid -S sft.variants.sft1.alpha=4,8,16,32 --gpus 0,1 --gpus 2,3
     python -m posttrain grid -S dpo.beta=0.05,0.1 -S dpo.learning_rate=1e-5,2e-5 --gpus 0 --gpus 1
-    python -m posttrain grid -S sft.common.max_steps=400,800 --target evaluate@sft1   # only what it needs
+    python -m posttrain grid -S sft.common.max_steps=400,800 --target evaluate_sft@sft1   # only what it needs
 
 DVC's own queue does not do this: the workers of ``dvc queue start -j N`` share one environment, so no GPU
 of their own, and race each other (treeverse/dvc#10673). Here each experiment of the grid (every combination
@@ -14,7 +14,7 @@ of the ``-S`` values) runs as
 in a temporary copy of the workspace, sharing the DVC cache and run cache. DVC holds its repo lock only for
 the bookkeeping at an experiment's start and end; ``--wait-for-lock`` makes concurrent experiments take it in
 turn (without it they fail with "Unable to acquire lock"). One worker per group takes the next experiment
-when its last one ends. With ``--target`` stages (e.g. ``evaluate@sft1``) each experiment reproduces only
+when its last one ends. With ``--target`` stages (e.g. ``evaluate_sft@sft1``) each experiment reproduces only
 those and what they depend on, as ``dvc exp run TARGET`` does. Every experiment's params are validated before
 any starts. Each experiment's output
 goes to ``logs/grid/NAME.log``; a line per experiment says where it ran, how long it took, whether it failed.
@@ -302,7 +302,7 @@ def main(argv: list[str]) -> int:
         action="append",
         default=[],
         metavar="STAGE",
-        help="a stage to reproduce, e.g. evaluate@sft1 (repeat); none: the whole pipeline",
+        help="a stage to reproduce, e.g. evaluate_sft@sft1 (repeat); none: the whole pipeline",
     )
     ap.add_argument("--name", default="grid", help="prefix of the experiment names (default grid)")
     ap.add_argument("--params", default="params.yaml", type=Path, help="the params file to validate against")

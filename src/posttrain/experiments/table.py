@@ -1,6 +1,6 @@
 """Studies as DVC experiments: what each experiment changed, and what its models learnt per study family.
 
-    python -m posttrain grid --name steps -S sft.common.max_steps=400,800 --target evaluate@sft1
+    python -m posttrain grid --name steps -S sft.common.max_steps=400,800 --target evaluate_sft@sft1
     python -m posttrain table --model sft1          # the committed result and every experiment of HEAD
     python -m posttrain table steps-max_steps800 --md metrics/study.md --json metrics/study.json
 

@@ -27,6 +27,7 @@ from transformers import (
 
 from posttrain.core.config import Quantization, TinyParams
 from posttrain.core.errors import MissingInputError
+from posttrain.core.layout import model_dir, producing_stage
 from posttrain.models.template import CHAT_TEMPLATE, IMAGE_TOKEN
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", IMAGE_TOKEN]
@@ -241,11 +242,6 @@ def quantization_config(quantization: Quantization):
     )
 
 
-def producing_stage(name: str) -> str:
-    """The `dvc.yaml` stage that writes the model `name` (for "rerun `dvc repro <stage>`" messages)."""
-    return {"base": "base", "sfte": "ensemble", "sfte_dpo": "dpo"}.get(name, f"sft@{name}")
-
-
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
@@ -363,7 +359,7 @@ def load_model(
     """Load a pipeline model by name: ``base``, or an adapter stage's output applied to the base.
 
     Args:
-        name: ``base``, or the name of an adapter folder in `models_dir`.
+        name: ``base``, an SFT variant or ``sfte``/``sfte_dpo`` (`posttrain.core.layout.model_dir`).
         models_dir: the folder of the pipeline's models (``models/``).
         device: ``cpu`` or ``cuda``.
         quantization: how the base weights are held (`posttrain.core.config.downstream_quantization`): nf4 is
@@ -378,7 +374,7 @@ def load_model(
     Returns:
         (model, processor), the model in eval mode (dropout off).
     """
-    adapter = models_dir / name
+    adapter = model_dir(name, models_dir)
     if name != "base":
         check_adapters(models_dir / "base", {name: adapter})
         check_base_quantization(adapter, producing_stage(name), quantization)

@@ -5,11 +5,11 @@
     python -m posttrain e2e WORKDIR --measure  # the stages' own rates at the preset's batches (GPU)
 
 Writes into WORKDIR (`posttrain.realscale.standin`) an LRV Chart parquet at 336 px and LLaVA-1.5-7B and
-LLaVA-Critic folders with random weights, then a params file: `configs/study.yaml` with the stand-ins' paths
-and sizes cut to a smoke run (`smoke_overrides`). It runs the stage scripts in `dvc.yaml`'s order with that
-file, each as its own process as `dvc repro` would (two SFT variants; evaluation of base, sfte and sfte_dpo),
-then checks what the stages wrote (`check_outputs`) and writes WORKDIR/summary.json. A stage whose output
-exists is skipped, so a rerun resumes after the last stage that finished.
+LLaVA-Critic folders with random weights, then WORKDIR/params.yaml: `configs/study.yaml` with the stand-ins'
+paths, two SFT variants and sizes cut to a smoke run (`smoke_overrides`). It runs every stage of `dvc.yaml`,
+rendered with that file (`plan`), in WORKDIR and in the file's order, each command as its own process as
+`dvc repro` would, then checks what the stages wrote (`check_outputs`) and writes WORKDIR/summary.json. A
+stage whose outputs all exist is skipped, so a rerun resumes after the last stage that finished.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import argparse
 import copy
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -27,11 +28,12 @@ from pathlib import Path
 
 import yaml
 
+from posttrain.core.layout import model_dir, pipeline_models
+
 ROOT = Path(__file__).resolve().parents[3]
-STAGES = ROOT / "stages"
+PIPELINE = ROOT / "dvc.yaml"
 PRESET = ROOT / "configs" / "study.yaml"
-VARIANTS = ("sft1", "sft2")
-EVALUATED = ("base", "sfte", "sfte_dpo")
+VARIANTS = ("sft1", "sft2")  # the preset's variants the smoke run keeps
 IMAGES = 40  # charts in the parquet (~100 questions); 6 of them form the test split
 # --measure: enough data for the stages' own rates at the preset's batches and answer lengths
 # (the first version, 200 charts, 24 steps and 64 prompts, timed one or two generation batches: a rate that
@@ -43,11 +45,11 @@ MEASURE_PROMPTS = 192  # three preference batches: 64 prompts, two samples each
 
 @dataclass(frozen=True)
 class Step:
-    """One stage run: its name as in dvc.yaml, the script's arguments, the output that marks it done."""
+    """One stage run: its name and command as `dvc.yaml` renders them, and the outputs that mark it done."""
 
     name: str
-    args: tuple[str, ...]
-    output: Path
+    cmd: tuple[str, ...]  # the command's words: python -m posttrain.launch stages/<stage>.py [options]
+    outputs: tuple[Path, ...]
 
 
 def measure_overrides(work: Path) -> dict:
@@ -190,134 +192,63 @@ def write_standins(work: Path, shrink: bool, device: str, images: int = IMAGES, 
     return timings
 
 
-def plan(work: Path, params: Path) -> list[Step]:
-    """The stages in dvc.yaml's order, with WORKDIR's paths (no DVCLive: `--live ""`; WORKDIR/logs)."""
-    data, models, metrics = work / "data" / "prepared", work / "models", work / "metrics"
-    logs = ("--logs", str(work / "logs"))
-    common = ("--params", str(params))
-    steps = [
-        Step("prepare", (*common, "--out", str(data)), data),
+def _paths(entries: list) -> list[str]:
+    """The paths of a rendered stage's ``outs``/``metrics`` list (an entry is a path or {path: options})."""
+    return [e if isinstance(e, str) else next(iter(e)) for e in entries]
+
+
+def plan(work: Path) -> list[Step]:
+    """Every stage of `dvc.yaml`, rendered with WORKDIR/params.yaml (``foreach`` over its variants), in the
+    file's order, which is the pipeline's; the commands run in WORKDIR, so their default paths are WORKDIR's.
+    A stage's outputs mark it done, its training curves (``dvclive/``) aside: the preset's hub base trains
+    nothing and draws none.
+    """
+    from dvc.parsing import DataResolver
+    from dvc.repo import Repo
+
+    with Repo(str(ROOT)) as repo:  # its filesystem and parsing config; `vars` come from WORKDIR/params.yaml
+        rendered = DataResolver(repo, str(work), yaml.safe_load(PIPELINE.read_text())).resolve()["stages"]
+    return [
         Step(
-            "base",
-            (*common, "--data", str(data), "--out", str(models / "base"), "--live", "", *logs),
-            models / "base",
-        ),
+            name,
+            tuple(shlex.split(stage["cmd"])),
+            tuple(
+                work / p
+                for p in _paths(stage.get("outs", [])) + _paths(stage.get("metrics", []))
+                if not p.startswith("dvclive/")
+            ),
+        )
+        for name, stage in rendered.items()
     ]
-    for v in VARIANTS:
-        steps.append(
-            Step(
-                f"sft@{v}",
-                (
-                    "--variant",
-                    v,
-                    *common,
-                    "--data",
-                    str(data),
-                    "--models",
-                    str(models),
-                    "--checkpoints",
-                    str(work / "checkpoints"),
-                    "--live",
-                    "",
-                    *logs,
-                ),
-                models / v,
-            )
-        )
-    steps += [
-        Step(
-            "ensemble",
-            ("--members", *VARIANTS, *common, "--models", str(models), "--out", str(models / "sfte")),
-            models / "sfte",
-        ),
-        Step(
-            "preferences",
-            (
-                *common,
-                "--data",
-                str(data),
-                "--models",
-                str(models),
-                "--out",
-                str(work / "data" / "preferences"),
-                "--metrics",
-                str(metrics / "preferences.json"),
-                *logs,
-            ),
-            work / "data" / "preferences",
-        ),
-        Step(
-            "dpo",
-            (
-                *common,
-                "--data",
-                str(data),
-                "--models",
-                str(models),
-                "--pairs",
-                str(work / "data" / "preferences"),
-                "--preference-metrics",
-                str(metrics / "preferences.json"),
-                "--out",
-                str(models / "sfte_dpo"),
-                "--checkpoints",
-                str(work / "checkpoints" / "sfte_dpo"),
-                "--live",
-                "",
-            ),
-            models / "sfte_dpo",
-        ),
-    ]
-    for m in EVALUATED:
-        steps.append(
-            Step(
-                f"evaluate@{m}",
-                (
-                    "--model",
-                    m,
-                    *common,
-                    "--data",
-                    str(data),
-                    "--models",
-                    str(models),
-                    "--items",
-                    str(work / "data" / "eval"),
-                    "--metrics",
-                    str(metrics),
-                    *logs,
-                ),
-                metrics / f"{m}.json",
-            )
-        )
-    steps.append(
-        Step(
-            "report",
-            (
-                "--models",
-                *EVALUATED,
-                *common,
-                "--data",
-                str(data),
-                "--items",
-                str(work / "data" / "eval"),
-                "--metrics",
-                str(metrics),
-                "--models-dir",
-                str(models),
-            ),
-            metrics / "report.md",
-        )
-    )
-    return steps
+
+
+def command(step: Step, direct: bool = False) -> list[str]:
+    """The process `step` runs: its command with this interpreter and the stage script of this checkout;
+    `direct`: ``python stages/<stage>.py`` itself, without `posttrain.launch`.
+    """
+    python, *words = step.cmd
+    if python != "python":
+        raise ValueError(f"stage {step.name}: its command must start with python: {shlex.join(step.cmd)}")
+    if direct:
+        if words[:2] != ["-m", "posttrain.launch"]:
+            raise ValueError(f"stage {step.name}: not run through posttrain.launch: {shlex.join(step.cmd)}")
+        words = words[2:]
+    return [sys.executable, *(str(ROOT / w) if w.startswith("stages/") else w for w in words)]
 
 
 def run_steps(
-    steps: Sequence[Step], log: Path, seconds: dict[str, float] | None = None, direct: bool = False
+    steps: Sequence[Step],
+    work: Path,
+    log: Path,
+    seconds: dict[str, float] | None = None,
+    direct: bool = False,
 ) -> dict[str, float]:
-    """Run each step's stage script unless its output exists; stream and log the output; stop at a failure.
+    """Run each step's command in `work` unless its outputs exist; stream and log its output; stop at a
+    failure.
 
     Args:
-        steps: the stages to run, in order.
+        steps: the stages to run, in order (`plan`).
+        work: the folder the commands run in (WORKDIR: its params.yaml, its data and models).
         log: the log file every stage's output is appended to.
         seconds: filled with each finished stage's wall time as it finishes (so an interrupted run keeps
             them); a new dict if None.
@@ -331,17 +262,16 @@ def run_steps(
     seconds = {} if seconds is None else seconds
     with log.open("a") as out:
         for step in steps:
-            if step.output.exists():
+            if all(p.exists() for p in step.outputs):
                 print(f"[e2e] {step.name}: done before, skipped", flush=True)
                 continue
-            script = STAGES / f"{step.name.split('@')[0]}.py"
-            print(f"[e2e] {step.name}: python {script.relative_to(ROOT)} {' '.join(step.args)}", flush=True)
+            argv = command(step, direct)
+            print(f"[e2e] {step.name}: {shlex.join(argv)}", flush=True)
             out.write(f"\n===== {step.name}\n")
             t0 = time.perf_counter()
-            launcher = [] if direct else ["-m", "posttrain.launch"]  # as dvc.yaml runs it
             proc = subprocess.Popen(
-                [sys.executable, *launcher, str(script), *step.args],
-                cwd=ROOT,
+                argv,
+                cwd=work,
                 env=env,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
@@ -369,6 +299,7 @@ def check_outputs(work: Path) -> dict:
     from safetensors.torch import load_file
     from transformers import AutoProcessor
 
+    from posttrain.core.config import load_params
     from posttrain.data.examples import group_conversations, load_split
     from posttrain.models.loading import image_token_count, read_provenance
     from posttrain.models.template import encode_conversation
@@ -391,21 +322,22 @@ def check_outputs(work: Path) -> dict:
 
     adapters = {}
     for name in (*VARIANTS, "sfte", "sfte_dpo"):
-        prov = read_provenance(models / name, name)
-        weights = load_file(str(models / name / "adapter_model.safetensors"))
+        prov = read_provenance(model_dir(name, models), name)
+        weights = load_file(str(model_dir(name, models) / "adapter_model.safetensors"))
         adapters[name] = weights
         assert prov["base_fingerprint"].startswith(str(work / "hub" / "llava-1.5-7b")), prov[
             "base_fingerprint"
         ]
-    sft_prov = read_provenance(models / VARIANTS[0], VARIANTS[0])
-    held = {n: read_provenance(models / n, n)["base_quantization"] for n in adapters}
+    sft_prov = read_provenance(model_dir(VARIANTS[0], models), VARIANTS[0])
+    held = {n: read_provenance(model_dir(n, models), n)["base_quantization"] for n in adapters}
     expected = sft_prov["params"]["common"]["quantization"]
     assert set(held.values()) == {expected}, f"adapters trained on differently held bases: {held}"
     changed = sum(not torch.equal(adapters["sfte"][k], adapters["sfte_dpo"][k]) for k in adapters["sfte"])
     assert changed > 0, "the DPO step left every SFTe weight unchanged"
 
     prefs = json.loads((metrics / "preferences.json").read_text())
-    per_model = {m: json.loads((work / "data/eval/metrics" / f"{m}.json").read_text()) for m in EVALUATED}
+    evaluated = pipeline_models(load_params(work / "params.yaml"))
+    per_model = {m: json.loads((work / "data/eval/metrics" / f"{m}.json").read_text()) for m in evaluated}
     keys = {m: set(v) for m, v in per_model.items()}
     assert len({frozenset(k) for k in keys.values()}) == 1, "metrics files have different keys"
     items = [json.loads(line) for line in (work / "data" / "eval" / "study_test" / "sfte_dpo.jsonl").open()]
@@ -468,7 +400,7 @@ def stage_rates(work: Path) -> dict:
 
     sft = [read(v).get("samples_per_s") for v in VARIANTS]
     effective = {read(v).get("samples_per_step") for v in VARIANTS}
-    evaluations = [read(f"evaluate_{m}") for m in EVALUATED]
+    evaluations = [read(p.stem) for p in sorted(logs.glob("evaluate_*.json"))]  # every model evaluated
     preferences = read("preferences")
     sampled = preferences.get("generate")
     judged = preferences.get("judge")  # the self-judge (`continuation_nll`); absent for other judges
@@ -535,8 +467,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     summary["standins"] = write_standins(
         work, args.shrink, "cuda" if cuda else "cpu", images, critic=not args.measure
     )
-    params = write_params(work, cuda, measure=args.measure, processes=args.processes)
-    steps = plan(work, params)
+    write_params(work, cuda, measure=args.measure, processes=args.processes)
+    steps = plan(work)
     if args.until:
         names = [s.name for s in steps]
         if args.until not in names:
@@ -545,7 +477,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         steps = steps[: names.index(args.until) + 1]
     summary["stage_seconds"] = {}
     try:
-        run_steps(steps, work / "e2e.log", summary["stage_seconds"], direct=args.direct)
+        run_steps(steps, work, work / "e2e.log", summary["stage_seconds"], direct=args.direct)
         if not args.until:
             summary["checks"] = check_outputs(work)
     finally:  # also when interrupted (Ctrl-C, `timeout -s INT`): the stages that finished and their rates

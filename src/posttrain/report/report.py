@@ -13,6 +13,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from posttrain.core import layout  # noqa: E402
 from posttrain.core.io import read_json, read_jsonl, write_text_atomic  # noqa: E402
 from posttrain.evaluate.metrics import CORE_METRICS  # noqa: E402
 from posttrain.report.compare import answer_spread, compare, format_markdown, format_p  # noqa: E402
@@ -156,7 +157,8 @@ def read_curve(tsv: Path) -> tuple[list[int], list[float]]:
     return [int(r[0]) for r in rows], [float(r[1]) for r in rows]
 
 
-# (title, metric file under dvclive/<name>/plots/metrics/, y label): the panels of curves.png
+# (title, the runs drawn (None: the SFT variants), metric file under <run's DVCLive folder>/plots/metrics/,
+# y label): the panels of curves.png
 CURVE_PANELS = (
     ("base: training loss", ("base",), "loss.tsv", "loss"),
     ("SFT variants: training loss", None, "loss.tsv", "loss"),
@@ -173,7 +175,9 @@ def plot_curves(live_dir: Path, variants: list[str], path: Path) -> bool:
     """
     panels = []
     for title, names, metric, ylabel in CURVE_PANELS:
-        files = [(n, live_dir / n / "plots" / "metrics" / metric) for n in (names or variants)]
+        files = [
+            (n, layout.live_dir(n, live_dir) / "plots" / "metrics" / metric) for n in (names or variants)
+        ]
         lines = [(n, read_curve(f)) for n, f in files if f.exists()]
         if lines:
             panels.append((title, lines, ylabel))
@@ -396,14 +400,18 @@ def build_report(
         preferences: the `preferences` stage's statistics, if it ran.
         dpo_rounds: the `dpo` stage's rounds (from its provenance); with more than one, a table per round.
         judge: the preference judge (``preferences.judge``), named beside its statistics.
-        live_dir: the DVCLive root (``dvclive/``) whose training curves go into ``curves.png``; None: none.
+        live_dir: the DVCLive root (``dvclive/``; each run's folder is `posttrain.core.layout.live_dir`) whose
+            training curves go into ``curves.png``; None: none.
 
     Returns:
         The markdown of ``report.md``.
     """
     if baseline not in models:
         raise ValueError(f"report.baseline {baseline!r} is not among the evaluated models {models}")
-    metrics = {m: read_json(items_dir / "metrics" / f"{m}.json", produced_by=f"evaluate@{m}") for m in models}
+    metrics = {
+        m: read_json(items_dir / "metrics" / f"{m}.json", produced_by=layout.evaluating_stage(m))
+        for m in models
+    }
     study = {m: read_jsonl(items_dir / "study_test" / f"{m}.jsonl") for m in models}
     retention = {m: read_jsonl(items_dir / "pretrain_test" / f"{m}.jsonl") for m in models}
     spread = {m: answer_spread(study[m] + retention[m]) for m in models}
@@ -418,7 +426,7 @@ def build_report(
             family_counts[family] = family_counts.get(family, 0) + n
             family_pools[family] = pool
     plot_metrics(metrics, metrics_dir / "report.png")
-    variants = [m for m in models if m not in ("base", "sfte", "sfte_dpo")]
+    variants = [m for m in models if layout.is_variant(m)]
     curves = live_dir is not None and plot_curves(live_dir, variants, metrics_dir / "curves.png")
     write_text_atomic(metrics_dir / "examples.html", examples_page(study, data_dir, n_examples))
 

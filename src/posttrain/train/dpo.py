@@ -428,10 +428,11 @@ def run_rounds(
         prompts = load_split(data_dir, "study_train")
         if sampling.max_prompts:
             prompts = prompts[: sampling.max_prompts]
-        models_dir, name = sfte_dir.parent, sfte_dir.name
-        sampling = replace(sampling, batch_size=preference_batch(sampling, models_dir, name, False, prompts))
+        sampling = replace(
+            sampling, batch_size=preference_batch(sampling, base_dir, sfte_dir, False, prompts)
+        )
         evaluating = replace(
-            evaluating, batch_size=evaluation_batch(evaluating, models_dir, name, False, data_dir)
+            evaluating, batch_size=evaluation_batch(evaluating, base_dir, sfte_dir, False, data_dir)
         )
     rounds = []
     # under N processes one writes: the others train into (and load later rounds from) its temporary folder

@@ -307,22 +307,25 @@ def preference_phases(tokenizer, examples: list[Example], n_image_tokens: int, p
     return phases
 
 
-def preference_batch(params, models_dir, policy: str, merge: bool, examples: list[Example]) -> int:
-    """``preferences.batch_size`` for sampling from `policy` (a folder under `models_dir`), resolved before
-    the model loads (`posttrain.evaluate.generation.generation_batch`): only the base's config and processor
-    are read.
+def preference_batch(params, base_dir, adapter, merge: bool, examples: list[Example]) -> int:
+    """``preferences.batch_size`` for sampling from the base in `base_dir` with the adapter folder `adapter`
+    (None: the base alone), resolved before the model loads
+    (`posttrain.evaluate.generation.generation_batch`): only the base's config and processor and the
+    adapter's safetensors header are read.
     """
-    from pathlib import Path
-
     from posttrain.evaluate.generation import generation_batch
     from posttrain.models.loading import adapter_layer_bytes, base_config_and_processor, image_token_count
 
-    models_dir = Path(models_dir)
-    config, processor = base_config_and_processor(models_dir / "base")
+    config, processor = base_config_and_processor(base_dir)
     phases = preference_phases(processor.tokenizer, examples, image_token_count(processor), params)
-    adapter = 0.0 if merge or policy == "base" else adapter_layer_bytes(models_dir / policy)
+    adapter_bytes = 0.0 if merge or adapter is None else adapter_layer_bytes(adapter)
     return generation_batch(
-        "preferences", params.batch_size, phases, config=config, adapter_bytes=adapter, prompts=len(examples)
+        "preferences",
+        params.batch_size,
+        phases,
+        config=config,
+        adapter_bytes=adapter_bytes,
+        prompts=len(examples),
     )
 
 

@@ -682,7 +682,7 @@ def train_sft_variant(
     """Train one LoRA (or QLoRA) adapter on the study train split and save it with its provenance.
 
     Args:
-        name: the variant's name (``sft1`` ...), also the adapter's folder name.
+        name: the variant's name (``sft1`` ...), a key of ``sft.variants``.
         common: `posttrain.core.config.SftCommon`, the settings every variant shares.
         variant: `posttrain.core.config.SftVariant`, this variant's alpha and dropout.
         seed: the shared seed.
