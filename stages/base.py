@@ -42,6 +42,10 @@ def main() -> None:
                 produced_by="stages/base.py",
                 params=to_dict(params),
             )
+        if args.live:  # the stage's declared curves: none, since a hub base trains nothing here
+            plots = Path(args.live) / "plots"
+            shutil.rmtree(plots, ignore_errors=True)
+            plots.mkdir(parents=True)
         print(f"base: {params.hub_id}@{params.revision} recorded in {args.out}")
         return
     from posttrain.core.distributed import is_main

@@ -194,3 +194,21 @@ def test_a_yaml_alias_bomb_is_reported_alone_at_once(script, tmp_path):
     assert time.perf_counter() - t0 < 30
     assert "aliases (*name) expand the file to more than" in err and len(err) < 1000
     assert "torch imported: False" in out
+
+
+def test_a_hub_base_leaves_its_declared_curve_folder_empty_not_missing(micro_params_file, tmp_path):
+    """dvc.yaml declares dvclive/base/plots as the base stage's output; a hub base trains nothing here, and
+    without the folder `dvc repro` of the study preset failed at once ("output does not exist")."""
+    import yaml
+
+    data = yaml.safe_load(micro_params_file.read_text())
+    (tmp_path / "hub").mkdir()  # a local folder needs no revision
+    data["base"].update(model="hub", hub_id=str(tmp_path / "hub"))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(data))
+    stale = tmp_path / "dvclive" / "base" / "plots" / "metrics" / "loss.tsv"
+    stale.parent.mkdir(parents=True)
+    stale.write_text("step\tloss\n1\t9.0\n")  # an earlier tiny run's curve: not the hub base's
+    run_stage("base.py", cwd=tmp_path)
+    plots = tmp_path / "dvclive" / "base" / "plots"
+    assert plots.is_dir() and not any(plots.iterdir())
+    assert json.loads((tmp_path / "models" / "base" / "provenance.json").read_text())["kind"] == "hub"
