@@ -139,24 +139,28 @@ def e2e_run(tmp_path_factory):
     return work
 
 
+# the stages of the e2e smoke run, in dvc.yaml's order (the preset with its two smoke variants)
+SMOKE_STAGES = [
+    "prepare",
+    "base",
+    "sft@sft1",
+    "sft@sft2",
+    "ensemble",
+    "preferences",
+    "dpo",
+    "evaluate@base",
+    "evaluate@sfte",
+    "evaluate@sfte_dpo",
+    "evaluate_sft@sft1",
+    "evaluate_sft@sft2",
+    "report",
+]
+
+
 @pytest.mark.slow
 def test_e2e_runs_every_stage_of_the_study_preset_on_standins(e2e_run):
     summary = json.loads((e2e_run / "summary.json").read_text())
-    assert set(summary["stage_seconds"]) == {
-        "prepare",
-        "base",
-        "sft@sft1",
-        "sft@sft2",
-        "ensemble",
-        "preferences",
-        "dpo",
-        "evaluate@base",
-        "evaluate@sfte",
-        "evaluate@sfte_dpo",
-        "evaluate_sft@sft1",
-        "evaluate_sft@sft2",
-        "report",
-    }
+    assert set(summary["stage_seconds"]) == set(SMOKE_STAGES)
     checks = summary["checks"]
     assert checks["image_tokens"] == 576 and checks["train_sequence_tokens"]["min"] > 576
     # one training sequence per conversation: fewer sequences than turns, every answer supervised
@@ -215,21 +219,7 @@ def test_the_plan_is_dvc_yaml_rendered_with_the_smoke_params(tmp_path):
     (tmp_path / "hub" / "llava-1.5-7b").mkdir(parents=True)
     write_params(tmp_path, cuda=False)
     steps = plan(tmp_path)
-    assert [s.name for s in steps] == [
-        "prepare",
-        "base",
-        "sft@sft1",
-        "sft@sft2",
-        "ensemble",
-        "preferences",
-        "dpo",
-        "evaluate@base",
-        "evaluate@sfte",
-        "evaluate@sfte_dpo",
-        "evaluate_sft@sft1",
-        "evaluate_sft@sft2",
-        "report",
-    ]
+    assert [s.name for s in steps] == SMOKE_STAGES
     sft2 = steps[3]
     assert tmp_path / "models" / "sft" / "sft2" in sft2.outputs
     script = str(ROOT / "stages" / "sft.py")
