@@ -58,6 +58,76 @@ def test_the_kv_cache_term_is_the_cache_transformers_allocates(tiny, prepared, m
     assert estimate.cache == pytest.approx(allocated / 2 * (1 + 1 / layers))  # bf16 on a GPU: half of fp32
 
 
+def test_the_prompt_writes_its_cache_once_into_the_static_one(tiny, prepared, monkeypatch):
+    """Sampling 2 per prompt with the static cache holds one cache of the prompt, the static one: the prompt's
+    forward pass writes each prompt's keys and values into its samples' rows, and no cache layer is filled
+    with the prompt by copy (before: a B-row cache of the prompt, then a repeated copy of it per layer, whose
+    freed blocks fragmented the GPU's memory: issue 33). Only the decoding steps update the static layers,
+    one position at a time."""
+    from transformers.cache_utils import DynamicLayer, StaticLayer
+
+    from posttrain.evaluate import generation
+    from posttrain.models.loading import image_token_count
+    from posttrain.models.template import encode_prompt
+
+    model, processor = tiny
+    examples = load_split(prepared, "study_test")[:3]
+    prompts = [
+        encode_prompt(processor.tokenizer, e.history, e.question, image_token_count(processor))
+        for e in examples
+    ]
+    ids, mask = generation._left_padded(prompts, processor.tokenizer.pad_token_id, "cpu")
+    updates = []  # (layer class, positions) of every update that stores keys in a cache layer
+    for cls in (DynamicLayer, StaticLayer):
+        real = cls.update
+
+        def spy(self, key_states, value_states, *a, _real=real, _cls=cls, **k):
+            updates.append((_cls.__name__, key_states.shape[0], key_states.shape[-2]))
+            return _real(self, key_states, value_states, *a, **k)
+
+        monkeypatch.setattr(cls, "update", spy)
+    tok = processor.tokenizer
+    new = generation._generate_batch(
+        model,
+        ids,
+        mask,
+        torch.zeros(3, 3, 84, 84),
+        samples=2,
+        max_new_tokens=5,
+        cache="static",
+        generate_kwargs={
+            "pad_token_id": tok.pad_token_id,
+            "eos_token_id": tok.eos_token_id,
+            "do_sample": False,
+        },
+    )
+    layers = model.config.text_config.num_hidden_layers
+    assert new.shape[0] == 6 and updates, "the batch decoded"
+    assert {u for u in updates} == {("StaticLayer", 6, 1)}, "only decoding steps update a cache layer"
+    assert len(updates) == layers * new.shape[1]  # one step a new token, the first one fed the prompt's last
+
+
+def test_sampled_answers_are_the_same_with_either_cache(tiny, prepared):
+    """The static cache's rows, written by the prompt's pass per sample, hold what the dynamic cache's
+    repeated rows hold: seeded samples agree token for token."""
+    from posttrain.evaluate.generation import generate
+    from posttrain.models.loading import image_token_count
+    from posttrain.models.template import encode_prompt
+
+    model, processor = tiny
+    examples = load_split(prepared, "study_test")[:5]
+    prompts = [
+        encode_prompt(processor.tokenizer, e.history, e.question, image_token_count(processor))
+        for e in examples
+    ]
+    pixels = [torch.rand(3, 84, 84, generator=torch.Generator().manual_seed(i)) for i in range(5)]
+    kwargs = dict(batch_size=5, max_new_tokens=10, do_sample=True, seed=1, samples=2)
+    static = generate(model, processor.tokenizer, pixels, prompts, cache="static", **kwargs)
+    dynamic = generate(model, processor.tokenizer, pixels, prompts, cache="dynamic", **kwargs)
+    assert static == dynamic
+    assert sum(a != b for a, b in static) >= 2, "the two samples of a prompt differ"
+
+
 def test_llava_7b_by_hand():
     """llava-1.5-7b: 512 KiB of bf16 KV cache a token (32 layers × 2 × 32 heads × 128); the bf16 weights are
     2 bytes of each of its 7,063,427,072 parameters (bench/results/h100.json's count)."""

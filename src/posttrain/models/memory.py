@@ -19,9 +19,11 @@ and, per phase of the stage (sampling, a self-judge's or the evaluation's teache
     activations = prompts · prompt tokens · intermediate · `PREFILL_BYTES` + rows · vocab · `DECODE_BYTES`
                   + prompts · scored tokens · vocab · `SCORED_BYTES`,
 
-the (1 + 1/layers) the one layer that exists twice while a cache is copied or grown, the activations those
-of the prompt's forward pass (the MLP's intermediate tensors, the fp32 copy the adapter layer takes) and
-the fp32 logits of the last position (or of every scored one).
+the (1 + 1/layers) the one layer that exists twice while a dynamic cache grows, the activations those of
+the prompt's forward pass (the MLP's intermediate tensors, the fp32 copy the adapter layer takes) and the
+fp32 logits of the last position (or of every scored one). Cache and activations add up: the prompt's pass
+writes the static cache as it goes (`posttrain.evaluate.generation._IntoSampleRows`), the only cache of
+the prompt there is.
 """
 
 from __future__ import annotations
