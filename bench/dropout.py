@@ -61,13 +61,10 @@ def main() -> None:
 
     from posttrain.data.examples import load_split
     from posttrain.models.loading import load_base
-    from posttrain.train.training import (
-        SparseDropout,
-        TeacherForcedCollator,
-        TeacherForcedDataset,
-        answer_loss,
-        language_model_regex,
-    )
+    from posttrain.train.dataset import TeacherForcedCollator, TeacherForcedDataset
+    from posttrain.train.dropout import SparseDropout
+    from posttrain.train.preflight import language_model_regex
+    from posttrain.train.trainer import answer_loss
 
     data = Path(args.data)
     model, processor, _ = load_base(Path(args.base), device="cpu", dtype=torch.float32)

@@ -3,7 +3,7 @@
     python bench/gpu.py --out bench/results/h100.json
 
 Measures on the card itself: copy bandwidth and bf16 matmul peak; LoRA SFT throughput (bf16, QLoRA nf4,
-LoRA r=16 on every linear layer of the language model, the layers `posttrain.train.training` adapts) with
+LoRA r=16 on every linear layer of the language model, the layers `posttrain.train.sft` adapts) with
 model FLOP utilisation (model FLOPs = 4·N·T per sample for a frozen base: forward 2NT + input-gradient
 backward 2NT; recomputation not counted) and peak memory; batched greedy generation tokens/s against the
 memory-bandwidth limit of that batch (weights plus KV cache read per decode step, at the measured copy
@@ -23,7 +23,8 @@ import torch
 
 from posttrain.models.architectures import build_random, load_config, param_count
 from posttrain.realscale.e2e import PRESET
-from posttrain.train.training import answer_loss, language_model_regex
+from posttrain.train.preflight import language_model_regex
+from posttrain.train.trainer import answer_loss
 
 IMAGE_TOKENS = 576  # (336 / 14)²
 TEXT_TOKENS = 129  # question + answer: seq 705 as in DESIGN.md's measurements
@@ -292,7 +293,7 @@ def load_llava(folder: str | Path, nf4: bool):
     from transformers import LlavaForConditionalGeneration
 
     from posttrain.core.config import Quantization
-    from posttrain.train.training import quantization_config
+    from posttrain.models.loading import quantization_config
 
     return LlavaForConditionalGeneration.from_pretrained(
         folder,
@@ -458,7 +459,7 @@ def main() -> None:
     def liger(m):
         """Liger's kernels in `m`'s language model as `sft.common.liger` applies them (training only)."""
         if args.liger:
-            from posttrain.train.training import apply_liger
+            from posttrain.train.liger import apply_liger
 
             apply_liger(m)
         return m
@@ -534,7 +535,7 @@ def main() -> None:
             gc.collect()
             torch.cuda.empty_cache()
             q = load_llava(tmp, nf4=True)
-        # as posttrain.train.training loads it: unquantized weights stay bf16 (no
+        # as posttrain.train.sft loads it: unquantized weights stay bf16 (no
         # prepare_model_for_kbit_training)
         q = liger(q)
         intact = True  # an OOM inside sft_throughput leaves LoRA layers injected: stop measuring then

@@ -38,9 +38,9 @@ def main() -> None:
 
     t = timed("import transformers and peft", t)
     import posttrain.models.loading  # noqa: F401
-    import posttrain.train.training  # noqa: F401
+    import posttrain.train.sft  # noqa: F401
 
-    t = timed("import posttrain.train.training and posttrain.models.loading (the HF Trainer)", t)
+    t = timed("import posttrain.train.sft and posttrain.models.loading (the HF Trainer)", t)
     import trl  # noqa: F401
 
     t = timed("import trl", t)

@@ -30,7 +30,7 @@ def main() -> None:
     setup(params.threads)
     # only now that the params are valid: torch and transformers take seconds to import
     from posttrain.models.loading import write_provenance
-    from posttrain.train.training import train_tiny_base
+    from posttrain.train.base import train_tiny_base
 
     if params.model is ModelKind.HUB:
         with atomic_dir(args.out) as tmp:

@@ -36,7 +36,7 @@ def main() -> None:
     setup(params.base.threads)
     # only now that the params are valid: torch and transformers take seconds to import
     from posttrain.core.distributed import is_main
-    from posttrain.train.training import train_sft_variant
+    from posttrain.train.sft import train_sft_variant
 
     checkpoints = Path(args.checkpoints) / args.variant
     out = model_dir(args.variant, args.models)

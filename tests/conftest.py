@@ -135,7 +135,7 @@ def make_adapter(
     from peft import LoraConfig, get_peft_model
 
     from posttrain.models.loading import base_fingerprint, load_base, write_provenance
-    from posttrain.train.training import language_model_regex
+    from posttrain.train.preflight import language_model_regex
 
     model, _, _ = load_base(base_dir)
     torch.manual_seed(seed)

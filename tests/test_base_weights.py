@@ -118,7 +118,7 @@ def test_dequantized_nf4_layers_compute_what_the_nf4_layers_compute(tiny, prepar
 
     from posttrain.data.examples import load_split
     from posttrain.models.loading import dequantize_4bit_linears
-    from posttrain.train.training import TeacherForcedCollator, TeacherForcedDataset
+    from posttrain.train.dataset import TeacherForcedCollator, TeacherForcedDataset
 
     model, processor = tiny
     full = copy.deepcopy(model).to(torch.bfloat16).eval()

@@ -53,7 +53,7 @@ import sys
 from pathlib import Path
 
 import posttrain.models.loading  # before setup, as the e2e runner and the benchmarks import it
-import posttrain.train.training
+import posttrain.train.trainer
 from posttrain.core.runtime import setup
 
 setup(1)
@@ -63,7 +63,7 @@ AutoProcessor.from_pretrained(sys.argv[1])
 model, _, _ = posttrain.models.loading.load_base(sys.argv[1])
 model.is_gradient_checkpointing  # what TRL's DPO reads each step
 for on in (False, True):
-    posttrain.train.training.training_arguments(
+    posttrain.train.trainer.training_arguments(
         sys.argv[2], max_steps=1, batch_size=1, learning_rate=1e-3, warmup_steps=0, weight_decay=0.0, seed=0,
         save_steps=0, gradient_checkpointing=on,
     )

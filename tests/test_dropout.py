@@ -7,12 +7,8 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from posttrain.train.training import (
-    SparseDropout,
-    dropped_positions,
-    language_model_regex,
-    sparse_lora_dropout,
-)
+from posttrain.train.dropout import SparseDropout, dropped_positions, sparse_lora_dropout
+from posttrain.train.preflight import language_model_regex
 
 
 @pytest.mark.parametrize("p", [0.05, 0.1, 0.5])

@@ -76,7 +76,7 @@ def test_every_policy_stage_reads_images_through_one_function():
         if re.search(r"\.image_processor\(", p.read_text(encoding="utf-8"))
     )
     assert callers == ["models/images.py"]
-    for module in ("train/training.py", "evaluate/evaluation.py", "train/preferences.py", "train/dpo.py"):
+    for module in ("train/dataset.py", "evaluate/evaluation.py", "train/preferences.py", "train/dpo.py"):
         assert "load_pixels" in (SRC / module).read_text(encoding="utf-8")
 
 

@@ -118,7 +118,7 @@ from posttrain.core.runtime import setup
 steps, threads, data = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 setup(threads)
 import torch
-from posttrain.train.training import train_tiny_base
+from posttrain.train.base import train_tiny_base
 base = load_params("params.yaml").base
 params = dataclasses.replace(base, train=dataclasses.replace(base.train, max_steps=steps, save_steps=0))
 with tempfile.TemporaryDirectory() as tmp:

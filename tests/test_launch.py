@@ -175,7 +175,8 @@ def test_sft_in_two_processes_trains_the_adapter_of_one(project, tmp_path):
     """
     from posttrain.data.examples import load_split
     from posttrain.models.loading import load_model
-    from posttrain.train.training import TeacherForcedCollator, TeacherForcedDataset, answer_loss
+    from posttrain.train.dataset import TeacherForcedCollator, TeacherForcedDataset
+    from posttrain.train.trainer import answer_loss
 
     losses = {}
     for n in (1, 2):
@@ -304,7 +305,8 @@ def curve_at(live: Path, step: int) -> float:
 
 def pretrain_test_loss(model, processor, root: Path) -> float:
     from posttrain.data.examples import load_split
-    from posttrain.train.training import TeacherForcedCollator, TeacherForcedDataset, answer_loss
+    from posttrain.train.dataset import TeacherForcedCollator, TeacherForcedDataset
+    from posttrain.train.trainer import answer_loss
 
     data = root / "data" / "prepared"
     ds = TeacherForcedDataset(load_split(data, "pretrain_test"), data, processor)

@@ -18,7 +18,7 @@ from posttrain.models.memory import (
     choose_micro_batch,
     estimate_training,
 )
-from posttrain.train.training import check_training_memory, language_model_regex
+from posttrain.train.preflight import check_training_memory, language_model_regex
 
 ROOT = Path(__file__).resolve().parents[1]
 LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

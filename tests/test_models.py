@@ -4,12 +4,8 @@ import torch
 
 from posttrain.data.examples import load_split
 from posttrain.models.loading import count_params, load_base, write_provenance
-from posttrain.train.training import (
-    TeacherForcedCollator,
-    TeacherForcedDataset,
-    run_trainer,
-    training_arguments,
-)
+from posttrain.train.dataset import TeacherForcedCollator, TeacherForcedDataset
+from posttrain.train.trainer import run_trainer, training_arguments
 
 
 def test_tiny_model_is_small_and_complete(tiny):

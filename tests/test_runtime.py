@@ -67,7 +67,10 @@ def _probe(code: str) -> str:
     ).stdout
 
 
-@pytest.mark.parametrize("module", ["posttrain.train.training", "posttrain.train.checkpoints"])
+@pytest.mark.parametrize(
+    "module",
+    ["posttrain.train.trainer", "posttrain.train.base", "posttrain.train.sft", "posttrain.train.checkpoints"],
+)
 def test_without_cuda_the_training_modules_leave_bitsandbytes_unimported_before_setup(module):
     """The e2e runner and the benchmarks import these before `setup`: transformers' Trainer would import
     bitsandbytes, whose CPU backend prints a kernels-community warning on a CPU with AVX512-BF16 (seen on an

@@ -39,7 +39,7 @@ def exp_ref(baseline: str, name: str) -> str:
 
 def commit(repo, seed: int, report: dict, ref: str | None = None, code="v1", lr=0.1) -> None:
     (repo / "params.yaml").write_text(yaml.safe_dump({"base": {"seed": seed}, "dpo": {"learning_rate": lr}}))
-    lock = {"stages": {"sft": {"deps": [{"path": "src/posttrain/train/training.py", "md5": code}]}}}
+    lock = {"stages": {"sft": {"deps": [{"path": "src/posttrain/train/sft.py", "md5": code}]}}}
     (repo / "dvc.lock").write_text(yaml.safe_dump(lock))
     (repo / "metrics").mkdir(exist_ok=True)
     (repo / "metrics/report_compare.json").write_text(json.dumps(report))

@@ -17,16 +17,11 @@ from peft import LoraConfig, get_peft_model
 from posttrain.core.config import Quantization
 from posttrain.core.errors import InputError
 from posttrain.data.examples import load_split
+from posttrain.models.loading import quantization_config
 from posttrain.models.template import answer_start
-from posttrain.train.training import (
-    TeacherForcedCollator,
-    TeacherForcedDataset,
-    answer_loss,
-    language_model_regex,
-    quantization_config,
-    run_trainer,
-    training_arguments,
-)
+from posttrain.train.dataset import TeacherForcedCollator, TeacherForcedDataset
+from posttrain.train.preflight import language_model_regex
+from posttrain.train.trainer import answer_loss, run_trainer, training_arguments
 
 
 def test_lora_adapts_the_language_model_only_and_base_stays_frozen(tiny, prepared, tmp_path):
@@ -157,7 +152,7 @@ def test_killed_sft_resumes_from_its_checkpoint(project):
 
 
 def test_liger_without_cuda_fails_before_loading():
-    from posttrain.train.training import require_liger
+    from posttrain.train.liger import require_liger
 
     if torch.cuda.is_available():
         pytest.skip("has CUDA")
@@ -169,18 +164,18 @@ def test_sft_with_batch_size_auto_trains_with_the_resolved_batch_and_records_it(
     base_dir, prepared, tmp_path, monkeypatch, capsys
 ):
     """On the CPU auto takes the whole effective batch: Trainer, fingerprint and provenance all say 6 × 1."""
-    import posttrain.train.training as training
+    import posttrain.train.sft as sft
     from posttrain.core.config import parse_params
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     arguments = []
-    real = training.training_arguments
+    real = sft.training_arguments
 
     def recorded(*args, **kwargs):
         arguments.append(real(*args, **kwargs))
         return arguments[-1]
 
-    monkeypatch.setattr(training, "training_arguments", recorded)
+    monkeypatch.setattr(sft, "training_arguments", recorded)
     p = parse_params(
         {
             "sft": {
@@ -196,9 +191,7 @@ def test_sft_with_batch_size_auto_trains_with_the_resolved_batch_and_records_it(
         }
     )
     out, ck = tmp_path / "sft1", tmp_path / "ck"
-    training.train_sft_variant(
-        "sft1", p.sft.common, p.sft.variants["sft1"], 0, base_dir, prepared, out, ck, None
-    )
+    sft.train_sft_variant("sft1", p.sft.common, p.sft.variants["sft1"], 0, base_dir, prepared, out, ck, None)
     printed = capsys.readouterr().out
     assert "sft.common.batch_size auto: 6 × accumulation 1 = effective batch 6 (on the CPU" in printed
     assert "2 steps × batch 6 × accumulation 1 = " in printed
@@ -219,9 +212,7 @@ def test_sft_with_batch_size_auto_trains_with_the_resolved_batch_and_records_it(
     )
     (ck / "checkpoint-1").mkdir()
     shutil.rmtree(out)
-    training.train_sft_variant(
-        "sft1", p.sft.common, p.sft.variants["sft1"], 0, base_dir, prepared, out, ck, None
-    )
+    sft.train_sft_variant("sft1", p.sft.common, p.sft.variants["sft1"], 0, base_dir, prepared, out, ck, None)
     assert "left by a run with other inputs (its batch changed); starting over" in capsys.readouterr().out
 
 
@@ -231,7 +222,7 @@ def test_a_run_shorter_than_the_log_interval_records_its_final_loss(base_dir, pr
     import math
 
     from posttrain.core.config import parse_params
-    from posttrain.train.training import train_sft_variant
+    from posttrain.train.sft import train_sft_variant
 
     common = {"rank": 4, "max_steps": 3, "warmup_steps": 0, "save_steps": 0, "batch_size": 4}
     p = parse_params({"sft": {"common": common}})
@@ -248,7 +239,7 @@ def test_replay_mixes_whole_pretrain_conversations_at_the_asked_share(prepared):
     """`sft.common.replay_fraction` draws whole pretrain conversations, seeded, so they are that share of
     the SFT conversations; 0 draws none; a share the pool cannot fill names the key."""
     from posttrain.data.examples import group_conversations, load_split
-    from posttrain.train.training import replay_examples
+    from posttrain.train.sft import replay_examples
 
     study = load_split(prepared, "study_train")
     pretrain = load_split(prepared, "pretrain_train")
@@ -284,7 +275,7 @@ def test_target_modules_the_model_lacks_are_refused_before_training(base_dir, pr
     """A layer name the language model lacks would adapt nothing: refused from the base's config (built on
     the meta device) before any data or weight loads, naming the layers that exist."""
     from posttrain.core.config import SftCommon, SftVariant
-    from posttrain.train.training import train_sft_variant
+    from posttrain.train.sft import train_sft_variant
 
     common = SftCommon(target_modules=("q_proj", "nonexistent_proj"), max_steps=2, batch_size=4)
     out, checkpoints, live = tmp_path / "sft1", tmp_path / "checkpoints", tmp_path / "live"

@@ -14,7 +14,7 @@ from posttrain.models.template import (
     encode_conversation,
     encode_prompt,
 )
-from posttrain.train.training import TeacherForcedCollator, TeacherForcedDataset
+from posttrain.train.dataset import TeacherForcedCollator, TeacherForcedDataset
 
 THREE_TURNS = (
     ("What is the value of the red bar?", "The red bar has a value of 7."),

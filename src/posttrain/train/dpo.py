@@ -74,7 +74,7 @@ def policy_from_adapter(
     if quantization is Quantization.NONE:
         model = model.to(device)  # an nf4 base is already placed by its device_map
     if device == "cpu":
-        from posttrain.train.training import sparse_lora_dropout
+        from posttrain.train.dropout import sparse_lora_dropout
 
         sparse_lora_dropout(model)  # same dropout, a tenth of the random draws (bernoulli_ is slow on CPU)
     return model, processor
@@ -185,7 +185,7 @@ def dpo_trainer(
 ):
     """A configured TRL `DPOTrainer` for `pairs` (rows: image, prompt, chosen, rejected).
 
-    `micro_batch` and `gradient_accumulation` are the ones `posttrain.train.training.check_training_memory`
+    `micro_batch` and `gradient_accumulation` are the ones `posttrain.train.preflight.check_training_memory`
     resolved from `params` (``batch_size: auto`` leaves them to the GPU). `heldout` pairs are never trained
     on; the collator holds their images too, for `heldout_rewards` after training.
     """
@@ -278,7 +278,8 @@ def train_dpo(
         logs, not provenance).
     """
     from posttrain.train.checkpoints import claim_checkpoints, file_digest, fit
-    from posttrain.train.training import ProgressCallback, check_training_memory, language_model_regex
+    from posttrain.train.preflight import check_training_memory, language_model_regex
+    from posttrain.train.trainer import ProgressCallback
 
     adapter_config = json.loads((start_adapter / "adapter_config.json").read_text())
     target = adapter_config["target_modules"]  # PEFT stores a regex string or a list of layer names
