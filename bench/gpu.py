@@ -254,12 +254,12 @@ def stage_generation(
 
 
 def critic_scoring(folder: str, items: int, batch_size: int, new_tokens: int) -> dict:
-    """LLaVA-Critic pointwise scores through `posttrain.evaluate.critic.LlavaCriticJudge` (the evaluation's
-    code) on a stand-in critic: items/s with `new_tokens` generated per item (random weights rarely stop
-    early)."""
+    """LLaVA-Critic pointwise scores through `posttrain.evaluate.llava_critic.LlavaCriticJudge` (the
+    evaluation's code) on a stand-in critic: items/s with `new_tokens` generated per item (random weights
+    rarely stop early)."""
     from PIL import Image
 
-    from posttrain.evaluate.critic import LlavaCriticJudge
+    from posttrain.evaluate.llava_critic import LlavaCriticJudge
 
     judge = LlavaCriticJudge(folder)
     images = [Image.new("RGB", (336, 336), (i * 37 % 255, 90, 160)) for i in range(items)]

@@ -11,13 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-from posttrain.evaluate.critic import (
-    LlavaCriticJudge,
-    is_transformers_onevision,
-    load_onevision_processor,
-    pointwise_prompt,
-    qwen_render,
-)
+from posttrain.evaluate.critic import pointwise_prompt, qwen_render
+from posttrain.evaluate.llava_critic import LlavaCriticJudge
+from posttrain.models.critic_checkpoint import is_transformers_onevision, load_onevision_processor
 from posttrain.realscale import convert_critic as cc
 
 IMAGE, PATCH = 32, 8

@@ -7,18 +7,18 @@ import pytest
 from PIL import Image
 
 from posttrain.data.examples import AnswerType, Example
-from posttrain.evaluate import critic
+from posttrain.evaluate import llava_critic
 from posttrain.evaluate.critic import (
-    LlavaCriticJudge,
     combine_orders,
-    is_transformers_onevision,
     pairwise_prompt,
     parse_score,
     parse_verdict,
     pointwise_prompt,
     qwen_render,
-    reference_score,
 )
+from posttrain.evaluate.llava_critic import LlavaCriticJudge
+from posttrain.evaluate.reference import invented_colors, reference_score
+from posttrain.models.critic_checkpoint import is_transformers_onevision
 
 # --------------------------------------------------------------------------------------------
 # Prompts
@@ -199,8 +199,8 @@ def test_reference_score_multiword_colour() -> None:
     ex = make_example(elements=("dark blue", "red"))
     # "dark blue" is present; the word "blue" inside it is not a separate mention
     assert reference_score(ex, "The red bar is 42, the dark blue one 10.", "42", COLORS) >= 80
-    assert critic.invented_colors("The dark  blue bar", ex.elements, COLORS) == []
-    assert critic.invented_colors("The Blue bar and the GREEN bar", ex.elements, COLORS) == ["blue", "green"]
+    assert invented_colors("The dark  blue bar", ex.elements, COLORS) == []
+    assert invented_colors("The Blue bar and the GREEN bar", ex.elements, COLORS) == ["blue", "green"]
 
 
 def test_reference_score_negative() -> None:
@@ -418,7 +418,7 @@ def no_weight_loading(monkeypatch: pytest.MonkeyPatch) -> None:
         raise AssertionError("weights were loaded")
 
     monkeypatch.setattr(transformers.LlavaOnevisionForConditionalGeneration, "from_pretrained", fail)
-    monkeypatch.setattr(critic, "load_onevision_processor", fail)
+    monkeypatch.setattr(llava_critic, "load_onevision_processor", fail)
 
 
 def test_next_layout_rejected_before_loading(tmp_path: Path, no_weight_loading: None) -> None:

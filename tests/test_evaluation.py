@@ -337,7 +337,7 @@ def test_an_answer_counts_only_if_it_is_about_what_was_asked(
 ):
     from dataclasses import replace
 
-    from posttrain.evaluate.critic import reference_score
+    from posttrain.evaluate.reference import reference_score
 
     e = replace(
         _ex(short=short, atype=atype, negative=negative), question=question, elements=("cyan", "blue")

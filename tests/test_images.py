@@ -96,8 +96,9 @@ def test_load_pixels_pads_the_images_of_a_prepared_folder(tmp_path):
 @pytest.mark.filterwarnings("ignore")
 def test_the_critic_processor_sees_the_whole_chart(tmp_path):
     """LLaVA-OneVision's anyres processor: its first tile is the whole image resized, edges included."""
-    from posttrain.evaluate.critic import load_onevision_processor, qwen_render
+    from posttrain.evaluate.critic import qwen_render
     from posttrain.models.architectures import load_config, shrink
+    from posttrain.models.critic_checkpoint import load_onevision_processor
     from posttrain.realscale.convert_critic import write_processor
     from posttrain.realscale.standin import QWEN2_SPECIALS, standin_tokenizer
 

@@ -266,9 +266,9 @@ def family_accuracy(rows: list[dict], families: list[str], resamples: int, seed:
 
 def reference_critic(examples: list[Example], responses: list[str]) -> list[float]:
     """The embedded default's critic: the ground-truth rubric of
-    `posttrain.evaluate.critic.reference_score`.
+    `posttrain.evaluate.reference.reference_score`.
     """
-    from posttrain.evaluate.critic import reference_score
+    from posttrain.evaluate.reference import reference_score
 
     return [
         reference_score(e, r, extract_short_answer(r, e.answer_type), COLORS)
@@ -291,7 +291,7 @@ def load_critic(params: EvaluateParams):
     """The LLaVA-Critic judge, loaded once per evaluation (None for the reference critic)."""
     if not params.critic.kind.needs_model:
         return None
-    from posttrain.evaluate.critic import LlavaCriticJudge
+    from posttrain.evaluate.llava_critic import LlavaCriticJudge
 
     return LlavaCriticJudge(params.critic.model, revision=params.critic.revision or None)
 

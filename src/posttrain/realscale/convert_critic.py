@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from posttrain.core.io import atomic_dir
-from posttrain.evaluate.critic import is_transformers_onevision, load_onevision_processor
+from posttrain.models.critic_checkpoint import is_transformers_onevision, load_onevision_processor
 
 if TYPE_CHECKING:
     import torch
@@ -542,8 +542,8 @@ def convert_critic(
         overwrite: Replace an existing `dst` (only once the conversion has succeeded).
 
     Returns:
-        `dst`, which `posttrain.evaluate.critic.is_transformers_onevision` accepts and `LlavaCriticJudge`
-        loads.
+        `dst`, which `posttrain.models.critic_checkpoint.is_transformers_onevision` accepts and
+        `LlavaCriticJudge` loads.
 
     Raises:
         ConversionError: The source is not a convertible LLaVA-NeXT checkpoint (not safetensors, unsupported

@@ -262,7 +262,8 @@ def judge_candidates(
         return self_verdicts(
             model, processor.tokenizer, pixels, candidates, image_token_count(processor), batch_size
         )
-    from posttrain.evaluate.critic import LlavaCriticJudge, parse_verdict
+    from posttrain.evaluate.critic import parse_verdict
+    from posttrain.evaluate.llava_critic import LlavaCriticJudge
 
     critic = LlavaCriticJudge(critic_params.model, revision=critic_params.revision or None)
     _, raw = critic.judge_pairs_raw(
