@@ -1,19 +1,15 @@
 """params.yaml as typed, validated dataclasses.
 
-Every section becomes a frozen dataclass. Unknown keys, wrong types, out-of-range values and impossible
-combinations are collected over the whole file and raised once, as a `ParamsError` that names each key, the
-value seen and the fix, before any data is read or any model is loaded.
+Every section becomes a frozen dataclass (built from the YAML by `posttrain.core.convert`) that checks its own
+values beside its fields, in its `problems` method. Unknown keys, wrong types, out-of-range values and
+impossible combinations are collected over the whole file and raised once, as a `ParamsError` that names each
+key, the value seen and the fix, before any data is read or any model is loaded.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import datetime
-import decimal
-import math
 import re
-import types
-import typing
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -21,8 +17,17 @@ from typing import Any
 
 import yaml
 
+from posttrain.core.convert import build, cut, shown
 from posttrain.core.errors import InputError
 from posttrain.core.layout import ROLES, pipeline_models
+
+SEED_LIMIT = 2**32  # numpy's seeds (through transformers' set_seed) are below 2**32
+MIN_VOCAB = 256 + 5  # the byte-level BPE's 256 byte symbols and posttrain.models.loading.SPECIAL_TOKENS
+# Bounds on counts that no run here comes near (the study: 1,800 base steps, micro-batches of 32 and 128):
+# a value beyond them is a typo (1e23 steps, a batch of 1e11 rows), refused before it starts a run
+MAX_STEPS = 1_000_000  # every max_steps, warmup_steps and save_steps
+MAX_BATCH = 65_536  # every batch_size, effective_batch and gradient_accumulation, in rows (or prompts)
+MAX_YAML_VALUES = 10_000  # values of a params file with its aliases expanded (params.yaml has a few hundred)
 
 
 class ParamsError(InputError, ValueError):
@@ -31,6 +36,88 @@ class ParamsError(InputError, ValueError):
     def __init__(self, problems: list[str], source: str):
         self.problems = problems
         super().__init__(f"{source}: {len(problems)} problem(s):\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+class _Problems(list[str]):
+    """The problems a section's checks find, in the order they check; each method checks one kind of value.
+
+    A value that did not convert is None here (its problem is already reported) and is skipped, so that a file
+    with type and range problems reports all of them at once.
+    """
+
+    def positive(self, key: str, value: float | None, zero_ok: bool = False) -> None:
+        if isinstance(value, BatchSize):  # auto: a batch_size that is not a number
+            return
+        if value is not None and (value < 0 or (value == 0 and not zero_ok)):
+            self.append(f"{key}: must be {'>= 0' if zero_ok else '> 0'}, got {value}")
+
+    def within(self, key: str, value: float | None, low: float, high: float, closed: str = "[]") -> None:
+        """`closed` gives the interval's brackets: "[]", "[)", "(]" or "()"."""
+        if value is None:
+            return
+        above = value >= low if closed[0] == "[" else value > low
+        below = value <= high if closed[1] == "]" else value < high
+        if not (above and below):
+            self.append(f"{key}: {value} is not in {closed[0]}{low}, {high}{closed[1]}")
+
+    def seed(self, key: str, value: int | None) -> None:
+        self.positive(key, value, zero_ok=True)
+        if value is not None and value >= SEED_LIMIT:
+            self.append(f"{key}: must be < {SEED_LIMIT} (numpy's seed range), got {value}")
+
+    def steps(self, key: str, value: int | None) -> None:
+        if isinstance(value, int) and value > MAX_STEPS:
+            self.append(
+                f"{key}: must be <= {MAX_STEPS} (MAX_STEPS of posttrain.core.config: far more steps than any "
+                f"run of this pipeline takes), got {value}; give a step count up to {MAX_STEPS}"
+            )
+
+    def rows(
+        self, key: str, value: int | BatchSize | None, what: str = "a batch size", auto: bool = False
+    ) -> None:
+        """A batch size (or a count of micro-batches) no larger than MAX_BATCH; `auto`: it may be auto."""
+        if isinstance(value, int) and value > MAX_BATCH:
+            self.append(
+                f"{key}: must be <= {MAX_BATCH} (MAX_BATCH of posttrain.core.config: more rows than any "
+                f"batch of this pipeline holds), got {value}; give {what} up to {MAX_BATCH}"
+                + (" or auto" if auto else "")
+            )
+
+    def divides(self, key: str, value: int | None, divisor_key: str, divisor: int | None) -> None:
+        if value is not None and divisor is not None and value > 0 and divisor > 0 and value % divisor:
+            self.append(
+                f"{key}: {value} is not a multiple of {divisor_key} {divisor}; pick sizes that divide"
+            )
+
+    def batch(self, section: str, s: SftCommon | DpoParams) -> None:
+        """An integer batch_size with gradient_accumulation, or auto with effective_batch."""
+        self.positive(f"{section}.gradient_accumulation", s.gradient_accumulation)
+        self.positive(f"{section}.effective_batch", s.effective_batch)
+        self.rows(f"{section}.batch_size", s.batch_size, auto=True)
+        self.rows(f"{section}.gradient_accumulation", s.gradient_accumulation, "a gradient_accumulation")
+        self.rows(f"{section}.effective_batch", s.effective_batch)
+        if s.batch_size is BatchSize.AUTO:
+            if s.effective_batch is None:
+                self.append(
+                    f"{section}.effective_batch: null, but {section}.batch_size: auto needs it; set it to "
+                    f"the rows per optimizer step to keep (e.g. 16), or give {section}.batch_size an integer"
+                )
+            if s.gradient_accumulation is not None and s.gradient_accumulation != 1:
+                self.append(
+                    f"{section}.gradient_accumulation: {s.gradient_accumulation} with {section}.batch_size: "
+                    f"auto, which derives it (effective_batch / the micro-batch that fits); set it to 1 and "
+                    f"{section}.effective_batch to the rows per optimizer step"
+                )
+            return
+        self.positive(f"{section}.batch_size", s.batch_size)
+        if s.batch_size is not None and s.effective_batch is not None:
+            accumulation = s.gradient_accumulation if s.gradient_accumulation is not None else "?"
+            self.append(
+                f"{section}.effective_batch: {s.effective_batch} is only read with batch_size: auto; set "
+                f"{section}.batch_size: auto (and gradient_accumulation: 1), or remove effective_batch (with "
+                f"an integer batch_size the effective batch is batch_size × gradient_accumulation = "
+                f"{s.batch_size} × {accumulation})"
+            )
 
 
 class ModelKind(str, Enum):
@@ -79,6 +166,38 @@ class TinyParams:
     text_intermediate: int = 344
     vocab_size: int = 400  # byte-level BPE trained on the prepared text
 
+    def problems(self, key: str) -> list[str]:
+        found = _Problems()
+        for name in (
+            "image_size",
+            "patch_size",
+            "vision_hidden",
+            "vision_layers",
+            "vision_heads",
+            "text_hidden",
+            "text_layers",
+            "text_heads",
+            "text_intermediate",
+        ):
+            found.positive(f"{key}.{name}", getattr(self, name))
+        if self.vocab_size is not None and self.vocab_size < MIN_VOCAB:
+            found.append(
+                f"{key}.vocab_size: must be >= {MIN_VOCAB} (256 byte symbols and 5 special tokens), "
+                f"got {self.vocab_size}"
+            )
+        found.divides(f"{key}.image_size", self.image_size, f"{key}.patch_size", self.patch_size)
+        found.divides(f"{key}.vision_hidden", self.vision_hidden, f"{key}.vision_heads", self.vision_heads)
+        found.divides(f"{key}.text_hidden", self.text_hidden, f"{key}.text_heads", self.text_heads)
+        hidden, heads = self.text_hidden, self.text_heads
+        if hidden and heads and hidden > 0 and heads > 0:
+            head = hidden / heads
+            if head.is_integer() and head % 2:
+                found.append(
+                    f"{key}.text_hidden: head size {hidden}/{heads} = {int(head)} is odd; rotary position "
+                    "embeddings rotate pairs of dimensions, so pick an even head size"
+                )
+        return found
+
 
 @dataclass(frozen=True)
 class TrainParams:
@@ -88,6 +207,17 @@ class TrainParams:
     warmup_steps: int = 30
     weight_decay: float = 0.0
     save_steps: int = 400  # checkpoint every N steps so a killed run resumes; 0 disables
+
+    def problems(self, key: str) -> list[str]:
+        found = _Problems()
+        for name in ("max_steps", "batch_size", "learning_rate"):
+            found.positive(f"{key}.{name}", getattr(self, name))
+        for name in ("warmup_steps", "weight_decay", "save_steps"):
+            found.positive(f"{key}.{name}", getattr(self, name), zero_ok=True)
+        for name in ("max_steps", "warmup_steps", "save_steps"):
+            found.steps(f"{key}.{name}", getattr(self, name))
+        found.rows(f"{key}.batch_size", self.batch_size)
+        return found
 
 
 @dataclass(frozen=True)
@@ -99,6 +229,30 @@ class BaseParams:
     threads: int = 2  # CPU threads for torch; 0 = torch's default
     tiny: TinyParams = field(default_factory=TinyParams)
     train: TrainParams = field(default_factory=TrainParams)
+
+    def problems(self, key: str, source: DataSource | None) -> list[str]:
+        """`source`: prepare.source, the data the base trains on (the tiny model needs the pretrain pool)."""
+        found = _Problems()
+        found.seed(f"{key}.seed", self.seed)
+        found.positive(f"{key}.threads", self.threads, zero_ok=True)
+        found += self.train.problems(f"{key}.train")
+        found += self.tiny.problems(f"{key}.tiny")
+        hub = self.model is ModelKind.HUB
+        if hub and not self.hub_id:
+            found.append(
+                f"{key}.hub_id: empty; name the hub model (e.g. llava-hf/llava-1.5-7b-hf) or a folder"
+            )
+        if hub and self.hub_id and self.revision == "" and not Path(self.hub_id).is_dir():
+            found.append(
+                f"{key}.revision: empty; pin a commit of {self.hub_id} so the study is reproducible "
+                "(`python -m posttrain pin` fills it in; a local folder needs none)"
+            )
+        if self.model is ModelKind.TINY and source is not None and not source.has_pretrain_pool:
+            found.append(
+                f"{key}.model: 'tiny' trains from scratch on the synthetic pretrain pool, but "
+                f"prepare.source is {source.value!r}; use {key}.model: hub or prepare.source: synthetic"
+            )
+        return found
 
 
 @dataclass(frozen=True)
@@ -114,6 +268,26 @@ class SyntheticParams:
     captions: bool = False  # the pretrain pool also asks "Describe the chart." (dense captions)
     presence: bool = False  # the pretrain pool also asks "Is there a <colour> bar in the chart?"
 
+    def problems(self, key: str, tiny_image_size: int | None) -> list[str]:
+        """`tiny_image_size`: base.tiny.image_size where the tiny base trains on these images, else None."""
+        found = _Problems()
+        for name in ("image_size", "pretrain_images", "study_images", "questions_per_image"):
+            found.positive(f"{key}.{name}", getattr(self, name))
+        if None not in (self.image_size, tiny_image_size) and self.image_size != tiny_image_size:
+            found.append(
+                f"{key}.image_size: {self.image_size} differs from base.tiny.image_size "
+                f"{tiny_image_size}; make them equal"
+            )
+        for pool in ("pretrain", "study"):
+            n, n_test = getattr(self, f"{pool}_images"), getattr(self, f"{pool}_test_images")
+            if n_test is not None and not (0 < n_test and (n is None or n_test < n)):
+                found.append(
+                    f"{key}.{pool}_test_images: {n_test} must be > 0 and below {key}.{pool}_images ({n})"
+                )
+        for name in ("negative_fraction", "followup_fraction"):
+            found.within(f"{key}.{name}", getattr(self, name), 0, 1)
+        return found
+
 
 @dataclass(frozen=True)
 class LrvParams:
@@ -124,6 +298,14 @@ class LrvParams:
     local_parquet: str | None = None  # a parquet file or folder in the same schema; skips the hub
     test_images: int = 200
 
+    def problems(self, key: str, read: bool) -> list[str]:
+        """`read`: prepare.source is lrv_chart, so the dataset is read (and must be pinned)."""
+        found = _Problems()
+        found.positive(f"{key}.test_images", self.test_images)
+        if read and not self.local_parquet and self.revision == "":
+            found.append(f"{key}.revision: empty; pin a dataset commit, or set {key}.local_parquet")
+        return found
+
 
 @dataclass(frozen=True)
 class PrepareParams:
@@ -132,6 +314,16 @@ class PrepareParams:
     max_bad_fraction: float = 0.05
     synthetic: SyntheticParams = field(default_factory=SyntheticParams)
     lrv: LrvParams = field(default_factory=LrvParams)
+
+    def problems(self, key: str, tiny_image_size: int | None) -> list[str]:
+        """`tiny_image_size`: base.tiny.image_size where the base is the tiny model, else None."""
+        found = _Problems()
+        found.seed(f"{key}.seed", self.seed)
+        found.within(f"{key}.max_bad_fraction", self.max_bad_fraction, 0, 1)
+        synthetic = self.source is DataSource.SYNTHETIC
+        found += self.synthetic.problems(f"{key}.synthetic", tiny_image_size if synthetic else None)
+        found += self.lrv.problems(f"{key}.lrv", read=self.source is DataSource.LRV_CHART)
+        return found
 
 
 class Quantization(str, Enum):
@@ -198,11 +390,34 @@ class SftCommon:
     liger: bool = False  # Liger's fused RMSNorm/RoPE/SwiGLU kernels in the Llama language model (CUDA)
     replay_fraction: float = 0.0  # share of the SFT conversations drawn from the pretrain pool (forgetting)
 
+    def problems(self, key: str) -> list[str]:
+        found = _Problems()
+        for name in ("rank", "max_steps", "learning_rate"):
+            found.positive(f"{key}.{name}", getattr(self, name))
+        found.batch(key, self)
+        for name in ("warmup_steps", "weight_decay", "save_steps"):
+            found.positive(f"{key}.{name}", getattr(self, name), zero_ok=True)
+        for name in ("max_steps", "warmup_steps", "save_steps"):
+            found.steps(f"{key}.{name}", getattr(self, name))
+        found.within(f"{key}.replay_fraction", self.replay_fraction, 0, 0.9)
+        if self.target_modules is not None and not self.target_modules:
+            found.append(f"{key}.target_modules: empty; name the language-model layers to adapt, e.g. q_proj")
+        for i, module in enumerate(self.target_modules or ()):
+            if module == "":
+                found.append(f"{key}.target_modules[{i}]: empty; name a layer, e.g. q_proj")
+        return found
+
 
 @dataclass(frozen=True)
 class SftVariant:
     alpha: float = 16.0
     dropout: float = 0.05
+
+    def problems(self, key: str) -> list[str]:
+        found = _Problems()
+        found.positive(f"{key}.alpha", self.alpha)
+        found.within(f"{key}.dropout", self.dropout, 0, 1, "[)")
+        return found
 
 
 def _default_variants() -> dict[str, SftVariant]:
@@ -219,6 +434,29 @@ class SftParams:
     common: SftCommon = field(default_factory=SftCommon)
     variants: dict[str, SftVariant] = field(default_factory=_default_variants)
 
+    def problems(self, key: str, base_model: ModelKind | None) -> list[str]:
+        """`base_model`: base.model, the model the adapters train on (the tiny one: in full precision)."""
+        found = _Problems(self.common.problems(f"{key}.common"))
+        if self.variants is not None and not self.variants:
+            found.append(
+                f"{key}.variants: empty; define at least one variant "
+                "(e.g. sft1: {alpha: 16, dropout: 0.05})"
+            )
+        for name, variant in (self.variants or {}).items():
+            if not re.fullmatch(r"[a-z][a-z0-9_]*", name) or name in ROLES:
+                found.append(
+                    f"{key}.variants.{name}: variant names must match [a-z][a-z0-9_]* (no dots: PEFT adapter "
+                    f"names) and not be one of {sorted(ROLES)}"
+                )
+            found += variant.problems(f"{key}.variants.{name}")
+        quantization = self.common.quantization
+        if quantization is not None and quantization.needs_cuda and base_model is ModelKind.TINY:
+            found.append(
+                f"{key}.common.quantization: nf4 quantizes a hub model on CUDA; the tiny model trains in "
+                "full precision (use quantization: none)"
+            )
+        return found
+
 
 @dataclass(frozen=True)
 class AdaptersParams:
@@ -233,6 +471,12 @@ class EnsembleParams:
     method: EnsembleMethod = EnsembleMethod.CAT
     svd_rank: int = 0  # svd only; 0 = the sum of the members' ranks (exact)
     density: float = 0.5  # ties only: share of each delta kept
+
+    def problems(self, key: str) -> list[str]:
+        found = _Problems()
+        found.positive(f"{key}.svd_rank", self.svd_rank, zero_ok=True)
+        found.within(f"{key}.density", self.density, 0, 1, "(]")
+        return found
 
 
 class Judge(str, Enum):
@@ -286,6 +530,28 @@ class PreferencesParams:
         PairKeep.CORRECTNESS
     )  # decisive: every pair both orders agree on (needed by other judges)
 
+    def problems(self, key: str, critic_model: str | None) -> list[str]:
+        """`critic_model`: evaluate.critic.model, the critic that ``judge: critic`` asks."""
+        found = _Problems()
+        for name in ("temperature", "max_new_tokens", "batch_size", "min_pairs"):
+            found.positive(f"{key}.{name}", getattr(self, name))
+        found.positive(f"{key}.max_prompts", self.max_prompts, zero_ok=True)
+        found.rows(f"{key}.batch_size", self.batch_size, auto=True)
+        found.within(f"{key}.top_p", self.top_p, 0, 1, "(]")
+        found.seed(f"{key}.seed", self.seed)
+        if self.judge is not None and self.judge.needs_critic_model and critic_model == "":
+            found.append(
+                f"{key}.judge: 'critic' needs evaluate.critic.model (a transformers-format "
+                "LLaVA-Critic); set it or use judge: self / reference"
+            )
+        if self.keep is not None and self.keep.needs_reference_judge and self.judge is not Judge.REFERENCE:
+            found.append(
+                f"{key}.keep: 'correctness' keeps the pairs the ground truth orders by correctness, "
+                f"which is the reference judge's verdict; with {key}.judge: "
+                f"{self.judge.value if self.judge else None} use keep: decisive, or judge: reference"
+            )
+        return found
+
 
 @dataclass(frozen=True)
 class DpoParams:
@@ -304,6 +570,29 @@ class DpoParams:
     heldout_fraction: float = 0.2  # share of the pairs (by image) kept out of training to measure the rewards
     sft_weight: float = 0.0  # weight of the chosen answers' NLL added to the DPO loss (RPO); 0 is plain DPO
 
+    def problems(self, key: str) -> list[str]:
+        found = _Problems()
+        for name in ("beta", "learning_rate", "epochs", "rounds"):
+            found.positive(f"{key}.{name}", getattr(self, name))
+        found.batch(key, self)
+        for name in ("warmup_steps", "save_steps"):
+            found.positive(f"{key}.{name}", getattr(self, name), zero_ok=True)
+        for name in ("warmup_steps", "save_steps"):
+            found.steps(f"{key}.{name}", getattr(self, name))
+        found.within(f"{key}.heldout_fraction", self.heldout_fraction, 0, 0.5, "[)")
+        found.positive(f"{key}.sft_weight", self.sft_weight, zero_ok=True)
+        if self.label_smoothing is not None and not 0 <= self.label_smoothing < 0.5:
+            found.append(f"{key}.label_smoothing: {self.label_smoothing} is not in [0, 0.5)")
+        elif (
+            self.loss_type is not None and self.loss_type.needs_label_smoothing and self.label_smoothing == 0
+        ):
+            found.append(
+                f"{key}.loss_type: 'robust' with {key}.label_smoothing 0 is plain DPO; set "
+                f"{key}.label_smoothing to the share of verdicts you expect to be wrong (e.g. 0.1), or use "
+                "loss_type: sigmoid"
+            )
+        return found
+
 
 @dataclass(frozen=True)
 class CriticParams:
@@ -312,6 +601,18 @@ class CriticParams:
     revision: str = ""
     batch_size: int = 8
     max_new_tokens: int = 256
+
+    def problems(self, key: str) -> list[str]:
+        found = _Problems()
+        for name in ("batch_size", "max_new_tokens"):
+            found.positive(f"{key}.{name}", getattr(self, name))
+        found.rows(f"{key}.batch_size", self.batch_size)
+        if self.kind is not None and self.kind.needs_model and self.model == "":
+            found.append(
+                f"{key}.model: empty; give a transformers-format LLaVA-Critic folder or hub id "
+                f"(or use {key}.kind: reference)"
+            )
+        return found
 
 
 @dataclass(frozen=True)
@@ -322,6 +623,15 @@ class EvaluateParams:
     seed: int = 0
     critic: CriticParams = field(default_factory=CriticParams)
 
+    def problems(self, key: str) -> list[str]:
+        found = _Problems()
+        for name in ("batch_size", "max_new_tokens", "resamples"):
+            found.positive(f"{key}.{name}", getattr(self, name))
+        found.seed(f"{key}.seed", self.seed)
+        found.rows(f"{key}.batch_size", self.batch_size, auto=True)
+        found += self.critic.problems(f"{key}.critic")
+        return found
+
 
 @dataclass(frozen=True)
 class ReportParams:
@@ -330,10 +640,28 @@ class ReportParams:
     resamples: int = 1000
     seed: int = 0
 
+    def problems(self, key: str, evaluated: list[str] | None) -> list[str]:
+        """`evaluated`: the models the pipeline evaluates (dvc.yaml's evaluate stages), None if unknown."""
+        found = _Problems()
+        if evaluated and self.baseline is not None and self.baseline not in evaluated:
+            found.append(
+                f"{key}.baseline: {shown(self.baseline)} is not a model the pipeline evaluates "
+                f"({', '.join(evaluated)}); pick one of them"
+            )
+        found.positive(f"{key}.examples", self.examples, zero_ok=True)
+        found.positive(f"{key}.resamples", self.resamples)
+        found.seed(f"{key}.seed", self.seed)
+        return found
+
 
 @dataclass(frozen=True)
 class LaunchParams:
     processes: int = 1  # processes per stage (one per GPU); read by `posttrain.launch` when a stage runs
+
+    def problems(self, key: str) -> list[str]:
+        found = _Problems()
+        found.positive(f"{key}.processes", self.processes)
+        return found
 
 
 @dataclass(frozen=True)
@@ -349,414 +677,30 @@ class Params:
     report: ReportParams = field(default_factory=ReportParams)
     launch: LaunchParams = field(default_factory=LaunchParams)
 
+    def problems(self) -> list[str]:
+        """Every section's range checks and impossible combinations, section by section (adapters has none).
 
-_BAD = object()  # _convert's result for a value that does not fit its type (the problem is already recorded)
-_SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
-SEED_LIMIT = 2**32  # numpy's seeds (through transformers' set_seed) are below 2**32
-MIN_VOCAB = 256 + 5  # the byte-level BPE's 256 byte symbols and posttrain.models.loading.SPECIAL_TOKENS
-# Bounds on counts that no run here comes near (the study: 1,800 base steps, micro-batches of 32 and 128):
-# a value beyond them is a typo (1e23 steps, a batch of 1e11 rows), refused before it starts a run
-MAX_STEPS = 1_000_000  # every max_steps, warmup_steps and save_steps
-MAX_BATCH = 65_536  # every batch_size, effective_batch and gradient_accumulation, in rows (or prompts)
-MAX_YAML_VALUES = 10_000  # values of a params file with its aliases expanded (params.yaml has a few hundred)
-MAX_SHOWN = 80  # characters of a value quoted in a problem
-
-
-def _cut(text: str) -> str:
-    """`text` cut to MAX_SHOWN characters, for a problem that quotes it (a pasted text, a long list)."""
-    return text if len(text) <= MAX_SHOWN else f"{text[:MAX_SHOWN]}… ({len(text)} characters)"
-
-
-def _shown(value: Any) -> str:
-    """`value`'s repr as a problem quotes it (`_cut`)."""
-    return _cut(repr(value))
-
-
-def _number_hint(value: Any, integer: bool) -> str:
-    """How to write `value` (what YAML read for a number key) so that YAML reads a number."""
-    if isinstance(value, float) and integer and math.isfinite(value) and value.is_integer():
-        return f" (write {int(value)})"
-    if not isinstance(value, str):
-        return ""
-    text = value.strip()
-    if _SCIENTIFIC.fullmatch(text):  # YAML 1.1 reads 2e-3 (no dot) as a string, 2.0e-3 as a number
-        number = decimal.Decimal(text)
-        plain = format(number, "f")
-        if integer:
-            whole = number == number.to_integral_value()
-            return f" (write {plain})" if whole and len(plain) <= MAX_SHOWN else ""
-        mantissa, exponent = re.split("[eE]", text)
-        dotted = mantissa if "." in mantissa else f"{mantissa}.0"
-        plain = f"{plain} or " if len(plain) <= MAX_SHOWN else ""
-        return f" (YAML 1.1 reads {_cut(text)} as a string: write {plain}{dotted}e{exponent})"
-    try:
-        float(text)
-    except ValueError:
-        return ""
-    return " (remove the quotes)"
-
-
-def _convert(value: Any, tp: Any, key: str, problems: list[str], words: tuple[str, ...] = ()) -> Any:
-    """Convert a YAML value to `tp`; when it does not fit, append a problem and return `_BAD`.
-
-    A container's own problems make it `_BAD`; a problem inside it leaves it whole, with the bad item `_BAD`
-    (a list item) or unknown (a dataclass field, see `_build`). A union is its first type, None where it
-    allows None, and the values of the enums after the first type (``int | BatchSize``: an integer or
-    ``auto``); `words` are those values, named in the problem when the first type does not fit either.
-    """
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None and len(args) < len(typing.get_args(tp)):
-            return None
-        enums = [a for a in args[1:] if isinstance(a, type) and issubclass(a, Enum)]
-        for enum in enums:
-            if value in [m.value for m in enum]:
-                return enum(value)
-        return _convert(value, args[0], key, problems, tuple(m.value for e in enums for m in e))
-    if origin is dict:
-        value_type = typing.get_args(tp)[1]
-        if not isinstance(value, dict):
-            problems.append(f"{key}: expected a mapping, got {_shown(value)}")
-            return _BAD
-        out = {str(k): _convert(v, value_type, f"{key}.{_cut(str(k))}", problems) for k, v in value.items()}
-        return {k: _unknown(value_type) if v is _BAD else v for k, v in out.items()}
-    if origin is tuple:
-        item_type = typing.get_args(tp)[0]
-        if not isinstance(value, list):
-            hint = f" (write [{_cut(value)}])" if isinstance(value, str) else ""
-            problems.append(f"{key}: expected a list, got {_shown(value)}{hint}")
-            return _BAD
-        items = (_convert(v, item_type, f"{key}[{i}]", problems) for i, v in enumerate(value))
-        return tuple(None if v is _BAD else v for v in items)
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            problems.append(f"{key}: expected a mapping, got {_shown(value)}")
-            return _BAD
-        return _build(tp, value, key, problems)
-    if isinstance(tp, type) and issubclass(tp, Enum):
-        choices = [m.value for m in tp]
-        if value not in choices:
-            problems.append(f"{key}: {_shown(value)} is not one of {choices}")
-            return _BAD
-        return tp(value)
-    if tp is bool:
-        if not isinstance(value, bool):
-            hint = " (remove the quotes)" if str(value).lower() in ("true", "false") else ""
-            problems.append(f"{key}: expected true/false, got {_shown(value)}{hint}")
-            return _BAD
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            what = "".join(f" or {w!r}" for w in words)
-            problems.append(
-                f"{key}: expected an integer{what}, got {_shown(value)}{_number_hint(value, integer=True)}"
-            )
-            return _BAD
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            problems.append(
-                f"{key}: expected a number, got {_shown(value)}{_number_hint(value, integer=False)}"
-            )
-            return _BAD
-        if not math.isfinite(value):  # YAML reads .inf and .nan as floats; they train into NaN weights
-            problems.append(f"{key}: must be a finite number, got {value!r}; write a finite value")
-            return _BAD
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            if value is None:
-                hint = " (write '' for none)"
-            elif isinstance(value, (int, float, bool, datetime.date)):
-                hint = " (quote it)"
-            else:
-                hint = ""
-            problems.append(f"{key}: expected a string, got {_shown(value)}{hint}")
-            return _BAD
-        return value
-    raise TypeError(f"unsupported params type {tp} at {key}")
-
-
-def _unknown(tp: Any) -> Any:
-    """The stand-in for a value that did not convert: None, or a dataclass of unknowns (so checks skip it)."""
-    if not dataclasses.is_dataclass(tp):
-        return None
-    hints = typing.get_type_hints(tp)
-    return tp(**{f.name: _unknown(hints[f.name]) for f in dataclasses.fields(tp)})
-
-
-def _build(cls: type, data: dict, prefix: str, problems: list[str]) -> Any:
-    """`cls` from `data`: missing keys take their defaults, values that do not convert are unknown (None)."""
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    for unknown in sorted(set(data) - set(names)):
-        problems.append(
-            f"{prefix}.{_cut(str(unknown))}: unknown key (known: {', '.join(names)}); remove or rename it"
-        )
-    kwargs = {}
-    for name in names:
-        if name in data:
-            value = _convert(data[name], hints[name], f"{prefix}.{name}", problems)
-            kwargs[name] = _unknown(hints[name]) if value is _BAD else value
-    return cls(**kwargs)
-
-
-def _check(p: Params, problems: list[str]) -> None:
-    """Range checks of every number, and impossible combinations across sections.
-
-    A value that did not convert is None here (its problem is already reported) and is skipped, so that a file
-    with type and range problems reports all of them at once.
-    """
-
-    def positive(key: str, value: float | None, zero_ok: bool = False) -> None:
-        if isinstance(value, BatchSize):  # auto: a batch_size that is not a number
-            return
-        if value is not None and (value < 0 or (value == 0 and not zero_ok)):
-            problems.append(f"{key}: must be {'>= 0' if zero_ok else '> 0'}, got {value}")
-
-    def within(key: str, value: float | None, low: float, high: float, closed: str = "[]") -> None:
-        """`closed` gives the interval's brackets: "[]", "[)", "(]" or "()"."""
-        if value is None:
-            return
-        above = value >= low if closed[0] == "[" else value > low
-        below = value <= high if closed[1] == "]" else value < high
-        if not (above and below):
-            problems.append(f"{key}: {value} is not in {closed[0]}{low}, {high}{closed[1]}")
-
-    def seed(key: str, value: int | None) -> None:
-        positive(key, value, zero_ok=True)
-        if value is not None and value >= SEED_LIMIT:
-            problems.append(f"{key}: must be < {SEED_LIMIT} (numpy's seed range), got {value}")
-
-    def steps(key: str, value: int | None) -> None:
-        if isinstance(value, int) and value > MAX_STEPS:
-            problems.append(
-                f"{key}: must be <= {MAX_STEPS} (MAX_STEPS of posttrain.core.config: far more steps than any "
-                f"run of this pipeline takes), got {value}; give a step count up to {MAX_STEPS}"
-            )
-
-    def rows(key: str, value: int | BatchSize | None, what: str = "a batch size", auto: bool = False) -> None:
-        """A batch size (or a count of micro-batches) no larger than MAX_BATCH; `auto`: it may be auto."""
-        if isinstance(value, int) and value > MAX_BATCH:
-            problems.append(
-                f"{key}: must be <= {MAX_BATCH} (MAX_BATCH of posttrain.core.config: more rows than any "
-                f"batch of this pipeline holds), got {value}; give {what} up to {MAX_BATCH}"
-                + (" or auto" if auto else "")
-            )
-
-    def divides(key: str, value: int | None, divisor_key: str, divisor: int | None) -> None:
-        if value is not None and divisor is not None and value > 0 and divisor > 0 and value % divisor:
-            problems.append(
-                f"{key}: {value} is not a multiple of {divisor_key} {divisor}; pick sizes that divide"
-            )
-
-    def batch(section: str, s: SftCommon | DpoParams) -> None:
-        """An integer batch_size with gradient_accumulation, or auto with effective_batch."""
-        positive(f"{section}.gradient_accumulation", s.gradient_accumulation)
-        positive(f"{section}.effective_batch", s.effective_batch)
-        rows(f"{section}.batch_size", s.batch_size, auto=True)
-        rows(f"{section}.gradient_accumulation", s.gradient_accumulation, "a gradient_accumulation")
-        rows(f"{section}.effective_batch", s.effective_batch)
-        if s.batch_size is BatchSize.AUTO:
-            if s.effective_batch is None:
-                problems.append(
-                    f"{section}.effective_batch: null, but {section}.batch_size: auto needs it; set it to "
-                    f"the rows per optimizer step to keep (e.g. 16), or give {section}.batch_size an integer"
-                )
-            if s.gradient_accumulation is not None and s.gradient_accumulation != 1:
-                problems.append(
-                    f"{section}.gradient_accumulation: {s.gradient_accumulation} with {section}.batch_size: "
-                    f"auto, which derives it (effective_batch / the micro-batch that fits); set it to 1 and "
-                    f"{section}.effective_batch to the rows per optimizer step"
-                )
-            return
-        positive(f"{section}.batch_size", s.batch_size)
-        if s.batch_size is not None and s.effective_batch is not None:
-            accumulation = s.gradient_accumulation if s.gradient_accumulation is not None else "?"
-            problems.append(
-                f"{section}.effective_batch: {s.effective_batch} is only read with batch_size: auto; set "
-                f"{section}.batch_size: auto (and gradient_accumulation: 1), or remove effective_batch (with "
-                f"an integer batch_size the effective batch is batch_size × gradient_accumulation = "
-                f"{s.batch_size} × {accumulation})"
-            )
-
-    b, pr, ev = p.base, p.prepare, p.evaluate
-    seed("base.seed", b.seed)
-    positive("base.threads", b.threads, zero_ok=True)
-    tr = b.train
-    for name in ("max_steps", "batch_size", "learning_rate"):
-        positive(f"base.train.{name}", getattr(tr, name))
-    for name in ("warmup_steps", "weight_decay", "save_steps"):
-        positive(f"base.train.{name}", getattr(tr, name), zero_ok=True)
-    for name in ("max_steps", "warmup_steps", "save_steps"):
-        steps(f"base.train.{name}", getattr(tr, name))
-    rows("base.train.batch_size", tr.batch_size)
-    t = b.tiny
-    for name in (
-        "image_size",
-        "patch_size",
-        "vision_hidden",
-        "vision_layers",
-        "vision_heads",
-        "text_hidden",
-        "text_layers",
-        "text_heads",
-        "text_intermediate",
-    ):
-        positive(f"base.tiny.{name}", getattr(t, name))
-    if t.vocab_size is not None and t.vocab_size < MIN_VOCAB:
-        problems.append(
-            f"base.tiny.vocab_size: must be >= {MIN_VOCAB} (256 byte symbols and 5 special tokens), "
-            f"got {t.vocab_size}"
-        )
-    divides("base.tiny.image_size", t.image_size, "base.tiny.patch_size", t.patch_size)
-    divides("base.tiny.vision_hidden", t.vision_hidden, "base.tiny.vision_heads", t.vision_heads)
-    divides("base.tiny.text_hidden", t.text_hidden, "base.tiny.text_heads", t.text_heads)
-    if t.text_hidden and t.text_heads and t.text_hidden > 0 and t.text_heads > 0:
-        head = t.text_hidden / t.text_heads
-        if head.is_integer() and head % 2:
-            problems.append(
-                f"base.tiny.text_hidden: head size {t.text_hidden}/{t.text_heads} = {int(head)} is odd; "
-                "rotary position embeddings rotate pairs of dimensions, so pick an even head size"
-            )
-    if b.model is ModelKind.HUB and not b.hub_id:
-        problems.append("base.hub_id: empty; name the hub model (e.g. llava-hf/llava-1.5-7b-hf) or a folder")
-    if b.model is ModelKind.HUB and b.hub_id and b.revision == "" and not Path(b.hub_id).is_dir():
-        problems.append(
-            f"base.revision: empty; pin a commit of {b.hub_id} so the study is reproducible "
-            "(`python -m posttrain pin` fills it in; a local folder needs none)"
-        )
-    if b.model is ModelKind.TINY and pr.source is not None and not pr.source.has_pretrain_pool:
-        problems.append(
-            f"base.model: 'tiny' trains from scratch on the synthetic pretrain pool, but "
-            f"prepare.source is {pr.source.value!r}; use base.model: hub or prepare.source: synthetic"
-        )
-
-    seed("prepare.seed", pr.seed)
-    within("prepare.max_bad_fraction", pr.max_bad_fraction, 0, 1)
-    s = pr.synthetic
-    for name in ("image_size", "pretrain_images", "study_images", "questions_per_image"):
-        positive(f"prepare.synthetic.{name}", getattr(s, name))
-    if (
-        b.model is ModelKind.TINY
-        and pr.source is DataSource.SYNTHETIC
-        and None not in (s.image_size, t.image_size)
-        and s.image_size != t.image_size
-    ):
-        problems.append(
-            f"prepare.synthetic.image_size: {s.image_size} differs from base.tiny.image_size "
-            f"{t.image_size}; make them equal"
-        )
-    for pool in ("pretrain", "study"):
-        n, n_test = getattr(s, f"{pool}_images"), getattr(s, f"{pool}_test_images")
-        if n_test is not None and not (0 < n_test and (n is None or n_test < n)):
-            problems.append(
-                f"prepare.synthetic.{pool}_test_images: {n_test} must be > 0 and below "
-                f"prepare.synthetic.{pool}_images ({n})"
-            )
-    for name in ("negative_fraction", "followup_fraction"):
-        within(f"prepare.synthetic.{name}", getattr(s, name), 0, 1)
-    positive("prepare.lrv.test_images", pr.lrv.test_images)
-    if pr.source is DataSource.LRV_CHART and not pr.lrv.local_parquet and pr.lrv.revision == "":
-        problems.append("prepare.lrv.revision: empty; pin a dataset commit, or set prepare.lrv.local_parquet")
-
-    sc = p.sft.common
-    for name in ("rank", "max_steps", "learning_rate"):
-        positive(f"sft.common.{name}", getattr(sc, name))
-    batch("sft.common", sc)
-    for name in ("warmup_steps", "weight_decay", "save_steps"):
-        positive(f"sft.common.{name}", getattr(sc, name), zero_ok=True)
-    for name in ("max_steps", "warmup_steps", "save_steps"):
-        steps(f"sft.common.{name}", getattr(sc, name))
-    within("sft.common.replay_fraction", sc.replay_fraction, 0, 0.9)
-    if sc.target_modules is not None and not sc.target_modules:
-        problems.append(
-            "sft.common.target_modules: empty; name the language-model layers to adapt, e.g. q_proj"
-        )
-    for i, module in enumerate(sc.target_modules or ()):
-        if module == "":
-            problems.append(f"sft.common.target_modules[{i}]: empty; name a layer, e.g. q_proj")
-    if p.sft.variants is not None and not p.sft.variants:
-        problems.append(
-            "sft.variants: empty; define at least one variant (e.g. sft1: {alpha: 16, dropout: 0.05})"
-        )
-    for name, v in (p.sft.variants or {}).items():
-        if not re.fullmatch(r"[a-z][a-z0-9_]*", name) or name in ROLES:
-            problems.append(
-                f"sft.variants.{name}: variant names must match [a-z][a-z0-9_]* (no dots: PEFT adapter "
-                f"names) and not be one of {sorted(ROLES)}"
-            )
-        positive(f"sft.variants.{name}.alpha", v.alpha)
-        within(f"sft.variants.{name}.dropout", v.dropout, 0, 1, "[)")
-    if sc.quantization is not None and sc.quantization.needs_cuda and b.model is ModelKind.TINY:
-        problems.append(
-            "sft.common.quantization: nf4 quantizes a hub model on CUDA; the tiny model trains in full "
-            "precision (use quantization: none)"
-        )
-
-    en = p.ensemble
-    positive("ensemble.svd_rank", en.svd_rank, zero_ok=True)
-    within("ensemble.density", en.density, 0, 1, "(]")
-
-    pf, dp = p.preferences, p.dpo
-    for name in ("temperature", "max_new_tokens", "batch_size", "min_pairs"):
-        positive(f"preferences.{name}", getattr(pf, name))
-    positive("preferences.max_prompts", pf.max_prompts, zero_ok=True)
-    rows("preferences.batch_size", pf.batch_size, auto=True)
-    within("preferences.top_p", pf.top_p, 0, 1, "(]")
-    seed("preferences.seed", pf.seed)
-    if pf.judge is not None and pf.judge.needs_critic_model and ev.critic.model == "":
-        problems.append(
-            "preferences.judge: 'critic' needs evaluate.critic.model (a transformers-format "
-            "LLaVA-Critic); set it or use judge: self / reference"
-        )
-    if pf.keep is not None and pf.keep.needs_reference_judge and pf.judge is not Judge.REFERENCE:
-        problems.append(
-            "preferences.keep: 'correctness' keeps the pairs the ground truth orders by correctness, "
-            "which is the reference judge's verdict; with preferences.judge: "
-            f"{pf.judge.value if pf.judge else None} use keep: decisive, or judge: reference"
-        )
-    for name in ("beta", "learning_rate", "epochs", "rounds"):
-        positive(f"dpo.{name}", getattr(dp, name))
-    batch("dpo", dp)
-    positive("dpo.warmup_steps", dp.warmup_steps, zero_ok=True)
-    positive("dpo.save_steps", dp.save_steps, zero_ok=True)
-    steps("dpo.warmup_steps", dp.warmup_steps)
-    steps("dpo.save_steps", dp.save_steps)
-    within("dpo.heldout_fraction", dp.heldout_fraction, 0, 0.5, "[)")
-    positive("dpo.sft_weight", dp.sft_weight, zero_ok=True)
-    if dp.label_smoothing is not None and not 0 <= dp.label_smoothing < 0.5:
-        problems.append(f"dpo.label_smoothing: {dp.label_smoothing} is not in [0, 0.5)")
-    elif dp.loss_type is not None and dp.loss_type.needs_label_smoothing and dp.label_smoothing == 0:
-        problems.append(
-            "dpo.loss_type: 'robust' with dpo.label_smoothing 0 is plain DPO; set dpo.label_smoothing to the "
-            "share of verdicts you expect to be wrong (e.g. 0.1), or use loss_type: sigmoid"
-        )
-
-    for name in ("batch_size", "max_new_tokens", "resamples"):
-        positive(f"evaluate.{name}", getattr(ev, name))
-    seed("evaluate.seed", ev.seed)
-    rows("evaluate.batch_size", ev.batch_size, auto=True)
-    for name in ("batch_size", "max_new_tokens"):
-        positive(f"evaluate.critic.{name}", getattr(ev.critic, name))
-    rows("evaluate.critic.batch_size", ev.critic.batch_size)
-    if ev.critic.kind is not None and ev.critic.kind.needs_model and ev.critic.model == "":
-        problems.append(
-            "evaluate.critic.model: empty; give a transformers-format LLaVA-Critic folder or hub id "
-            "(or use evaluate.critic.kind: reference)"
-        )
-    positive("launch.processes", p.launch.processes)
-    # the report compares the models the pipeline evaluates (dvc.yaml's evaluate stages)
-    evaluated = pipeline_models(p) if p.sft.variants is not None else None
-    if evaluated and p.report.baseline is not None and p.report.baseline not in evaluated:
-        problems.append(
-            f"report.baseline: {_shown(p.report.baseline)} is not a model the pipeline evaluates "
-            f"({', '.join(evaluated)}); pick one of them"
-        )
-    positive("report.examples", p.report.examples, zero_ok=True)
-    positive("report.resamples", p.report.resamples)
-    seed("report.seed", p.report.seed)
+        Five checks hold one section's value against another's: base.model against prepare.source,
+        prepare.synthetic.image_size against base.tiny.image_size, sft.common.quantization against base.model,
+        preferences.judge against evaluate.critic.model, report.baseline against the models of sft.variants.
+        Each is reported in the section it names, at its place among that section's checks (two sit between
+        others), so that section takes the other's value as an argument, from here: the one place where the
+        sections meet.
+        """
+        base = self.base
+        tiny_image_size = base.tiny.image_size if base.model is ModelKind.TINY else None
+        evaluated = pipeline_models(self) if self.sft.variants is not None else None
+        return [
+            *base.problems("base", source=self.prepare.source),
+            *self.prepare.problems("prepare", tiny_image_size=tiny_image_size),
+            *self.sft.problems("sft", base_model=base.model),
+            *self.ensemble.problems("ensemble"),
+            *self.preferences.problems("preferences", critic_model=self.evaluate.critic.model),
+            *self.dpo.problems("dpo"),
+            *self.evaluate.problems("evaluate"),
+            *self.launch.problems("launch"),
+            *self.report.problems("report", evaluated=evaluated),
+        ]
 
 
 def parse_params(data: dict, source: str = "params") -> Params:
@@ -764,9 +708,8 @@ def parse_params(data: dict, source: str = "params") -> Params:
     problems: list[str] = []
     if not isinstance(data, dict):
         raise ParamsError([f"top level: expected a mapping of sections, got {type(data).__name__}"], source)
-    params = _build(Params, data, "params", problems)
-    problems = [p.removeprefix("params.") for p in problems]
-    _check(params, problems)
+    params = build(Params, data, "params", problems)
+    problems = [p.removeprefix("params.") for p in problems] + params.problems()
     if problems:
         raise ParamsError(problems, source)
     return params
@@ -787,7 +730,7 @@ def _alias_problems(text: str) -> list[str]:
         if isinstance(event, yaml.AliasEvent):
             if any(anchor == event.anchor for anchor, _ in open_anchors):
                 return [
-                    f"line {event.start_mark.line + 1}: the alias *{_cut(event.anchor)} refers to the "
+                    f"line {event.start_mark.line + 1}: the alias *{cut(event.anchor)} refers to the "
                     "collection that holds it (an endless value); write the values out"
                 ]
             total += sizes.get(event.anchor, 0)  # an undefined alias is the composer's error
