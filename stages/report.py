@@ -28,27 +28,27 @@ def main() -> None:
     args = ap.parse_args()
 
     params = load_params(args.params)
-    from posttrain.report.report import build_report  # only now that the params are valid: matplotlib is slow
+    # only now that the params are valid: matplotlib is slow
+    from posttrain.report.report import ReportInputs, build_report
 
     models = pipeline_models(params)
-    r = params.report
     prefs = Path(args.metrics) / "preferences.json"
     dpo_prov = model_dir("sfte_dpo", args.models_dir) / "provenance.json"
-    build_report(
+    inputs = ReportInputs(
         models,
-        Path(args.metrics),
-        Path(args.items),
-        Path(args.data),
-        r.baseline,
-        r.examples,
-        r.resamples,
-        r.seed,
+        metrics_dir=Path(args.metrics),
+        items_dir=Path(args.items),
+        data_dir=Path(args.data),
+        live_dir=Path(args.live) if args.live else None,
+    )
+    build_report(
+        inputs,
+        params.report,
         critic_is_model=params.evaluate.critic.kind.needs_model,
         ensemble_method=params.ensemble.method.value,
         preferences=json.loads(prefs.read_text()) if prefs.exists() else None,
         dpo_rounds=json.loads(dpo_prov.read_text()).get("rounds") if dpo_prov.exists() else None,
         judge=params.preferences.judge.value,
-        live_dir=Path(args.live) if args.live else None,
     )
     print(f"wrote {args.metrics}/report.md, report.png, examples.html for {', '.join(models)}")
 

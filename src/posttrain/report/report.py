@@ -6,6 +6,7 @@ import base64
 import html
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
@@ -14,6 +15,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from posttrain.core import layout  # noqa: E402
+from posttrain.core.config import ReportParams  # noqa: E402
 from posttrain.core.io import read_json, read_jsonl, write_text_atomic  # noqa: E402
 from posttrain.evaluate.metrics import CORE_METRICS  # noqa: E402
 from posttrain.report.compare import answer_spread, compare, format_markdown, format_p  # noqa: E402
@@ -367,69 +369,96 @@ def unparsable_section(items: dict[str, list[dict]], n_examples: int = 2) -> lis
     return [*lines, ""]
 
 
-def build_report(
-    models: list[str],
-    metrics_dir: Path,
-    items_dir: Path,
-    data_dir: Path,
-    baseline: str,
-    n_examples: int,
-    resamples: int,
-    seed: int,
-    critic_is_model: bool = False,
-    ensemble_method: str | None = None,
-    preferences: dict | None = None,
-    dpo_rounds: list[dict] | None = None,
-    judge: str | None = None,
-    live_dir: Path | None = None,
-) -> str:
-    """Write ``report.md``, ``report.png``, ``curves.png`` and ``examples.html`` into `metrics_dir`.
+@dataclass(frozen=True)
+class ReportInputs:
+    """Where the report reads every model's evaluation, and where it writes.
 
-    Args:
-        models: model names in table order (each has item files and details).
+    Attributes:
+        models: model names in table order (each has item files and metrics).
         metrics_dir: where the report goes.
         items_dir: per-item rows, ``<split>/<name>.jsonl``, and every metric with its CI,
             ``metrics/<name>.json`` (`posttrain.evaluate.evaluation.evaluate_model`).
         data_dir: the prepared folder (images, report.json).
-        baseline: the model every paired delta is taken against.
-        n_examples: rows on the examples page.
-        resamples: bootstrap resamples for the paired deltas.
-        seed: bootstrap seed.
-        critic_is_model: True when the critic scores came from LLaVA-Critic (adds the contamination caveat).
-        ensemble_method: how SFTe was built (``ensemble.method``); an inexact one is labelled as such.
-        preferences: the `preferences` stage's statistics, if it ran.
-        dpo_rounds: the `dpo` stage's rounds (from its provenance); with more than one, a table per round.
-        judge: the preference judge (``preferences.judge``), named beside its statistics.
         live_dir: the DVCLive root (``dvclive/``; each run's folder is `posttrain.core.layout.live_dir`) whose
             training curves go into ``curves.png``; None: none.
+    """
+
+    models: list[str]
+    metrics_dir: Path
+    items_dir: Path
+    data_dir: Path
+    live_dir: Path | None = None
+
+
+def read_evaluations(inputs: ReportInputs) -> tuple[dict[str, dict], dict[str, list[dict]], dict[str, dict]]:
+    """Every model's metrics, its study-split rows, and its answer spread per family over both test splits.
 
     Returns:
-        The markdown of ``report.md``.
+        (metrics, study rows, spread), each keyed by model name in table order.
     """
-    if baseline not in models:
-        raise ValueError(f"report.baseline {baseline!r} is not among the evaluated models {models}")
+    models = inputs.models
     metrics = {
-        m: read_json(items_dir / "metrics" / f"{m}.json", produced_by=layout.evaluating_stage(m))
+        m: read_json(inputs.items_dir / "metrics" / f"{m}.json", produced_by=layout.evaluating_stage(m))
         for m in models
     }
-    study = {m: read_jsonl(items_dir / "study_test" / f"{m}.jsonl") for m in models}
-    retention = {m: read_jsonl(items_dir / "pretrain_test" / f"{m}.jsonl") for m in models}
+    study = {m: read_jsonl(inputs.items_dir / "study_test" / f"{m}.jsonl") for m in models}
+    retention = {m: read_jsonl(inputs.items_dir / "pretrain_test" / f"{m}.jsonl") for m in models}
     spread = {m: answer_spread(study[m] + retention[m]) for m in models}
-    paired = compare(study, baseline, n_resamples=resamples, seed=seed)
-    second = "sfte" if "sfte" in models and baseline != "sfte" and len(models) > 2 else None
-    paired_sfte = compare(study, second, n_resamples=resamples, seed=seed) if second else None
-    data_report = read_json(data_dir / "report.json", produced_by="prepare")
+    return metrics, study, spread
+
+
+def paired_comparisons(
+    study: dict[str, list[dict]], models: list[str], params: ReportParams
+) -> tuple[dict, dict | None]:
+    """The paired bootstrap of every model against the baseline, and against sfte where that says more.
+
+    The second comparison (does DPO or a single variant beat the ensemble?) is made when sfte is evaluated,
+    is not the baseline, and there are more than two models.
+
+    Returns:
+        (against the baseline, against sfte or None), each as `posttrain.report.compare.compare` gives it.
+    """
+    paired = compare(study, params.baseline, n_resamples=params.resamples, seed=params.seed)
+    second = "sfte" if "sfte" in models and params.baseline != "sfte" and len(models) > 2 else None
+    paired_sfte = compare(study, second, n_resamples=params.resamples, seed=params.seed) if second else None
+    return paired, paired_sfte
+
+
+def family_sizes(data_report: dict) -> tuple[dict[str, int], dict[str, str]]:
+    """Test items per question family over both test splits, and each family's pool (study or retention).
+
+    Args:
+        data_report: the `prepare` stage's ``report.json``.
+    """
     family_counts: dict[str, int] = {}
     family_pools: dict[str, str] = {}
     for split, pool in (("study_test", "study"), ("pretrain_test", "retention")):
         for family, n in data_report["splits"].get(split, {}).get("families", {}).items():
             family_counts[family] = family_counts.get(family, 0) + n
             family_pools[family] = pool
-    plot_metrics(metrics, metrics_dir / "report.png")
-    variants = [m for m in models if layout.is_variant(m)]
-    curves = live_dir is not None and plot_curves(live_dir, variants, metrics_dir / "curves.png")
-    write_text_atomic(metrics_dir / "examples.html", examples_page(study, data_dir, n_examples))
+    return family_counts, family_pools
 
+
+def write_figures(
+    inputs: ReportInputs, metrics: dict[str, dict], study: dict[str, list[dict]], n_examples: int
+) -> bool:
+    """Write ``report.png``, ``curves.png`` (where there are curves) and ``examples.html`` (`n_examples`
+    rows) into ``inputs.metrics_dir``.
+
+    Returns:
+        Whether ``curves.png`` was written.
+    """
+    plot_metrics(metrics, inputs.metrics_dir / "report.png")
+    variants = [m for m in inputs.models if layout.is_variant(m)]
+    curves = inputs.live_dir is not None and plot_curves(
+        inputs.live_dir, variants, inputs.metrics_dir / "curves.png"
+    )
+    write_text_atomic(inputs.metrics_dir / "examples.html", examples_page(study, inputs.data_dir, n_examples))
+    return curves
+
+
+def introduction(data_report: dict, critic_is_model: bool) -> list[str]:
+    """Markdown: the title, then what was measured: the data, the intervals, the critic, what is correct."""
     critic_note = (
         "Critic: the reference critic (ground-truth rubric, 0–100: declines negatives; else 60 for the right "
         "value, 20 for inventing no element, 20 × ROUGE-L recall)."
@@ -440,7 +469,7 @@ def build_report(
             "its scores on this test set may be contaminated."
         )
     splits = data_report["splits"]
-    md = [
+    return [
         "# posttrain report",
         "",
         f"Data: {data_report['source']}; study test {splits['study_test']['examples']} questions "
@@ -466,6 +495,17 @@ def build_report(
             else "A correct answer or decline must name the element the question asks about (its colour)."
         ),
         "",
+    ]
+
+
+def metrics_sections(
+    metrics: dict[str, dict],
+    spread: dict[str, dict[str, dict]],
+    family_counts: dict[str, int],
+    family_pools: dict[str, str],
+) -> list[str]:
+    """Markdown: the metrics tables of the study and retention splits, and accuracy per question family."""
+    return [
         "## Study test split",
         "",
         metrics_table(metrics),
@@ -479,16 +519,24 @@ def build_report(
         "Wilson 95%.",
         "",
         family_table(metrics, spread, family_counts, family_pools),
-        f"## Paired bootstrap against {baseline} (study test split)",
+    ]
+
+
+def paired_sections(paired: dict, paired_sfte: dict | None, params: ReportParams) -> list[str]:
+    """Markdown: the paired deltas against the baseline with what is significant, then the same against
+    sfte where `paired_comparisons` made that comparison.
+    """
+    lines = [
+        f"## Paired bootstrap against {params.baseline} (study test split)",
         "",
-        f"Same resampled items for both models ({resamples} resamples); two-sided p-values. "
+        f"Same resampled items for both models ({params.resamples} resamples); two-sided p-values. "
         f"Significant means Holm-adjusted p < {SIGNIFICANCE} over the table's tests (raw p beside it).",
         "",
         format_markdown(paired, deltas_only=True),
-        significance_summary(paired, baseline),
+        significance_summary(paired, params.baseline),
     ]
     if paired_sfte:
-        md += [
+        lines += [
             "## Paired bootstrap against sfte (study test split)",
             "",
             "Does DPO (or any single variant) beat the ensemble it came from?",
@@ -496,37 +544,102 @@ def build_report(
             format_markdown(paired_sfte, deltas_only=True),
             significance_summary(paired_sfte, "sfte"),
         ]
+    return lines
+
+
+def ensemble_section(ensemble_method: str) -> list[str]:
+    """Markdown: how SFTe was built (``ensemble.method``), an inexact method labelled as such."""
+    exact = ensemble_method == "cat"
+    return [
+        "## The ensemble",
+        "",
+        f"SFTe was built with `ensemble.method: {ensemble_method}`: "
+        + (
+            "the exact average of the SFT models (concatenated ranks, weights 1/N)."
+            if exact
+            else "NOT the exact average model (see `posttrain.train.ensemble`); compare with `cat`."
+            if ensemble_method == "linear"
+            else "an approximation of the average model."
+        ),
+        "",
+    ]
+
+
+def dpo_rounds_section(dpo_rounds: list[dict], final: dict) -> list[str]:
+    """Markdown: the table of DPO rounds (`rounds_table`); `final`: sfte_dpo's metrics, the last round's."""
+    return [
+        "## DPO rounds",
+        "",
+        "Each round samples from the previous round's model, judges and trains again; "
+        "the last round is sfte_dpo. Values are `mean [95% CI]` on the study test split.",
+        "",
+        rounds_table(dpo_rounds, final),
+        "",
+    ]
+
+
+def write_report_files(
+    metrics_dir: Path, text: str, baseline: str, paired: dict, paired_sfte: dict | None
+) -> None:
+    """Write ``report.md`` (`text`) and ``report_compare.json``: every paired comparison of the report, keyed
+    by what it is against (`posttrain seeds` reads them).
+    """
+    write_text_atomic(metrics_dir / "report.md", text)
+    against = {baseline: paired["models"], **({"sfte": paired_sfte["models"]} if paired_sfte else {})}
+    write_text_atomic(metrics_dir / "report_compare.json", json.dumps({"against": against}, indent=2) + "\n")
+
+
+def build_report(
+    inputs: ReportInputs,
+    params: ReportParams,
+    *,
+    critic_is_model: bool = False,
+    ensemble_method: str | None = None,
+    preferences: dict | None = None,
+    dpo_rounds: list[dict] | None = None,
+    judge: str | None = None,
+) -> str:
+    """Write ``report.md``, ``report_compare.json``, ``report.png``, ``curves.png`` and ``examples.html`` into
+    ``inputs.metrics_dir``.
+
+    Args:
+        inputs: the models in table order and the folders the report reads and writes.
+        params: the validated `report` params section: the baseline every paired delta is taken against,
+            the rows on the examples page, and the bootstrap resamples and seed of the paired deltas.
+        critic_is_model: True when the critic scores came from LLaVA-Critic (adds the contamination caveat).
+        ensemble_method: how SFTe was built (``ensemble.method``); an inexact one is labelled as such.
+        preferences: the `preferences` stage's statistics, if it ran.
+        dpo_rounds: the `dpo` stage's rounds (from its provenance); with more than one, a table per round.
+        judge: the preference judge (``preferences.judge``), named beside its statistics.
+
+    Returns:
+        The markdown of ``report.md``.
+    """
+    if params.baseline not in inputs.models:
+        raise ValueError(
+            f"report.baseline {params.baseline!r} is not among the evaluated models {inputs.models}"
+        )
+    metrics, study, spread = read_evaluations(inputs)
+    paired, paired_sfte = paired_comparisons(study, inputs.models, params)
+    data_report = read_json(inputs.data_dir / "report.json", produced_by="prepare")
+    family_counts, family_pools = family_sizes(data_report)
+    curves = write_figures(inputs, metrics, study, params.examples)
+
+    md = [
+        *introduction(data_report, critic_is_model),
+        *metrics_sections(metrics, spread, family_counts, family_pools),
+        *paired_sections(paired, paired_sfte, params),
+    ]
     if critic_is_model or any(r.get("critic_score") is None for rows in study.values() for r in rows):
         md += unparsable_section(study)
     if ensemble_method:
-        exact = ensemble_method == "cat"
-        md += [
-            "## The ensemble",
-            "",
-            f"SFTe was built with `ensemble.method: {ensemble_method}`: "
-            + (
-                "the exact average of the SFT models (concatenated ranks, weights 1/N)."
-                if exact
-                else "NOT the exact average model (see `posttrain.train.ensemble`); compare with `cat`."
-                if ensemble_method == "linear"
-                else "an approximation of the average model."
-            ),
-            "",
-        ]
+        md += ensemble_section(ensemble_method)
     if preferences:
         md += preferences_section(preferences, judge)
     if dpo_rounds and "sfte_dpo" in metrics:
         md += dpo_signal_section(dpo_rounds)
     if dpo_rounds and len(dpo_rounds) > 1 and "sfte_dpo" in metrics:
-        md += [
-            "## DPO rounds",
-            "",
-            "Each round samples from the previous round's model, judges and trains again; "
-            "the last round is sfte_dpo. Values are `mean [95% CI]` on the study test split.",
-            "",
-            rounds_table(dpo_rounds, metrics["sfte_dpo"]),
-            "",
-        ]
+        md += dpo_rounds_section(dpo_rounds, metrics["sfte_dpo"])
     md += [
         "![metrics](report.png)",
         "",
@@ -535,8 +648,5 @@ def build_report(
         "",
     ]
     text = "\n".join(md)
-    write_text_atomic(metrics_dir / "report.md", text)
-    # every paired comparison of the report, keyed by what it is against (`posttrain seeds` reads them)
-    against = {baseline: paired["models"], **({second: paired_sfte["models"]} if paired_sfte else {})}
-    write_text_atomic(metrics_dir / "report_compare.json", json.dumps({"against": against}, indent=2) + "\n")
+    write_report_files(inputs.metrics_dir, text, params.baseline, paired, paired_sfte)
     return text
