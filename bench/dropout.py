@@ -60,10 +60,10 @@ def main() -> None:
     from peft import LoraConfig, get_peft_model
 
     from posttrain.data.examples import load_split
+    from posttrain.models.family import LLAVA_15
     from posttrain.models.loading import load_base
     from posttrain.train.dataset import TeacherForcedCollator, TeacherForcedDataset
     from posttrain.train.dropout import SparseDropout
-    from posttrain.train.preflight import language_model_regex
     from posttrain.train.trainer import answer_loss
 
     data = Path(args.data)
@@ -73,7 +73,7 @@ def main() -> None:
         r=common.rank,
         lora_alpha=variant.alpha,
         lora_dropout=variant.dropout,
-        target_modules=language_model_regex(common.target_modules),
+        target_modules=LLAVA_15.lora_regex(common.target_modules),
     )
     torch.manual_seed(0)
     model = get_peft_model(model, lora).train()

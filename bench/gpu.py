@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 
 from posttrain.models.architectures import build_random, load_config, param_count
+from posttrain.models.family import LLAVA_15
 from posttrain.realscale.e2e import PRESET
-from posttrain.train.preflight import language_model_regex
 from posttrain.train.trainer import answer_loss
 
 IMAGE_TOKENS = 576  # (336 / 14)²
@@ -100,7 +100,7 @@ def sft_throughput(
     """
     from peft import LoraConfig, get_peft_model
 
-    lora = LoraConfig(r=16, lora_alpha=16, lora_dropout=0.05, target_modules=language_model_regex(LM_LINEAR))
+    lora = LoraConfig(r=16, lora_alpha=16, lora_dropout=0.05, target_modules=LLAVA_15.lora_regex(LM_LINEAR))
     model = get_peft_model(model, lora)
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -157,7 +157,7 @@ def dpo_throughput(model, config, pairs: int, steps: int) -> tuple[dict, torch.n
     import torch.nn.functional as F
     from peft import LoraConfig, get_peft_model
 
-    lora = LoraConfig(r=16, lora_alpha=16, lora_dropout=0.05, target_modules=language_model_regex(LM_LINEAR))
+    lora = LoraConfig(r=16, lora_alpha=16, lora_dropout=0.05, target_modules=LLAVA_15.lora_regex(LM_LINEAR))
     model = get_peft_model(model, lora)
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
@@ -298,7 +298,7 @@ def load_llava(folder: str | Path, nf4: bool):
     return LlavaForConditionalGeneration.from_pretrained(
         folder,
         dtype=torch.bfloat16,
-        quantization_config=quantization_config(Quantization.NF4) if nf4 else None,
+        quantization_config=quantization_config(Quantization.NF4, LLAVA_15) if nf4 else None,
         device_map={"": "cuda"},
         use_safetensors=True,
     )
@@ -461,7 +461,7 @@ def main() -> None:
         if args.liger:
             from posttrain.train.liger import apply_liger
 
-            apply_liger(m)
+            apply_liger(m, LLAVA_15)
         return m
 
     torch.backends.cuda.matmul.allow_tf32 = True

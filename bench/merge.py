@@ -33,6 +33,7 @@ from posttrain.data.examples import load_split  # noqa: E402
 from posttrain.evaluate.generation import generate  # noqa: E402
 from posttrain.models.images import load_pixels  # noqa: E402
 from posttrain.models.loading import (  # noqa: E402
+    base_family,
     image_token_count,
     load_base,
     load_model,
@@ -49,7 +50,9 @@ def trained(models: Path, name: str, device: str, quantization: Quantization):
     from peft import PeftModel
 
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    model, processor, _ = load_base(models / "base", device, dtype, quantization_config(quantization))
+    model, processor, _ = load_base(
+        models / "base", device, dtype, quantization_config(quantization, base_family(models / "base"))
+    )
     return PeftModel.from_pretrained(model, str(models / name)).eval(), processor
 
 

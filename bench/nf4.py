@@ -31,7 +31,7 @@ from posttrain.core.layout import model_dir
 from posttrain.data.examples import load_split
 from posttrain.evaluate.evaluation import evaluate_model
 from posttrain.models.images import load_pixels
-from posttrain.models.loading import image_token_count, load_base, quantization_config
+from posttrain.models.loading import base_family, image_token_count, load_base, quantization_config
 from posttrain.models.template import IGNORE_INDEX, encode_conversation, pad_batch
 from posttrain.train.ensemble import members_together
 
@@ -89,7 +89,10 @@ def gap(a: list[torch.Tensor], b: list[torch.Tensor], targets: list[torch.Tensor
 
 def base_with(models: Path, hold: Quantization):
     model, processor, _ = load_base(
-        models / "base", device="cuda", dtype=torch.bfloat16, quantization_config=quantization_config(hold)
+        models / "base",
+        device="cuda",
+        dtype=torch.bfloat16,
+        quantization_config=quantization_config(hold, base_family(models / "base")),
     )
     if hold is Quantization.NONE:
         model = model.cuda()

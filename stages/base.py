@@ -4,7 +4,8 @@
 
 Embedded default (`base.model: tiny`): build a tiny LLaVA and train it from scratch on the synthetic
 pretrain pool, so it genuinely reads charts. Real study (`base.model: hub`): record the hub id and pinned
-revision instead of copying 14 GB into the DVC cache.
+revision instead of copying 14 GB into the DVC cache, once its config.json names a model family posttrain
+describes (`posttrain.models.family`): another fails here, before any weight is read.
 """
 
 import argparse
@@ -33,12 +34,18 @@ def main() -> None:
     from posttrain.train.base import train_tiny_base
 
     if params.model is ModelKind.HUB:
+        from transformers import AutoConfig
+
+        from posttrain.models.family import family_of
+
+        family = family_of(AutoConfig.from_pretrained(params.hub_id, revision=params.revision or None))
         with atomic_dir(args.out) as tmp:
             write_provenance(
                 tmp,
                 kind="hub",
                 hub_id=params.hub_id,
                 revision=params.revision,
+                family=family.name,
                 produced_by="stages/base.py",
                 params=to_dict(params),
             )
@@ -46,7 +53,7 @@ def main() -> None:
             plots = Path(args.live) / "plots"
             shutil.rmtree(plots, ignore_errors=True)
             plots.mkdir(parents=True)
-        print(f"base: {params.hub_id}@{params.revision} recorded in {args.out}")
+        print(f"base: {params.hub_id}@{params.revision} ({family.name}) recorded in {args.out}")
         return
     from posttrain.core.distributed import is_main
 

@@ -134,13 +134,13 @@ def make_adapter(
     """
     from peft import LoraConfig, get_peft_model
 
+    from posttrain.models.family import LLAVA_15
     from posttrain.models.loading import base_fingerprint, load_base, write_provenance
-    from posttrain.train.preflight import language_model_regex
 
     model, _, _ = load_base(base_dir)
     torch.manual_seed(seed)
     cfg = LoraConfig(
-        r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=language_model_regex(LM_MODULES)
+        r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=LLAVA_15.lora_regex(LM_MODULES)
     )
     peft = get_peft_model(model, cfg)
     with torch.no_grad():

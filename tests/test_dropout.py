@@ -7,8 +7,8 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
+from posttrain.models.family import LLAVA_15
 from posttrain.train.dropout import SparseDropout, dropped_positions, sparse_lora_dropout
-from posttrain.train.preflight import language_model_regex
 
 
 @pytest.mark.parametrize("p", [0.05, 0.1, 0.5])
@@ -89,7 +89,7 @@ def test_sparse_dropout_equals_the_mask_product_bit_for_bit_without_building_the
 def test_sparse_lora_dropout_swaps_every_lora_dropout_and_keeps_the_adapter(tiny):
     model, _ = tiny
     lora = LoraConfig(
-        r=4, lora_alpha=8, lora_dropout=0.1, target_modules=language_model_regex(("q_proj", "up_proj"))
+        r=4, lora_alpha=8, lora_dropout=0.1, target_modules=LLAVA_15.lora_regex(("q_proj", "up_proj"))
     )
     peft = get_peft_model(copy.deepcopy(model), lora)
     before = {n: t.clone() for n, t in peft.state_dict().items()}
@@ -101,7 +101,7 @@ def test_sparse_lora_dropout_swaps_every_lora_dropout_and_keeps_the_adapter(tiny
     assert after.keys() == before.keys() and all(torch.equal(after[n], t) for n, t in before.items())
     # no dropout configured: PEFT's Identity stays
     plain = get_peft_model(
-        copy.deepcopy(model), LoraConfig(r=4, lora_alpha=8, target_modules=language_model_regex(("q_proj",)))
+        copy.deepcopy(model), LoraConfig(r=4, lora_alpha=8, target_modules=LLAVA_15.lora_regex(("q_proj",)))
     )
     assert sparse_lora_dropout(plain) == 0
 

@@ -10,6 +10,7 @@ import torch
 from posttrain.core.config import BatchSize
 from posttrain.data.examples import load_split
 from posttrain.models.architectures import load_config
+from posttrain.models.family import LLAVA_15
 from posttrain.models.memory import (
     GB,
     BatchTooLargeError,
@@ -18,7 +19,7 @@ from posttrain.models.memory import (
     choose_micro_batch,
     estimate_training,
 )
-from posttrain.train.preflight import check_training_memory, language_model_regex
+from posttrain.train.preflight import check_training_memory
 
 ROOT = Path(__file__).resolve().parents[1]
 LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -50,7 +51,7 @@ def test_estimate_matches_the_measured_peaks(run):
         load_config("llava-1.5-7b"),
         sequences=batch,
         seq_len=705,
-        target_regex=language_model_regex(LINEAR),
+        target_regex=LLAVA_15.lora_regex(LINEAR),
         rank=16,
         quantized=quantized,
         checkpointing=checkpointing,
@@ -64,7 +65,7 @@ def test_weights_count_nf4_for_the_language_models_linear_layers_only():
     kwargs = dict(
         sequences=1,
         seq_len=1,
-        target_regex=language_model_regex(LINEAR),
+        target_regex=LLAVA_15.lora_regex(LINEAR),
         rank=16,
         checkpointing=False,
         liger=False,
@@ -141,7 +142,7 @@ def test_check_training_memory_reads_the_base_without_its_weights(base_dir, prep
             section="sft.common",
             batch_size=4,
             sequences_per_row=1,
-            target_regex=language_model_regex(LINEAR),
+            target_regex=LLAVA_15.lora_regex(LINEAR),
             rank=4,
             quantized=False,
             checkpointing=False,
@@ -163,7 +164,7 @@ def _check(base_dir, sequences, batch_size, sequences_per_row=1, section="sft.co
         section=section,
         batch_size=batch_size,
         sequences_per_row=sequences_per_row,
-        target_regex=language_model_regex(LINEAR),
+        target_regex=LLAVA_15.lora_regex(LINEAR),
         rank=4,
         quantized=False,
         checkpointing=False,
@@ -316,7 +317,7 @@ def test_an_integer_batch_runs_as_given(base_dir, prepared, monkeypatch):
         section="sft.common",
         batch_size=10**6,
         sequences_per_row=1,
-        target_regex=language_model_regex(LINEAR),
+        target_regex=LLAVA_15.lora_regex(LINEAR),
         rank=4,
         quantized=False,
         checkpointing=False,

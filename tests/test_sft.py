@@ -17,17 +17,17 @@ from peft import LoraConfig, get_peft_model
 from posttrain.core.config import Quantization
 from posttrain.core.errors import InputError
 from posttrain.data.examples import load_split
+from posttrain.models.family import LLAVA_15
 from posttrain.models.loading import quantization_config
 from posttrain.models.template import answer_start
 from posttrain.train.dataset import TeacherForcedCollator, TeacherForcedDataset
-from posttrain.train.preflight import language_model_regex
 from posttrain.train.trainer import answer_loss, run_trainer, training_arguments
 
 
 def test_lora_adapts_the_language_model_only_and_base_stays_frozen(tiny, prepared, tmp_path):
     model, processor = tiny
     model = copy.deepcopy(model)
-    regex = language_model_regex(("q_proj", "v_proj", "up_proj"))
+    regex = LLAVA_15.lora_regex(("q_proj", "v_proj", "up_proj"))
     peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=regex))
     adapted = [n for n, m in peft.named_modules() if hasattr(m, "lora_A")]
     assert adapted and all("language_model" in n for n in adapted)
@@ -68,7 +68,7 @@ def test_answer_loss_equals_the_full_logits_loss_and_its_gradients(tiny, prepare
     same LoRA gradients (fp32 on the CPU: equal to rounding), while the head runs on K < T positions."""
     model, processor = tiny
     peft = get_peft_model(
-        copy.deepcopy(model), LoraConfig(r=4, lora_alpha=8, target_modules=language_model_regex(("q_proj",)))
+        copy.deepcopy(model), LoraConfig(r=4, lora_alpha=8, target_modules=LLAVA_15.lora_regex(("q_proj",)))
     )
     with torch.no_grad():
         for n, p in peft.named_parameters():
@@ -102,8 +102,8 @@ def test_nf4_without_cuda_fails_before_loading():
     if torch.cuda.is_available():
         pytest.skip("CUDA present")
     with pytest.raises(RuntimeError, match="nf4.*needs a CUDA GPU.*quantization: none"):
-        quantization_config(Quantization.NF4)
-    assert quantization_config(Quantization.NONE) is None
+        quantization_config(Quantization.NF4, LLAVA_15)
+    assert quantization_config(Quantization.NONE, LLAVA_15) is None
 
 
 @pytest.fixture(scope="module")

@@ -200,9 +200,12 @@ def test_a_hub_base_leaves_its_declared_curve_folder_empty_not_missing(micro_par
     """dvc.yaml declares dvclive/base/plots as the base stage's output; a hub base trains nothing here, and
     without the folder `dvc repro` of the study preset failed at once ("output does not exist")."""
     import yaml
+    from transformers import LlavaConfig
 
     data = yaml.safe_load(micro_params_file.read_text())
-    (tmp_path / "hub").mkdir()  # a local folder needs no revision
+    LlavaConfig().save_pretrained(
+        tmp_path / "hub"
+    )  # a local folder needs no revision; its config, no weights
     data["base"].update(model="hub", hub_id=str(tmp_path / "hub"))
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(data))
     stale = tmp_path / "dvclive" / "base" / "plots" / "metrics" / "loss.tsv"
@@ -211,4 +214,24 @@ def test_a_hub_base_leaves_its_declared_curve_folder_empty_not_missing(micro_par
     run_stage("base.py", cwd=tmp_path)
     plots = tmp_path / "dvclive" / "base" / "plots"
     assert plots.is_dir() and not any(plots.iterdir())
-    assert json.loads((tmp_path / "models" / "base" / "provenance.json").read_text())["kind"] == "hub"
+    prov = json.loads((tmp_path / "models" / "base" / "provenance.json").read_text())
+    assert prov["kind"] == "hub" and prov["family"] == "llava-1.5"
+
+
+def test_a_hub_base_of_a_family_posttrain_does_not_describe_fails_naming_the_families(
+    micro_params_file, tmp_path
+):
+    """base.hub_id at a Qwen2.5-VL checkpoint (its config.json: model_type qwen2_5_vl): the base stage fails
+    from the config alone, naming the model_type and the families there are, and records nothing; before,
+    it recorded the base and the SFT stage failed later, inside `LlavaForConditionalGeneration`'s loading."""
+    import yaml
+    from transformers import Qwen2_5_VLConfig
+
+    data = yaml.safe_load(micro_params_file.read_text())
+    Qwen2_5_VLConfig().save_pretrained(tmp_path / "hub")
+    data["base"].update(model="hub", hub_id=str(tmp_path / "hub"))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(data))
+    _, err = run_failing("base.py", cwd=tmp_path)
+    assert "model_type 'qwen2_5_vl', which no model family of posttrain describes" in err
+    assert "llava-1.5 (model_type 'llava')" in err
+    assert not (tmp_path / "models" / "base").exists()

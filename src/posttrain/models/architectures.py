@@ -250,16 +250,19 @@ def shrink(config: PretrainedConfig, **overrides: Any) -> PretrainedConfig:
 
 
 def model_class(config: PretrainedConfig) -> type[PreTrainedModel]:
-    """The transformers class for a config: `LlavaForConditionalGeneration` or the OneVision one."""
-    from transformers import LlavaForConditionalGeneration, LlavaOnevisionForConditionalGeneration
+    """The transformers class for a config: its base family's (`posttrain.models.family`), or the critic's
+    `LlavaOnevisionForConditionalGeneration`.
 
-    classes = {
-        "llava": LlavaForConditionalGeneration,
-        "llava_onevision": LlavaOnevisionForConditionalGeneration,
-    }
-    if config.model_type not in classes:
-        raise ValueError(f"unsupported model_type {config.model_type!r}; known: {', '.join(classes)}")
-    return classes[config.model_type]
+    Raises:
+        UnknownFamilyError: a model_type that is neither.
+    """
+    from transformers import LlavaOnevisionForConditionalGeneration
+
+    from posttrain.models.family import family_of
+
+    if config.model_type == "llava_onevision":  # LLaVA-Critic, the judge
+        return LlavaOnevisionForConditionalGeneration
+    return family_of(config).transformers_class()
 
 
 def build_random(

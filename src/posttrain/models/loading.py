@@ -28,6 +28,7 @@ from transformers import (
 from posttrain.core.config import Quantization, TinyParams
 from posttrain.core.errors import MissingInputError
 from posttrain.core.layout import model_dir, producing_stage
+from posttrain.models.family import Family, family_of
 from posttrain.models.template import CHAT_TEMPLATE, IMAGE_TOKEN
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", IMAGE_TOKEN]
@@ -166,14 +167,29 @@ def base_source(folder: str | Path) -> tuple[str, str | None]:
     return prov["hub_id"], prov["revision"] or None
 
 
-def base_config_and_processor(folder: str | Path):
-    """The base model's config and processor, without its weights (for estimates before loading)."""
+def base_config(folder: str | Path):
+    """The base model's config, without its weights; its family checked (`posttrain.models.family`).
+
+    Raises:
+        UnknownFamilyError: its model_type is no family's, before anything else loads.
+    """
     from transformers import AutoConfig
 
     source, revision = base_source(folder)
-    return AutoConfig.from_pretrained(source, revision=revision), AutoProcessor.from_pretrained(
-        source, revision=revision
-    )
+    config = AutoConfig.from_pretrained(source, revision=revision)
+    family_of(config)
+    return config
+
+
+def base_family(folder: str | Path) -> Family:
+    """The family of the base model that the `base` stage recorded in `folder` (its config, no weights)."""
+    return family_of(base_config(folder))
+
+
+def base_config_and_processor(folder: str | Path):
+    """The base model's config and processor, without its weights (for estimates before loading)."""
+    source, revision = base_source(folder)
+    return base_config(folder), AutoProcessor.from_pretrained(source, revision=revision)
 
 
 def load_base(
@@ -186,11 +202,12 @@ def load_base(
     """
     prov = read_provenance(folder, "base")
     source, revision = base_source(folder)
+    family = base_family(folder)
     if device == "cuda" and quantization_config is not None:
         # each process of a data-parallel stage on its own GPU (`posttrain.core.distributed.init` made it the
         # current one): TRL's QLoRA-under-DDP recipe, device_map={"": local rank}
         device = f"cuda:{torch.cuda.current_device()}"
-    model = LlavaForConditionalGeneration.from_pretrained(
+    model = family.transformers_class().from_pretrained(
         source,
         revision=revision,
         dtype=dtype,
@@ -221,8 +238,10 @@ def base_fingerprint(folder: str | Path) -> str:
     return f"sha256:{h.hexdigest()}"
 
 
-def quantization_config(quantization: Quantization):
-    """Bitsandbytes settings for QLoRA nf4, or None; nf4 without CUDA is an error before anything loads."""
+def quantization_config(quantization: Quantization, family: Family):
+    """Bitsandbytes settings for QLoRA nf4 of a `family` model, or None; nf4 without CUDA is an error before
+    anything loads.
+    """
     if quantization is Quantization.NONE:
         return None
     if not torch.cuda.is_available():
@@ -238,7 +257,7 @@ def quantization_config(quantization: Quantization):
         bnb_4bit_compute_dtype=torch.bfloat16,
         bnb_4bit_use_double_quant=True,
         # skip lists match full module names: the vision tower and projector stay in bf16
-        llm_int8_skip_modules=["model.vision_tower", "model.multi_modal_projector", "lm_head"],
+        llm_int8_skip_modules=[*family.vision_modules, "lm_head"],
     )
 
 
@@ -380,7 +399,10 @@ def load_model(
         check_base_quantization(adapter, producing_stage(name), quantization)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     model, processor, _ = load_base(
-        models_dir / "base", device=device, dtype=dtype, quantization_config=quantization_config(quantization)
+        models_dir / "base",
+        device=device,
+        dtype=dtype,
+        quantization_config=quantization_config(quantization, base_family(models_dir / "base")),
     )
     if quantization is Quantization.NF4:
         n = dequantize_4bit_linears(model)

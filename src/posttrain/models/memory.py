@@ -4,9 +4,10 @@ A batch that cannot fit then fails in seconds, naming the knob to turn, instead 
 with CUDA's out-of-memory error. The estimate is
 
     weights + adapter (weights, gradients, AdamW moments in fp32) + activations + overhead,
-    activations = sequences · tokens · layers · hidden · `ACTIVATION_BYTES`,
+    activations = sequences · tokens · layers · hidden · activation bytes,
 
-with the activation bytes per (token, layer, hidden unit) calibrated on llava-1.5-7b (sequence 705, LoRA r=16
+with the activation bytes per (token, layer, hidden unit) the family's (`posttrain.models.family`), for
+LLaVA-1.5 calibrated on llava-1.5-7b (sequence 705, LoRA r=16
 on every linear layer of the language model, bf16 autocast) on one H100 (`bench/results/h100.json` and
 `h100_baseline.json`): each extra sample of batch adds 4.8 GB with Liger's kernels, 5.7 GB without, and
 0.54 GB with gradient checkpointing. The estimate reproduces the measured peaks within 1 GB (see
@@ -32,17 +33,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from posttrain.core.errors import InputError
+from posttrain.models.family import family_of
 
 GB = 1e9
 BUDGET = 0.95  # share of the GPU's memory a step's estimate may take
-# bytes of saved activations per token, per decoder layer, per hidden unit
-ACTIVATION_BYTES = {
-    # (gradient checkpointing, liger)
-    (False, False): 61.0,  # bf16 batch 8: 59.9 GB (h100_baseline.json)
-    (False, True): 52.0,  # bf16 batch 8 -> 12: 53.0 -> 72.2 GB; nf4 8 -> 12: 43.4 -> 62.6 GB (h100.json)
-    (True, False): 6.0,  # bf16 batch 16 with checkpointing: 23.3 GB (h100_baseline.json)
-    (True, True): 6.0,  # 23.2 GB (h100.json)
-}
 OVERHEAD_BYTES = 0.6 * GB  # CUDA context, cuBLAS workspaces, allocator slack
 NF4_BYTES = 0.5 + 0.5 / 64 + 4 / (64 * 256)  # 4-bit weights, an 8-bit scale per 64, fp32 scale per 256 scales
 ADAPTER_BYTES = 4 + 4 + 8  # fp32 weight, gradient, two AdamW moments
@@ -91,6 +85,7 @@ def weight_and_adapter_bytes(config, target_regex: str, rank: int, quantized: bo
 
     from posttrain.models.architectures import meta_model
 
+    family = family_of(config)
     model = meta_model(config)
     pattern = re.compile(target_regex)
     weights = adapter = 0.0
@@ -99,7 +94,7 @@ def weight_and_adapter_bytes(config, target_regex: str, rank: int, quantized: bo
         if isinstance(module, torch.nn.Linear):
             if pattern.fullmatch(name):
                 adapter += rank * (module.in_features + module.out_features) * ADAPTER_BYTES
-            if quantized and ".language_model." in f".{name}" and not name.endswith("lm_head"):
+            if quantized and family.in_language_model(name) and not name.endswith("lm_head"):
                 weights += module.weight.numel() * NF4_BYTES
                 linear_ids.add(id(module.weight))
     seen = set(linear_ids)
@@ -123,10 +118,9 @@ def estimate_training(
 ) -> MemoryEstimate:
     """Peak memory of one training step over `sequences` rows of `seq_len` tokens (see the module doc)."""
     weights, adapter = weight_and_adapter_bytes(config, target_regex, rank, quantized)
+    bytes_per_unit = family_of(config).activation_bytes[(checkpointing, liger)]
     text = config.text_config
-    per_sequence = (
-        seq_len * text.num_hidden_layers * text.hidden_size * ACTIVATION_BYTES[(checkpointing, liger)]
-    )
+    per_sequence = seq_len * text.num_hidden_layers * text.hidden_size * bytes_per_unit
     return MemoryEstimate(weights, adapter, sequences * per_sequence)
 
 

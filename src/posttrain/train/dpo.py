@@ -64,12 +64,11 @@ def policy_from_adapter(
     """The base, held as `quantization` says, with `adapter_dir` as its only, trainable adapter."""
     from peft import PeftModel
 
-    from posttrain.models.loading import load_base, quantization_config
+    from posttrain.models.loading import base_family, load_base, quantization_config
 
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    model, processor, _ = load_base(
-        base_dir, device=device, dtype=dtype, quantization_config=quantization_config(quantization)
-    )
+    qconfig = quantization_config(quantization, base_family(base_dir))
+    model, processor, _ = load_base(base_dir, device=device, dtype=dtype, quantization_config=qconfig)
     model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=True)
     if quantization is Quantization.NONE:
         model = model.to(device)  # an nf4 base is already placed by its device_map
@@ -277,13 +276,14 @@ def train_dpo(
         logged rewards/margins/accuracies; under ``timing`` the wall time and the checkpoint resumed from (for
         logs, not provenance).
     """
+    from posttrain.models.loading import base_family
     from posttrain.train.checkpoints import claim_checkpoints, file_digest, fit
-    from posttrain.train.preflight import check_training_memory, language_model_regex
+    from posttrain.train.preflight import check_training_memory
     from posttrain.train.trainer import ProgressCallback
 
     adapter_config = json.loads((start_adapter / "adapter_config.json").read_text())
     target = adapter_config["target_modules"]  # PEFT stores a regex string or a list of layer names
-    target = target if isinstance(target, str) else language_model_regex(tuple(target))
+    target = target if isinstance(target, str) else base_family(base_dir).lora_regex(tuple(target))
     micro_batch, accumulation = check_training_memory(
         base_dir,
         [(pair_history(r), r["prompt"], r[side]) for r in pairs for side in ("chosen", "rejected")],

@@ -21,20 +21,28 @@ def require_liger() -> None:
         ) from e
 
 
-def apply_liger(model) -> None:
-    """Swap the Llama language model's RMSNorm, RoPE and SwiGLU for Liger's fused kernels, in place.
+def apply_liger(model, family) -> None:
+    """Swap the language model's RMSNorm, RoPE and SwiGLU for Liger's fused kernels, in place.
+
+    `family` (`posttrain.models.family.Family`) names Liger's patch for its language model and where that
+    sits in `model`; a family without one fails here, before training, naming the setting.
 
     Training only: under the static cache's torch.compile (generation) they fail to compile. The loss stays
     transformers' (no fused cross-entropy): the labels mask the prompt, and the logits are small next to the
     activations at LLaVA's sequence lengths.
     """
-    from liger_kernel.transformers import apply_liger_kernel_to_llama
+    if family.liger is None:
+        raise RuntimeError(
+            f"sft.common.liger is true, but Liger has no kernels for {family.name}'s language model; "
+            "set sft.common.liger: false"
+        )
+    import liger_kernel.transformers
 
-    apply_liger_kernel_to_llama(
+    getattr(liger_kernel.transformers, family.liger)(
         rope=True,
         rms_norm=True,
         swiglu=True,
         cross_entropy=False,
         fused_linear_cross_entropy=False,
-        model=model.model.language_model,
+        model=family.language_model_of(model),
     )

@@ -19,16 +19,6 @@ from posttrain.models.memory import MemoryEstimate, gpu_capacity
 from posttrain.models.template import encode_conversation
 
 
-def language_model_regex(target_modules: tuple[str, ...]) -> str:
-    """PEFT `target_modules` regex: the named layers of the language model only.
-
-    CLIP's attention layers share the names (``q_proj`` ...), so matching by name alone would also adapt
-    the vision tower.
-    """
-    names = "|".join(re.escape(m) for m in target_modules)
-    return rf"(.*\.)?language_model\..*\.({names})"
-
-
 class TargetModulesError(InputError, ValueError):
     """A name in target_modules that no linear layer of the base's language model has."""
 
@@ -36,20 +26,22 @@ class TargetModulesError(InputError, ValueError):
 def check_target_modules(
     base_dir: Path, target_modules: tuple[str, ...], section: str = "sft.common"
 ) -> None:
-    """Every name of `target_modules` names linear layers of the base's language model (as
-    `language_model_regex` matches them): checked on the meta device from the base's config, no weight read.
+    """Every name of `target_modules` names linear layers of the base's language model (as its family's
+    `lora_regex` matches them): checked on the meta device from the base's config, no weight read.
 
     Raises:
         TargetModulesError: naming the names that match nothing and the layer names there are.
     """
     from posttrain.models.architectures import meta_model
-    from posttrain.models.loading import base_config_and_processor
+    from posttrain.models.family import family_of
+    from posttrain.models.loading import base_config
 
-    config, _ = base_config_and_processor(base_dir)
+    config = base_config(base_dir)
+    family = family_of(config)
     model = meta_model(config)
     linear = [name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
     leaf = {name: name.rsplit(".", 1)[-1] for name in linear}  # q_proj of ...layers.0.self_attn.q_proj
-    present = sorted({leaf[n] for n in linear if re.fullmatch(language_model_regex((leaf[n],)), n)})
+    present = sorted({leaf[n] for n in linear if re.fullmatch(family.lora_regex((leaf[n],)), n)})
     missing = [m for m in target_modules if m not in present]
     if missing:
         verb = "names" if len(missing) == 1 else "name"

@@ -10,12 +10,12 @@ import torch
 from posttrain.core.distributed import barrier, is_main, per_process_batch
 from posttrain.core.errors import InputError
 from posttrain.data.examples import Example, group_conversations
-from posttrain.models.loading import quantization_config
+from posttrain.models.loading import base_family, quantization_config
 from posttrain.train.checkpoints import claim_checkpoints, file_digest
 from posttrain.train.dataset import TeacherForcedCollator, TeacherForcedDataset
 from posttrain.train.dropout import sparse_lora_dropout
 from posttrain.train.liger import apply_liger, require_liger
-from posttrain.train.preflight import check_target_modules, check_training_memory, language_model_regex
+from posttrain.train.preflight import check_target_modules, check_training_memory
 from posttrain.train.trainer import ProgressCallback, run_trainer, training_arguments
 
 
@@ -87,7 +87,8 @@ def train_sft_variant(
     from posttrain.data.examples import load_split
     from posttrain.models.loading import base_fingerprint, count_params, load_base, write_provenance
 
-    qconfig = quantization_config(common.quantization)  # fails before loading anything if impossible
+    family = base_family(base_dir)  # an unknown model_type fails here, from the config alone
+    qconfig = quantization_config(common.quantization, family)  # fails before loading anything if impossible
     if common.liger:
         require_liger()
     check_target_modules(base_dir, common.target_modules)
@@ -101,7 +102,7 @@ def train_sft_variant(
         section="sft.common",
         batch_size=common.batch_size,
         sequences_per_row=1,
-        target_regex=language_model_regex(common.target_modules),
+        target_regex=family.lora_regex(common.target_modules),
         rank=common.rank,
         quantized=qconfig is not None,
         checkpointing=common.gradient_checkpointing,
@@ -118,12 +119,12 @@ def train_sft_variant(
     # No peft.prepare_model_for_kbit_training for nf4: it upcasts every unquantized weight (vision tower,
     # projector, embeddings, lm_head) to fp32, which costs speed and memory; they stay bf16 and frozen.
     if common.liger:
-        apply_liger(model)
+        apply_liger(model, family)
     lora = LoraConfig(
         r=common.rank,
         lora_alpha=variant.alpha,
         lora_dropout=variant.dropout,
-        target_modules=language_model_regex(common.target_modules),
+        target_modules=family.lora_regex(common.target_modules),
         bias="none",
     )
     torch.manual_seed(seed)
