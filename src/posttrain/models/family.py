@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from operator import attrgetter
 
 from posttrain.core.errors import InputError
+from posttrain.models.conversation import LLAVA, Conversation
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,7 @@ class Family:
             targets, 4-bit layers and Liger's kernels are looked for there only.
         vision_modules: module paths of the vision side (tower, projector), kept in bf16 under nf4.
         liger: the `liger_kernel.transformers` function that patches its language model, or None.
+        conversation: its conversation format (`posttrain.models.conversation`).
         activation_bytes: bytes of saved activations per token, decoder layer and hidden unit of a
             training step, by (gradient checkpointing, liger) (`posttrain.models.memory.estimate_training`).
     """
@@ -46,6 +48,7 @@ class Family:
     language_model: str
     vision_modules: tuple[str, ...]
     liger: str | None
+    conversation: Conversation = LLAVA
     activation_bytes: dict[tuple[bool, bool], float] = field(default_factory=dict)
 
     def lora_regex(self, target_modules: tuple[str, ...]) -> str:
@@ -79,6 +82,7 @@ LLAVA_15 = Family(
     language_model="model.language_model",
     vision_modules=("model.vision_tower", "model.multi_modal_projector"),
     liger="apply_liger_kernel_to_llama",
+    conversation=LLAVA,
     # calibrated on llava-1.5-7b (sequence 705, LoRA r=16 on every linear layer of the language model, bf16
     # autocast) on one H100 (bench/results/h100.json and h100_baseline.json)
     activation_bytes={

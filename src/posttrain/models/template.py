@@ -18,7 +18,9 @@ from collections.abc import Sequence
 
 import torch
 
-IMAGE_TOKEN = "<image>"
+from posttrain.models.conversation import LLAVA, Conversation
+
+IMAGE_TOKEN = LLAVA.image_token
 IGNORE_INDEX = -100
 
 # Jinja version of `conversation_text`, stored in the processor: `apply_chat_template` gives the same string.
@@ -60,11 +62,10 @@ def conversation_text(
     return text if answer is None else text + completion_text(answer) + eos
 
 
-def encode_completion(tokenizer, answer: str) -> list[int]:
-    """Token ids of the answer followed by EOS; no BOS (it was in the prompt)."""
-    return tokenizer(completion_text(answer), add_special_tokens=False)["input_ids"] + [
-        tokenizer.eos_token_id
-    ]
+def encode_completion(tokenizer, answer: str, conversation: Conversation = LLAVA) -> list[int]:
+    """Token ids of the answer followed by its end (LLaVA: the EOS id); no BOS (it was in the prompt)."""
+    answer_ids = tokenizer(conversation.answer_text(answer), add_special_tokens=False)["input_ids"]
+    return answer_ids + conversation.end_ids(tokenizer)
 
 
 def encode_conversation(
@@ -75,6 +76,7 @@ def encode_conversation(
     n_image_tokens: int,
     *,
     supervise_history: bool = False,
+    conversation: Conversation = LLAVA,
 ) -> tuple[list[int], list[int]]:
     """Teacher-forced (input_ids, labels) of a turn after its conversation's earlier turns.
 
@@ -95,6 +97,7 @@ def encode_conversation(
         answer: this turn's answer, or None for a generation prompt.
         n_image_tokens: how many tokens ``<image>`` expands to (`posttrain.models.loading.image_token_count`).
         supervise_history: also keep the labels of the history's answers.
+        conversation: the family's format (`posttrain.models.conversation`); LLaVA-1.5's by default.
 
     Returns:
         (input_ids, labels) of equal length.
@@ -103,26 +106,37 @@ def encode_conversation(
     labels: list[int] = []
     turns: list[tuple[str, str | None]] = [*history, (question, answer)]
     for k, (q, a) in enumerate(turns):
-        text = user_text(q, first=k == 0)
+        text = conversation.user_text(q, first=k == 0)
         if k == 0:
-            text = text.replace(IMAGE_TOKEN, IMAGE_TOKEN * n_image_tokens)
-        prompt = tokenizer(text, add_special_tokens=k == 0)["input_ids"]
+            image = conversation.image_token
+            text = text.replace(image, image * n_image_tokens)
+        prompt = tokenizer(text, add_special_tokens=k == 0 and conversation.tokenizer_adds_bos)["input_ids"]
         ids += prompt
         labels += [IGNORE_INDEX] * len(prompt)
         if a is None:
             break
-        completion = encode_completion(tokenizer, a)
+        completion = encode_completion(tokenizer, a, conversation)
         ids += completion
         supervised = k == len(turns) - 1 or supervise_history
         labels += completion if supervised else [IGNORE_INDEX] * len(completion)
+        if conversation.separator:
+            between = tokenizer(conversation.separator, add_special_tokens=False)["input_ids"]
+            ids += between
+            labels += [IGNORE_INDEX] * len(between)
     return ids, labels
 
 
 def encode_prompt(
-    tokenizer, history: Sequence[tuple[str, str]], question: str, n_image_tokens: int
+    tokenizer,
+    history: Sequence[tuple[str, str]],
+    question: str,
+    n_image_tokens: int,
+    conversation: Conversation = LLAVA,
 ) -> list[int]:
     """Ids of a turn's generation prompt after its history (`encode_conversation` with no answer)."""
-    return encode_conversation(tokenizer, history, question, None, n_image_tokens)[0]
+    return encode_conversation(tokenizer, history, question, None, n_image_tokens, conversation=conversation)[
+        0
+    ]
 
 
 def pad_batch(sequences: list[list[int]], pad_value: int, side: str) -> torch.Tensor:
